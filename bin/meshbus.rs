@@ -1,0 +1,367 @@
+//! `meshbus`: run a peer, publish, tail, and look at the mesh.
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt as _;
+use meshbus::api::PublishRequest;
+use meshbus::client::{Client, StreamItem};
+use meshbus::config::{self, API_ENV};
+use meshbus::{CloudEvent, Config, HandlerSpec, Multiaddr, Node, Pattern};
+
+#[derive(Parser)]
+#[command(name = "meshbus", version, about = "A peer-to-peer event mesh", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a peer: discover the LAN, join the mesh, serve the API, run the handler table.
+    Up(UpArgs),
+    /// Publish an event through the local peer.
+    Publish(PublishArgs),
+    /// Show events arriving at the local peer as they come.
+    Tail(TailArgs),
+    /// List the peers the local peer is connected to.
+    Peers(ShowArgs),
+    /// Show the local peer's status and counters.
+    Status(ShowArgs),
+    /// List the local peer's handler table and its counters.
+    Handlers(ShowArgs),
+}
+
+#[derive(Args)]
+struct ApiArg {
+    /// The peer's HTTP API.
+    #[arg(long, env = API_ENV, default_value_t = config::DEFAULT_API)]
+    api: SocketAddr,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// A name for this peer, shown in `peers`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Address to listen on (repeatable); default all IPv4 interfaces on TCP and QUIC port 7421.
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<Multiaddr>,
+    /// Peer to dial and keep dialling (repeatable), e.g. /ip4/10.0.0.2/tcp/7421.
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    peers: Vec<Multiaddr>,
+    /// Do not discover peers by mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    #[command(flatten)]
+    api: ApiArg,
+    /// Add a handler row, PATTERN=ACTION (repeatable). Actions: log, file:PATH, exec:COMMAND.
+    #[arg(long = "on", value_name = "PATTERN=ACTION")]
+    on: Vec<HandlerSpec>,
+    /// Do not print every event received (the default `**=log` handler).
+    #[arg(long)]
+    quiet: bool,
+    /// Largest event accepted, in bytes.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_EVENT_SIZE)]
+    max_event_size: usize,
+    /// Time limit of exec handlers, in seconds.
+    #[arg(long, default_value_t = config::DEFAULT_EXEC_TIMEOUT.as_secs())]
+    exec_timeout: u64,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Topic, e.g. orders.created.
+    topic: String,
+    /// Data: JSON if it parses as JSON, else a string; `-` reads standard input.
+    data: Option<String>,
+    /// Event type (default: the topic).
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    #[command(flatten)]
+    api: ApiArg,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TailArgs {
+    /// Topic pattern: `*` is one segment, `**` the rest.
+    #[arg(default_value = "**")]
+    pattern: String,
+    #[command(flatten)]
+    api: ApiArg,
+    /// Print each event as CloudEvents JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    api: ApiArg,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "meshbus=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshbus: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshbus: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Up(args) => up(args).await,
+        Cmd::Publish(args) => publish(args).await,
+        Cmd::Tail(args) => tail(args).await,
+        Cmd::Peers(args) => peers(args).await,
+        Cmd::Status(args) => status(args).await,
+        Cmd::Handlers(args) => handlers(args).await,
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let config = Config {
+        name: args.name,
+        listen: if args.listen.is_empty() {
+            config::default_listen()
+        } else {
+            args.listen
+        },
+        peers: args.peers,
+        mdns: !args.no_mdns,
+        api: Some(args.api.api),
+        max_event_size: args.max_event_size,
+        exec_timeout: std::time::Duration::from_secs(args.exec_timeout),
+        ..Config::default()
+    };
+    let node = Node::start(config).await.context("cannot start the peer")?;
+    if !args.quiet {
+        node.add_handler(Pattern::all(), meshbus::Action::Log);
+    }
+    for spec in args.on {
+        node.add_handler(spec.pattern, spec.action);
+    }
+    let status = node.status().await?;
+    let mut err = std::io::stderr().lock();
+    writeln!(err, "meshbus: peer {} is up", status.peer_id)?;
+    if let Some(api) = node.api_addr() {
+        writeln!(err, "meshbus: api http://{api}")?;
+    }
+    for addr in &status.listen_addrs {
+        writeln!(err, "meshbus: listening on {addr}")?;
+    }
+    drop(err);
+    shutdown_signal().await?;
+    tracing::info!("stopping");
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let data = match args.data.as_deref() {
+        Some("-") => {
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .context("cannot read data from standard input")?;
+            if input.ends_with('\n') {
+                input.pop();
+            }
+            Some(input)
+        }
+        other => other.map(str::to_owned),
+    };
+    let payload = data.as_deref().map(meshbus::Payload::guess);
+    let request = PublishRequest {
+        topic: args.topic,
+        event_type: args.event_type,
+        ..request_for(payload)?
+    };
+    let published = Client::new(args.api.api).publish(&request).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&published)?);
+    } else {
+        let peers = if published.sent_to == 1 {
+            "peer"
+        } else {
+            "peers"
+        };
+        println!(
+            "{} sent to {} {peers} (seq {})",
+            published.id, published.sent_to, published.seq
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The request fields for a payload guessed from the command line.
+fn request_for(payload: Option<meshbus::Payload>) -> anyhow::Result<PublishRequest> {
+    let Some(payload) = payload else {
+        return Ok(PublishRequest::default());
+    };
+    let text = String::from_utf8(payload.data.to_vec())?;
+    let data = if meshbus::event::is_json(&payload.content_type) {
+        serde_json::value::RawValue::from_string(text)?
+    } else {
+        serde_json::value::to_raw_value(&text)?
+    };
+    Ok(PublishRequest {
+        datacontenttype: Some(payload.content_type),
+        data: Some(data),
+        ..PublishRequest::default()
+    })
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
+    Pattern::new(args.pattern.as_str())?;
+    let stream = Client::new(args.api.api).events(&args.pattern).await?;
+    futures::pin_mut!(stream);
+    let mut seen = 0;
+    let mut out = std::io::stdout();
+    while args.count.is_none_or(|n| seen < n) {
+        let Some(item) = stream.next().await else {
+            bail!("the peer closed the event stream");
+        };
+        match item? {
+            StreamItem::Event(json) => {
+                if args.json {
+                    writeln!(out, "{json}")?;
+                } else {
+                    let event: CloudEvent = serde_json::from_str(&json).with_context(|| {
+                        format!("the peer sent an event that is not CloudEvents JSON: {json}")
+                    })?;
+                    writeln!(out, "{}", event.summary_line())?;
+                }
+                out.flush()?;
+                seen += 1;
+            }
+            StreamItem::Missed(n) => eprintln!("meshbus: missed {n} events (reading too slowly)"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn peers(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let peers = Client::new(args.api.api).peers().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if peers.is_empty() {
+        println!("no peers connected");
+    }
+    for p in peers {
+        let rtt = p
+            .rtt_ms
+            .map(|r| format!("{r:.2} ms"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<54} {:<12} {:<10} {}",
+            p.peer_id,
+            p.name.as_deref().unwrap_or("-"),
+            rtt,
+            p.connected_addrs.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let s = Client::new(args.api.api).status().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &s.counters;
+    println!(
+        "peer        {} {}",
+        s.peer_id,
+        s.name.as_deref().unwrap_or("")
+    );
+    println!(
+        "version     {}   uptime {:.0}s   mdns {}",
+        s.version,
+        s.uptime_secs,
+        if s.mdns { "on" } else { "off" }
+    );
+    println!(
+        "peers       {} connected, {} in the gossip mesh",
+        s.peers, s.mesh_peers
+    );
+    for a in &s.listen_addrs {
+        println!("listening   {a}");
+    }
+    println!(
+        "events      {} published, {} received",
+        c.published, c.received
+    );
+    println!(
+        "dropped     {} malformed messages, {} rejected events, {} handler queue full",
+        c.messages_malformed, c.events_rejected, c.handler_queue_full
+    );
+    println!(
+        "handlers    {} rows, {} ok, {} failed",
+        s.handlers.len(),
+        c.handler_succeeded,
+        c.handler_failed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn handlers(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let rows = Client::new(args.api.api).handlers().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<5} {:<20} {:<30} {:>8} {:>8} {:>8} {:>8}",
+        "NAME", "PATTERN", "ACTION", "MATCHED", "OK", "FAILED", "DROPPED"
+    );
+    for r in rows {
+        println!(
+            "{:<5} {:<20} {:<30} {:>8} {:>8} {:>8} {:>8}",
+            r.name, r.pattern, r.action, r.matched, r.succeeded, r.failed, r.queue_full
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

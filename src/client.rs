@@ -1,0 +1,257 @@
+//! A client for a running peer's HTTP API: what the CLI uses, and what any Rust program can
+//! use to talk to a peer it did not start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use serde::de::DeserializeOwned;
+
+use crate::api::{ApiError, PublishRequest};
+use crate::handlers::HandlerInfo;
+use crate::node::{PeerInfo, Published, Status};
+
+/// Time to wait for a peer's answer to a request (not for event streams).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest server-sent event accepted from the stream, as a bound on buffering.
+const MAX_SSE_EVENT: usize = 4 * 1024 * 1024;
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Nothing answered at the address.
+    #[error("no meshbus peer answers at {addr} ({reason}); start one with `meshbus up`, or point --api or MESHBUS_API at a running peer")]
+    NotRunning {
+        /// The address tried.
+        addr: SocketAddr,
+        /// The connection error.
+        reason: String,
+    },
+    /// The peer refused the request.
+    #[error("the peer refused the request ({status}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The peer's explanation.
+        message: String,
+    },
+    /// Anything else on the way.
+    #[error("request to {addr} failed: {reason}")]
+    Http {
+        /// The address tried.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// What an event stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamItem {
+    /// An event, as its CloudEvents JSON.
+    Event(String),
+    /// This many events went by unseen because the reader was slow.
+    Missed(u64),
+}
+
+/// A connection to one peer's API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for the API at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn error(&self, e: reqwest::Error) -> ClientError {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason = s.to_string();
+            source = s.source();
+        }
+        if e.is_connect() {
+            ClientError::NotRunning {
+                addr: self.addr,
+                reason,
+            }
+        } else {
+            ClientError::Http {
+                addr: self.addr,
+                reason,
+            }
+        }
+    }
+
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<T, ClientError> {
+        let response = response.map_err(|e| self.error(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let message = match response.json::<ApiError>().await {
+                Ok(e) => e.error,
+                Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
+            };
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        response.json().await.map_err(|e| self.error(e))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await;
+        self.answer(response).await
+    }
+
+    /// Publishes through the peer.
+    pub async fn publish(&self, request: &PublishRequest) -> Result<Published, ClientError> {
+        let response = self
+            .http
+            .post(self.url("/v1/publish"))
+            .timeout(REQUEST_TIMEOUT)
+            .json(request)
+            .send()
+            .await;
+        self.answer(response).await
+    }
+
+    /// The peer's connected meshbus peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        self.get("/v1/peers").await
+    }
+
+    /// The peer's status.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.get("/v1/status").await
+    }
+
+    /// The peer's handler table.
+    pub async fn handlers(&self) -> Result<Vec<HandlerInfo>, ClientError> {
+        self.get("/v1/handlers").await
+    }
+
+    /// Events arriving at the peer whose topic matches `pattern`, until the peer stops.
+    pub async fn events(
+        &self,
+        pattern: &str,
+    ) -> Result<impl Stream<Item = Result<StreamItem, ClientError>>, ClientError> {
+        let response = self
+            .http
+            .get(self.url("/v1/events"))
+            .query(&[("pattern", pattern)])
+            .send()
+            .await;
+        let response = response.map_err(|e| self.error(e))?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let message = response
+                .json::<ApiError>()
+                .await
+                .map(|e| e.error)
+                .unwrap_or_default();
+            return Err(ClientError::Refused { status, message });
+        }
+        let addr = self.addr;
+        let mut parser = SseParser::default();
+        let stream = response.bytes_stream().flat_map(move |chunk| {
+            let items: Vec<Result<StreamItem, ClientError>> = match chunk {
+                Ok(bytes) => parser.push(&bytes),
+                Err(e) => vec![Err(ClientError::Http {
+                    addr,
+                    reason: e.to_string(),
+                })],
+            };
+            futures::stream::iter(items)
+        });
+        Ok(stream)
+    }
+}
+
+/// Splits a server-sent event stream into items; keeps at most one partial event.
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
+}
+
+impl SseParser {
+    fn push(&mut self, bytes: &[u8]) -> Vec<Result<StreamItem, ClientError>> {
+        self.buf.extend_from_slice(bytes);
+        let mut items = Vec::new();
+        while let Some(end) = find(&self.buf, b"\n\n") {
+            let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&block);
+            let mut kind = "message";
+            let mut data = String::new();
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    kind = v.trim();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if data.is_empty() {
+                continue; // keep-alive comment
+            }
+            items.push(Ok(match kind {
+                "missed" => StreamItem::Missed(data.trim().parse().unwrap_or(0)),
+                _ => StreamItem::Event(data),
+            }));
+        }
+        if self.buf.len() > MAX_SSE_EVENT {
+            self.buf.clear();
+            items.push(Ok(StreamItem::Missed(1)));
+        }
+        items
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_parser_handles_split_chunks_and_kinds() {
+        let mut p = SseParser::default();
+        assert!(p.push(b"data: {\"a\"").is_empty());
+        let items = p.push(b":1}\n\n: keep-alive\n\nevent: missed\ndata: 3\n\ndata: x");
+        let items: Vec<_> = items.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            items,
+            [StreamItem::Event("{\"a\":1}".into()), StreamItem::Missed(3)]
+        );
+        let items: Vec<_> = p.push(b"\n\n").into_iter().map(Result::unwrap).collect();
+        assert_eq!(items, [StreamItem::Event("x".into())]);
+    }
+}

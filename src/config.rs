@@ -1,0 +1,173 @@
+//! A node's settings and their defaults.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+
+/// Where the HTTP control API listens unless told otherwise: loopback only.
+pub const DEFAULT_API: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7420);
+
+/// Environment variable that overrides [`DEFAULT_API`] for the CLI.
+pub const API_ENV: &str = "MESHBUS_API";
+
+/// The port peers listen on (TCP and QUIC) unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7421;
+
+/// Default largest event (topic, type, content type and data together), in bytes.
+pub const DEFAULT_MAX_EVENT_SIZE: usize = 256 * 1024;
+
+/// Largest gossipsub message, in bytes. An event must fit in one message with its batch
+/// framing, so `max_event_size` may be at most this less [`crate::wire::BATCH_OVERHEAD`] and
+/// a little for the gossipsub envelope (see [`max_event_size_limit`]).
+pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// Bytes gossipsub adds around our payload (signature, key, topic, seqno), as a bound.
+pub const GOSSIP_ENVELOPE_OVERHEAD: usize = 1024;
+
+/// The largest `max_event_size` a node accepts.
+pub const fn max_event_size_limit() -> usize {
+    MAX_MESSAGE_SIZE - GOSSIP_ENVELOPE_OVERHEAD - crate::wire::BATCH_OVERHEAD - 64
+}
+
+/// Default time an `exec` handler may run before its process group is killed.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default number of events waiting in front of each handler; past it new events are
+/// dropped for that handler and counted (`queue_full` in `status`).
+pub const DEFAULT_HANDLER_QUEUE: usize = 1024;
+
+/// Default number of events buffered for each `tail` subscriber before it misses some.
+pub const DEFAULT_TAIL_BUFFER: usize = 4096;
+
+/// Time handlers get at shutdown to finish queued events before they are cancelled.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything a node needs to start. `Config::default()` is what `meshbus up` runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A human name shown in `peers`, so operators need not read peer ids.
+    pub name: Option<String>,
+    /// The node's identity; a fresh one when `None`.
+    pub keypair: Option<Keypair>,
+    /// Addresses to listen on (TCP and/or QUIC multiaddrs).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and redial when the connection drops; how peers meet where
+    /// multicast does not reach.
+    pub peers: Vec<Multiaddr>,
+    /// Whether to discover peers by mDNS on the local network.
+    pub mdns: bool,
+    /// Where to serve the HTTP control API; `None` serves none (a library user may not want
+    /// one).
+    pub api: Option<SocketAddr>,
+    /// Largest event accepted at publish and from the network; see [`DEFAULT_MAX_EVENT_SIZE`].
+    pub max_event_size: usize,
+    /// Events waiting in front of each handler; see [`DEFAULT_HANDLER_QUEUE`].
+    pub handler_queue: usize,
+    /// Time limit of `exec` handlers; see [`DEFAULT_EXEC_TIMEOUT`].
+    pub exec_timeout: Duration,
+    /// Per-subscriber buffer of `tail`; see [`DEFAULT_TAIL_BUFFER`].
+    pub tail_buffer: usize,
+    /// Time handlers get to finish at shutdown; see [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: None,
+            keypair: None,
+            listen: default_listen(),
+            peers: Vec::new(),
+            mdns: true,
+            api: Some(DEFAULT_API),
+            max_event_size: DEFAULT_MAX_EVENT_SIZE,
+            handler_queue: DEFAULT_HANDLER_QUEUE,
+            exec_timeout: DEFAULT_EXEC_TIMEOUT,
+            tail_buffer: DEFAULT_TAIL_BUFFER,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// All IPv4 interfaces on [`DEFAULT_PORT`], over TCP and QUIC.
+pub fn default_listen() -> Vec<Multiaddr> {
+    [
+        format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
+        format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
+    ]
+    .iter()
+    .map(|a| {
+        a.parse()
+            .expect("default listen addresses are valid multiaddrs")
+    })
+    .collect()
+}
+
+/// A setting out of its allowed range.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_event_size` out of range.
+    #[error(
+        "max_event_size {0} is out of range: expected 1 to {limit} bytes",
+        limit = max_event_size_limit()
+    )]
+    MaxEventSize(usize),
+    /// A queue or buffer of size zero.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+impl Config {
+    /// Checks every setting's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_event_size == 0 || self.max_event_size > max_event_size_limit() {
+            return Err(ConfigError::MaxEventSize(self.max_event_size));
+        }
+        if self.handler_queue == 0 {
+            return Err(ConfigError::Zero("handler_queue"));
+        }
+        if self.tail_buffer == 0 {
+            return Err(ConfigError::Zero("tail_buffer"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_listen_on_tcp_and_quic() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let listen: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            listen,
+            ["/ip4/0.0.0.0/tcp/7421", "/ip4/0.0.0.0/udp/7421/quic-v1"]
+        );
+        assert!(c.max_event_size >= 256 * 1024);
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        let c = Config {
+            max_event_size: MAX_MESSAGE_SIZE,
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_event_size"));
+        let c = Config {
+            handler_queue: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! The libp2p side: which protocols a peer speaks and how they are tuned.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, mdns, noise, ping, tcp, yamux, Swarm, SwarmBuilder};
+
+use crate::config::MAX_MESSAGE_SIZE;
+
+use super::NodeError;
+
+/// Identify protocol version: peers that announce anything else are not meshbus peers and
+/// are disconnected.
+pub const PROTOCOL_VERSION: &str = "/meshbus/1";
+
+/// How often a connection is pinged; with [`PING_TIMEOUT`] it bounds how long a dead peer
+/// (killed, unplugged) stays in `peers`: at most about the sum of the two.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A ping unanswered this long closes the connection.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// mDNS record lifetime we announce; a peer that stops answering is forgotten after it.
+pub const MDNS_TTL: Duration = Duration::from_secs(60);
+
+/// How often mDNS asks the LAN who is there (besides at start and on new interfaces).
+pub const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Connections are kept while both ends are up: the mesh is small and every peer wants
+/// every other one, so idleness is no reason to hang up.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// gossipsub heartbeat: how often the mesh is repaired and gossip is sent.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The protocols every meshbus peer runs.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Event broadcast.
+    pub gossipsub: gossipsub::Behaviour,
+    /// LAN discovery; off with `--no-mdns`.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Who is on the other end (and whether it speaks meshbus).
+    pub identify: identify::Behaviour,
+    /// Liveness and round-trip times.
+    pub ping: ping::Behaviour,
+}
+
+/// Builds the swarm: TCP (noise, yamux) and QUIC, strictly signed gossipsub.
+pub fn build_swarm(
+    keypair: Keypair,
+    mdns_on: bool,
+    agent: String,
+) -> Result<Swarm<Behaviour>, NodeError> {
+    let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport_err(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(MAX_MESSAGE_SIZE)
+                .heartbeat_interval(HEARTBEAT)
+                .build()?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )?;
+            let mdns = if mdns_on {
+                let config = mdns::Config {
+                    ttl: MDNS_TTL,
+                    query_interval: MDNS_QUERY_INTERVAL,
+                    ..Default::default()
+                };
+                Some(mdns::tokio::Behaviour::new(
+                    config,
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
+            let identify = identify::Behaviour::new(
+                identify::Config::new(PROTOCOL_VERSION.to_owned(), key.public())
+                    .with_agent_version(agent),
+            );
+            let ping = ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(PING_INTERVAL)
+                    .with_timeout(PING_TIMEOUT),
+            );
+            Ok(Behaviour {
+                gossipsub,
+                mdns: mdns.into(),
+                identify,
+                ping,
+            })
+        })
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}

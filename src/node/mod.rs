@@ -1,0 +1,509 @@
+//! A running peer: the actor that owns the libp2p swarm, and the handles that talk to it.
+//!
+//! [`Node::start`] builds the swarm, starts listening, spawns the actor (one task that owns
+//! the swarm and nothing else touches) and, if configured, the HTTP API. Everything else uses
+//! a [`NodeHandle`]: cloneable, cheap, and talking to the actor over one bounded channel with a
+//! `oneshot` reply per command. [`Node::shutdown`] stops the API, the actor and the handlers,
+//! in that order, and waits for each.
+
+mod actor;
+mod behaviour;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+use tracing::Instrument as _;
+
+pub use behaviour::{PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION};
+
+use crate::config::{Config, ConfigError};
+use crate::event::{self, Event, EventError, Payload};
+use crate::handlers::{Action, BoxError, HandlerInfo, Handlers};
+use crate::stats::{self, Counters, Stats};
+use crate::topic::{Pattern, Topic};
+
+/// The one gossipsub topic every event travels on. Topic names are inside the envelope, so
+/// a handler for `orders.*` sees `orders.shipped` even if nobody had used that topic when its
+/// peer started, and a peer needs no subscription change to match new topics.
+pub const MESH_TOPIC: &str = "meshbus/events/1";
+
+/// Commands waiting for the actor. Publishers wait when it is full (backpressure).
+const COMMAND_CAPACITY: usize = 1024;
+
+/// How long [`Node::start`] waits for its listeners to report their addresses.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a node could not start or a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A setting out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The event was refused before it left this peer.
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// Setting up transports or protocols failed.
+    #[error("cannot set up the network: {0}")]
+    Transport(String),
+    /// A listen address could not be used.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A peer address could not be dialled.
+    #[error("cannot dial {addr}: {reason}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The HTTP API could not bind.
+    #[error("cannot serve the API on {addr}: {source} (is another peer running? choose another address with --api)")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// gossipsub refused the message.
+    #[error("could not publish: {0}")]
+    Publish(String),
+    /// The actor is gone: the node was shut down.
+    #[error("the node has shut down")]
+    Stopped,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Published {
+    /// The new event's id.
+    pub id: String,
+    /// Its sequence number from this peer.
+    pub seq: u64,
+    /// Peers the message was sent to directly (every connected meshbus peer).
+    pub sent_to: usize,
+}
+
+/// A connected meshbus peer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerInfo {
+    /// Its peer id.
+    pub peer_id: String,
+    /// The name it was started with, if any.
+    pub name: Option<String>,
+    /// Its agent string (`meshbus/VERSION`).
+    pub agent: String,
+    /// Addresses we are connected to it on.
+    pub connected_addrs: Vec<String>,
+    /// Addresses it says it listens on.
+    pub listen_addrs: Vec<String>,
+    /// Last ping round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// The node's view of itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Our peer id.
+    pub peer_id: String,
+    /// Our name.
+    pub name: Option<String>,
+    /// meshbus version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_secs: f64,
+    /// Where we listen.
+    pub listen_addrs: Vec<String>,
+    /// Where the HTTP API is, if served.
+    pub api: Option<String>,
+    /// Whether mDNS discovery is on.
+    pub mdns: bool,
+    /// Connected meshbus peers.
+    pub peers: usize,
+    /// Peers in our gossipsub mesh.
+    pub mesh_peers: usize,
+    /// Largest event accepted.
+    pub max_event_size: usize,
+    /// Counters since start.
+    pub counters: Counters,
+    /// Publish-to-arrival time of events from other peers.
+    pub receive_latency: crate::stats::Latency,
+    /// The handler table.
+    pub handlers: Vec<HandlerInfo>,
+}
+
+/// Requests to the actor; each carries its reply channel.
+enum Command {
+    Publish {
+        topic: Topic,
+        event_type: String,
+        payload: Payload,
+        reply: oneshot::Sender<Result<Published, NodeError>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Status {
+        reply: oneshot::Sender<actor::SwarmStatus>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    /// Replies once every listener has reported an address (or failed).
+    WaitListening {
+        reply: oneshot::Sender<Result<Vec<Multiaddr>, NodeError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// State shared by the actor, the handles and the API; none of it touches the swarm.
+struct Shared {
+    peer_id: PeerId,
+    name: Option<String>,
+    started: std::time::Instant,
+    mdns: bool,
+    max_event_size: usize,
+    stats: Arc<Stats>,
+    handlers: Handlers,
+    /// Every event this peer sees (its own included), for `tail` subscribers.
+    tail: broadcast::Sender<Arc<Event>>,
+    api: std::sync::OnceLock<SocketAddr>,
+}
+
+/// A cloneable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// A running node: its handle plus the tasks to wait for at shutdown.
+pub struct Node {
+    handle: NodeHandle,
+    actor: tokio::task::JoinHandle<()>,
+    api: Option<crate::api::ApiServer>,
+    shutdown_grace: Duration,
+}
+
+impl Node {
+    /// Starts a node: listens, dials `config.peers`, starts discovery and the API.
+    /// Returns once every listener has its address and the API (if any) is bound.
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        let keypair = config
+            .keypair
+            .clone()
+            .unwrap_or_else(Keypair::generate_ed25519);
+        let peer_id = keypair.public().to_peer_id();
+        let agent = match &config.name {
+            Some(name) => format!("meshbus/{} ({name})", env!("CARGO_PKG_VERSION")),
+            None => format!("meshbus/{}", env!("CARGO_PKG_VERSION")),
+        };
+        let mut swarm = behaviour::build_swarm(keypair, config.mdns, agent)?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NodeError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let stats = Arc::new(Stats::default());
+        let shared = Arc::new(Shared {
+            peer_id,
+            name: config.name.clone(),
+            started: std::time::Instant::now(),
+            mdns: config.mdns,
+            max_event_size: config.max_event_size,
+            handlers: Handlers::new(stats.clone(), config.handler_queue, config.exec_timeout),
+            stats,
+            tail: broadcast::channel(config.tail_buffer).0,
+            api: std::sync::OnceLock::new(),
+        });
+        let (commands, rx) = mpsc::channel(COMMAND_CAPACITY);
+        let actor = actor::Actor::new(
+            swarm,
+            rx,
+            shared.clone(),
+            config.peers.clone(),
+            config.listen.len(),
+        )?;
+        let span = tracing::info_span!("node", peer = %peer_id);
+        let actor = tokio::spawn(actor.run().instrument(span));
+        let handle = NodeHandle { commands, shared };
+
+        let mut node = Node {
+            handle: handle.clone(),
+            actor,
+            api: None,
+            shutdown_grace: config.shutdown_grace,
+        };
+        let listening = async {
+            let (reply, rx) = oneshot::channel();
+            handle.send(Command::WaitListening { reply }).await?;
+            rx.await.map_err(|_| NodeError::Stopped)?
+        };
+        let ready = match tokio::time::timeout(LISTEN_TIMEOUT, listening).await {
+            Ok(result) => result,
+            Err(_) => Err(NodeError::Transport(format!(
+                "listeners did not report an address within {LISTEN_TIMEOUT:?}"
+            ))),
+        };
+        if let Err(e) = ready {
+            node.shutdown().await;
+            return Err(e);
+        }
+        if let Some(addr) = config.api {
+            match crate::api::ApiServer::start(addr, handle.clone()).await {
+                Ok(api) => {
+                    let _ = handle.shared.api.set(api.local_addr());
+                    node.api = Some(api);
+                }
+                Err(e) => {
+                    node.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    /// A handle for publishing, subscribing and asking questions.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Where the HTTP API listens, if it was started.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(|a| a.local_addr())
+    }
+
+    /// Stops the API, then the swarm task (closing every connection), then the handlers
+    /// (which get `shutdown_grace` to finish what is queued before being cancelled).
+    pub async fn shutdown(self) {
+        if let Some(api) = self.api {
+            api.shutdown().await;
+        }
+        let (reply, rx) = oneshot::channel();
+        if self
+            .handle
+            .commands
+            .send(Command::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        let _ = self.actor.await;
+        self.handle
+            .shared
+            .handlers
+            .shutdown(self.shutdown_grace)
+            .await;
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeHandle;
+    fn deref(&self) -> &NodeHandle {
+        &self.handle
+    }
+}
+
+impl NodeHandle {
+    /// This peer's id.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.peer_id
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NodeError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Publishes an event to every peer; this peer's own handlers get it too.
+    /// `event_type` defaults to the topic.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        event_type: Option<&str>,
+        payload: Payload,
+    ) -> Result<Published, NodeError> {
+        let topic = Topic::user(topic).map_err(EventError::from)?;
+        let event_type = event_type.unwrap_or(topic.as_str()).to_owned();
+        event::check_labels(&event_type, &payload.content_type)?;
+        let size = event::event_size(
+            topic.as_str(),
+            &event_type,
+            &payload.content_type,
+            &payload.data,
+        );
+        if size > self.shared.max_event_size {
+            return Err(EventError::TooLarge {
+                size,
+                limit: self.shared.max_event_size,
+            }
+            .into());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Publish {
+            topic,
+            event_type,
+            payload,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Publishes any serde value as JSON.
+    pub async fn publish_json<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<Published, NodeError> {
+        let payload = Payload::json(value).map_err(|e| NodeError::Publish(e.to_string()))?;
+        self.publish(topic, None, payload).await
+    }
+
+    /// Adds a row to this peer's handler table; returns the row's name.
+    pub fn add_handler(&self, pattern: Pattern, action: Action) -> String {
+        self.shared.handlers.add(pattern, action)
+    }
+
+    /// Registers async Rust code for every event matching `pattern`.
+    pub fn on<F, Fut>(&self, pattern: Pattern, f: F) -> String
+    where
+        F: Fn(Arc<Event>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let action = Action::Rust(Arc::new(move |event| {
+            let f = f.clone();
+            Box::pin(async move { f(event).await })
+        }));
+        self.add_handler(pattern, action)
+    }
+
+    /// A live stream of the events this peer sees whose topic matches `pattern`.
+    pub fn subscribe(&self, pattern: Pattern) -> Subscription {
+        Subscription {
+            pattern,
+            inner: BroadcastStream::new(self.shared.tail.subscribe()),
+            stats: self.shared.stats.clone(),
+        }
+    }
+
+    /// Connected meshbus peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Peers { reply }).await?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Dials an address (e.g. `/ip4/10.0.0.2/tcp/7421`).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Dial { addr, reply }).await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// The node's view of itself.
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Status { reply }).await?;
+        let swarm = rx.await.map_err(|_| NodeError::Stopped)?;
+        let s = &self.shared;
+        Ok(Status {
+            peer_id: s.peer_id.to_string(),
+            name: s.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: s.started.elapsed().as_secs_f64(),
+            listen_addrs: swarm.listen_addrs,
+            api: s.api.get().map(|a| a.to_string()),
+            mdns: s.mdns,
+            peers: swarm.peers,
+            mesh_peers: swarm.mesh_peers,
+            max_event_size: s.max_event_size,
+            counters: s.stats.snapshot(),
+            receive_latency: s.stats.receive_latency.summary(),
+            handlers: s.handlers.list(),
+        })
+    }
+
+    /// The handler table with its counters.
+    pub fn handlers(&self) -> Vec<HandlerInfo> {
+        self.shared.handlers.list()
+    }
+}
+
+/// What a [`Subscription`] yields.
+#[derive(Debug, Clone)]
+pub enum Tailed {
+    /// An event that matched.
+    Event(Arc<Event>),
+    /// The subscriber fell behind and this many events (of any topic) went by unseen.
+    Missed(u64),
+}
+
+/// Events matching a pattern, as they arrive. Dropping it unsubscribes.
+pub struct Subscription {
+    pattern: Pattern,
+    inner: BroadcastStream<Arc<Event>>,
+    stats: Arc<Stats>,
+}
+
+impl Stream for Subscription {
+    type Item = Tailed;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Tailed>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) => {
+                    if self.pattern.matches(&event.topic) {
+                        return Poll::Ready(Some(Tailed::Event(event)));
+                    }
+                }
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
+                    stats::add(&self.stats.tail_missed, n);
+                    return Poll::Ready(Some(Tailed::Missed(n)));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Stamps a locally made event (id, time) for the mesh's own `_mesh.…` topics.
+fn local_event(source: PeerId, topic: &str, data: serde_json::Value) -> Option<Event> {
+    let topic = Topic::new(topic).ok()?;
+    Some(Event {
+        id: event::EventId::new(),
+        event_type: topic.to_string(),
+        topic,
+        source,
+        seq: 0,
+        time: SystemTime::now(),
+        content_type: event::JSON.to_owned(),
+        data: serde_json::to_vec(&data).ok()?.into(),
+    })
+}

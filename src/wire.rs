@@ -1,0 +1,352 @@
+//! The wire format: how events travel between peers inside gossipsub messages.
+//!
+//! Every gossipsub message a meshbus peer publishes on [`crate::node::MESH_TOPIC`] carries a
+//! *batch* of one or more events from the message's signed author. The payload is:
+//!
+//! ```text
+//! byte 0      format version, currently 0x01
+//! bytes 1..   a Protocol Buffers (proto3) message `Batch`, schema in docs/wire.proto
+//! ```
+//!
+//! The event's `source` is not in the payload: it is the gossipsub message's `from` field,
+//! which strict signature validation authenticates, so a peer cannot publish in another's
+//! name. An empty `type` means "same as the topic"; an empty `content_type` means
+//! `application/json`. A decoder in any language needs only a protobuf library; see
+//! `docs/wire.md` for the full description and a worked example.
+//!
+//! A receiver drops (and counts) a payload with an unknown version or that does not parse,
+//! and any single event in it that breaks a rule (bad id, bad topic, over the size limit).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use prost::Message as _;
+
+use crate::event::{self, Event, EventId, JSON};
+use crate::topic::Topic;
+
+/// The format version this build writes and reads.
+pub const VERSION: u8 = 1;
+
+/// Bytes a batch adds around its events (version byte and protobuf framing), as a bound.
+pub const BATCH_OVERHEAD: usize = 16;
+
+/// One event on the wire (`meshbus.wire.v1.Event`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireEvent {
+    /// 16-byte UUID.
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    /// Dot-separated topic.
+    #[prost(string, tag = "2")]
+    pub topic: String,
+    /// Event type; empty means the topic.
+    #[prost(string, tag = "3")]
+    pub r#type: String,
+    /// Publisher's sequence number.
+    #[prost(uint64, tag = "4")]
+    pub seq: u64,
+    /// Publish time, microseconds since the Unix epoch.
+    #[prost(int64, tag = "5")]
+    pub time_unix_micros: i64,
+    /// Media type; empty means `application/json`.
+    #[prost(string, tag = "6")]
+    pub content_type: String,
+    /// Payload.
+    #[prost(bytes = "bytes", tag = "7")]
+    pub data: Bytes,
+}
+
+/// Several events from one author (`meshbus.wire.v1.Batch`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireBatch {
+    /// In publish order.
+    #[prost(message, repeated, tag = "1")]
+    pub events: Vec<WireEvent>,
+}
+
+/// Why a payload or an event in it was dropped.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Zero bytes.
+    #[error("empty payload; expected a version byte and a batch")]
+    Empty,
+    /// A format version this build does not know.
+    #[error("wire format version {0} is not supported; this peer reads version {VERSION}")]
+    Version(u8),
+    /// Protobuf did not parse.
+    #[error("batch does not decode as protobuf: {0}")]
+    Decode(String),
+    /// The id is not 16 bytes.
+    #[error("event id has {0} bytes; expected 16")]
+    BadId(usize),
+    /// Topic rules broken.
+    #[error("event has an invalid topic: {0}")]
+    BadTopic(String),
+    /// Type or content type out of bounds.
+    #[error("event labels out of bounds: {0}")]
+    BadLabel(String),
+    /// Over this peer's `max_event_size`.
+    #[error("event of {size} bytes is over this peer's limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// Our limit.
+        limit: usize,
+    },
+}
+
+/// Encoded size of one event inside a batch, to fill batches up to a byte budget.
+pub fn encoded_len(event: &Event) -> usize {
+    let wire = to_wire(event);
+    let len = wire.encoded_len();
+    // Field tag and length prefix of the repeated field.
+    len + 1 + prost::length_delimiter_len(len)
+}
+
+fn to_wire(event: &Event) -> WireEvent {
+    let micros = event
+        .time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    WireEvent {
+        id: event.id.0.as_bytes().to_vec(),
+        topic: event.topic.as_str().to_owned(),
+        r#type: if event.event_type == event.topic.as_str() {
+            String::new()
+        } else {
+            event.event_type.clone()
+        },
+        seq: event.seq,
+        time_unix_micros: micros,
+        content_type: if event.content_type == JSON {
+            String::new()
+        } else {
+            event.content_type.clone()
+        },
+        data: event.data.clone(),
+    }
+}
+
+/// Encodes events (all from this peer) into one payload.
+pub fn encode_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
+    let batch = WireBatch {
+        events: events.into_iter().map(to_wire).collect(),
+    };
+    let mut out = Vec::with_capacity(1 + batch.encoded_len());
+    out.push(VERSION);
+    // Encoding into a Vec only fails for lack of capacity, which Vec grows.
+    batch
+        .encode(&mut out)
+        .expect("encoding into a Vec cannot run out of space");
+    out
+}
+
+/// The outcome of decoding one payload: the good events and why the others were dropped.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Valid events, in the order they were published.
+    pub events: Vec<Event>,
+    /// One entry per dropped event.
+    pub rejected: Vec<WireError>,
+}
+
+/// Decodes a payload authored by `source`, checking each event against `max_event_size`.
+pub fn decode_batch(
+    payload: &[u8],
+    source: PeerId,
+    max_event_size: usize,
+) -> Result<Decoded, WireError> {
+    let (&version, body) = payload.split_first().ok_or(WireError::Empty)?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let batch = WireBatch::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
+    let mut decoded = Decoded::default();
+    for wire in batch.events {
+        match from_wire(wire, source, max_event_size) {
+            Ok(event) => decoded.events.push(event),
+            Err(e) => decoded.rejected.push(e),
+        }
+    }
+    Ok(decoded)
+}
+
+fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<Event, WireError> {
+    let id = uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
+    let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
+    if topic.is_reserved() {
+        return Err(WireError::BadTopic(format!(
+            "`{topic}` is reserved for a peer's own events and never travels"
+        )));
+    }
+    let event_type = if wire.r#type.is_empty() {
+        topic.as_str().to_owned()
+    } else {
+        wire.r#type
+    };
+    let content_type = if wire.content_type.is_empty() {
+        JSON.to_owned()
+    } else {
+        wire.content_type
+    };
+    event::check_labels(&event_type, &content_type)
+        .map_err(|e| WireError::BadLabel(e.to_string()))?;
+    let size = event::event_size(topic.as_str(), &event_type, &content_type, &wire.data);
+    if size > max_event_size {
+        return Err(WireError::TooLarge {
+            size,
+            limit: max_event_size,
+        });
+    }
+    let micros = u64::try_from(wire.time_unix_micros).unwrap_or(0);
+    Ok(Event {
+        id: EventId(id),
+        topic,
+        event_type,
+        source,
+        seq: wire.seq,
+        time: UNIX_EPOCH + Duration::from_micros(micros),
+        content_type,
+        data: wire.data,
+    })
+}
+
+/// Microseconds from `time` to now, zero if `time` is in the future (clock skew).
+pub fn age_micros(time: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(time)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TEXT;
+
+    fn event(seq: u64, topic: &str, ty: &str, ct: &str, data: &[u8], source: PeerId) -> Event {
+        Event {
+            id: EventId::new(),
+            topic: Topic::new(topic).unwrap(),
+            event_type: ty.into(),
+            source,
+            seq,
+            time: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            content_type: ct.into(),
+            data: Bytes::copy_from_slice(data),
+        }
+    }
+
+    #[test]
+    fn batch_round_trips() {
+        let me = PeerId::random();
+        let events = vec![
+            event(
+                1,
+                "orders.created",
+                "orders.created",
+                JSON,
+                br#"{"id":1}"#,
+                me,
+            ),
+            event(2, "orders.shipped", "shipping.v2", TEXT, b"box 7", me),
+            event(3, "blobs", "blobs", "image/png", &[0, 1, 2, 255], me),
+        ];
+        let payload = encode_batch(&events);
+        assert_eq!(payload[0], VERSION);
+        let decoded = decode_batch(&payload, me, 1 << 20).unwrap();
+        assert!(decoded.rejected.is_empty());
+        assert_eq!(decoded.events, events);
+    }
+
+    #[test]
+    fn defaults_are_not_sent() {
+        let me = PeerId::random();
+        let short = encode_batch(&[event(1, "a", "a", JSON, b"1", me)]);
+        let long = encode_batch(&[event(1, "a", "b", TEXT, b"1", me)]);
+        assert!(short.len() + "b".len() + TEXT.len() <= long.len());
+    }
+
+    #[test]
+    fn encoded_len_predicts_batch_size() {
+        let me = PeerId::random();
+        let events: Vec<_> = (0..10)
+            .map(|i| {
+                event(
+                    i,
+                    "orders.created",
+                    "orders.created",
+                    JSON,
+                    &[b'7'; 300],
+                    me,
+                )
+            })
+            .collect();
+        let predicted: usize = events.iter().map(encoded_len).sum();
+        assert_eq!(encode_batch(&events).len(), 1 + predicted);
+    }
+
+    #[test]
+    fn bad_payloads_are_refused_with_a_reason() {
+        let me = PeerId::random();
+        assert_eq!(decode_batch(&[], me, 1024).unwrap_err(), WireError::Empty);
+        assert_eq!(
+            decode_batch(&[9, 1, 2], me, 1024).unwrap_err(),
+            WireError::Version(9)
+        );
+        assert!(matches!(
+            decode_batch(&[VERSION, 0x0a, 0xff], me, 1024),
+            Err(WireError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn bad_events_are_dropped_one_by_one() {
+        let me = PeerId::random();
+        let good = to_wire(&event(1, "a.b", "a.b", JSON, b"1", me));
+        let mut bad_id = good.clone();
+        bad_id.id = vec![1, 2, 3];
+        let mut bad_topic = good.clone();
+        bad_topic.topic = "a..b".into();
+        let mut reserved = good.clone();
+        reserved.topic = "_mesh.peer.joined".into();
+        let mut big = good.clone();
+        big.data = Bytes::from(vec![b'1'; 2000]);
+        let batch = WireBatch {
+            events: vec![bad_id, good, bad_topic, reserved, big],
+        };
+        let mut payload = vec![VERSION];
+        batch.encode(&mut payload).unwrap();
+        let decoded = decode_batch(&payload, me, 1024).unwrap();
+        assert_eq!(decoded.events.len(), 1);
+        assert_eq!(decoded.rejected.len(), 4);
+        assert_eq!(decoded.rejected[0], WireError::BadId(3));
+        assert!(matches!(decoded.rejected[1], WireError::BadTopic(_)));
+        assert!(matches!(decoded.rejected[2], WireError::BadTopic(_)));
+        assert!(matches!(decoded.rejected[3], WireError::TooLarge { .. }));
+    }
+
+    #[test]
+    fn hand_written_protobuf_decodes() {
+        // What another language would produce: version byte, then field 1 (events) holding
+        // id (16 bytes), topic "t", seq 5, data "1"; no type, content type or time.
+        let mut ev = vec![0x0a, 16];
+        ev.extend_from_slice(&[7; 16]);
+        ev.extend_from_slice(&[0x12, 1, b't', 0x20, 5, 0x3a, 1, b'1']);
+        let mut payload = vec![VERSION, 0x0a, ev.len() as u8];
+        payload.extend_from_slice(&ev);
+        let me = PeerId::random();
+        let decoded = decode_batch(&payload, me, 1024).unwrap();
+        let e = &decoded.events[0];
+        assert_eq!(e.topic.as_str(), "t");
+        assert_eq!(e.event_type, "t");
+        assert_eq!(e.content_type, JSON);
+        assert_eq!(e.seq, 5);
+        assert_eq!(e.data, "1");
+        assert_eq!(e.source, me);
+    }
+}
