@@ -74,7 +74,11 @@ pub fn available() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("network namespaces need root".into());
     }
-    let probe = format!("mbprobe-{}", std::process::id());
+    let probe = format!(
+        "mbprobe-{}x{}",
+        std::process::id(),
+        NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+    );
     ip(&["netns", "add", &probe]).map_err(|e| e.to_string())?;
     ip(&["netns", "del", &probe]).map_err(|e| e.to_string())?;
     Ok(())

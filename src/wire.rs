@@ -349,4 +349,27 @@ mod tests {
         assert_eq!(e.data, "1");
         assert_eq!(e.source, me);
     }
+
+    #[test]
+    fn documented_example_is_what_we_send() {
+        // The payload shown in docs/wire.md, byte for byte.
+        let doc = "01 0a 38 0a 10 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 10 12 0e 6f 72 \
+                   64 65 72 73 2e 63 72 65 61 74 65 64 20 01 28 80 80 f9 c0 c1 c4 82 03 3a 09 \
+                   7b 22 69 64 22 3a 34 32 7d";
+        let expected: Vec<u8> = doc
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        let event = Event {
+            id: EventId(uuid::Uuid::from_bytes(std::array::from_fn(|i| i as u8 + 1))),
+            topic: Topic::new("orders.created").unwrap(),
+            event_type: "orders.created".into(),
+            source: PeerId::random(),
+            seq: 1,
+            time: UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000),
+            content_type: JSON.into(),
+            data: Bytes::from_static(br#"{"id":42}"#),
+        };
+        assert_eq!(encode_batch([&event]), expected);
+    }
 }

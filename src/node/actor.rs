@@ -516,6 +516,8 @@ impl Actor {
                     peer.rtt = Some(rtt);
                 }
             }
+            // A peer without ping is odd but not dead; liveness then rests on TCP/QUIC.
+            Err(ping::Failure::Unsupported) => {}
             Err(error) => {
                 debug!(peer = %event.peer, %error, "ping failed; closing the connection");
                 self.swarm.close_connection(event.connection);

@@ -144,6 +144,8 @@ pub struct Status {
     pub receive_latency: crate::stats::Latency,
     /// The handler table.
     pub handlers: Vec<HandlerInfo>,
+    /// Open `tail` subscriptions.
+    pub subscribers: usize,
 }
 
 /// Requests to the actor; each carries its reply channel.
@@ -447,6 +449,7 @@ impl NodeHandle {
             counters: s.stats.snapshot(),
             receive_latency: s.stats.receive_latency.summary(),
             handlers: s.handlers.list(),
+            subscribers: s.tail.receiver_count(),
         })
     }
 

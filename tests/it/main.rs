@@ -1,0 +1,7 @@
+//! Integration tests, one binary: real `meshbus` processes, real sockets, real namespaces.
+
+mod bad_input;
+mod cli;
+mod lan;
+mod library;
+mod support;
