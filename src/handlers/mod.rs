@@ -189,10 +189,14 @@ impl Handlers {
             match row.queue.try_send(event.clone()) {
                 Ok(()) => stats::bump(&self.stats.handler_dispatched),
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    stats::bump(&row.counters.queue_full);
                     stats::bump(&self.stats.handler_queue_full);
-                    warn!(handler = %row.name, event = %event.id, topic = %event.topic,
-                        capacity = self.queue_capacity, "handler queue full; event dropped for this handler");
+                    let dropped = row.counters.queue_full.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Overload can drop many events a second: log the 1st, 2nd, 4th, 8th, …
+                    if dropped.is_power_of_two() {
+                        warn!(handler = %row.name, event = %event.id, topic = %event.topic,
+                            capacity = self.queue_capacity, dropped_so_far = dropped,
+                            "handler queue full; event dropped for this handler");
+                    }
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     warn!(handler = %row.name, event = %event.id, "handler stopped; event dropped");
@@ -295,6 +299,117 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventId;
+    use crate::topic::Topic;
+
+    fn event(topic: &str) -> Arc<Event> {
+        Arc::new(Event {
+            id: EventId::new(),
+            topic: Topic::new(topic).unwrap(),
+            event_type: topic.into(),
+            source: libp2p::PeerId::random(),
+            seq: 1,
+            time: std::time::SystemTime::now(),
+            content_type: crate::event::JSON.into(),
+            data: bytes::Bytes::from_static(b"1"),
+        })
+    }
+
+    #[tokio::test]
+    async fn dispatch_selects_the_rows_whose_pattern_matches() {
+        let stats = Arc::new(Stats::default());
+        let handlers = Handlers::new(stats.clone(), 16, Duration::from_secs(1));
+        let (tx, mut rx) = mpsc::channel(64);
+        for pattern in ["orders.*", "orders.**", "users.created", "**", "_mesh.**"] {
+            let tx = tx.clone();
+            let action = Action::Rust(Arc::new(move |e: Arc<Event>| {
+                let tx = tx.clone();
+                Box::pin(async move {
+                    tx.send((pattern, e.topic.to_string())).await?;
+                    Ok(())
+                })
+            }));
+            handlers.add(Pattern::new(pattern).unwrap(), action);
+        }
+        drop(tx);
+        for topic in [
+            "orders.created",
+            "orders.created.eu",
+            "users.created",
+            "_mesh.peer.left",
+        ] {
+            handlers.dispatch(&event(topic));
+        }
+        handlers.shutdown(Duration::from_secs(5)).await;
+        let mut got = Vec::new();
+        while let Some(pair) = rx.recv().await {
+            got.push(pair);
+        }
+        got.sort();
+        let expected: Vec<(&str, String)> = [
+            ("**", "orders.created"),
+            ("**", "orders.created.eu"),
+            ("**", "users.created"),
+            ("_mesh.**", "_mesh.peer.left"),
+            ("orders.*", "orders.created"),
+            ("orders.**", "orders.created"),
+            ("orders.**", "orders.created.eu"),
+            ("users.created", "users.created"),
+        ]
+        .into_iter()
+        .map(|(p, t)| (p, t.to_owned()))
+        .collect();
+        assert_eq!(got, expected);
+        assert_eq!(stats.snapshot().handler_dispatched, 8);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_for_that_row_only() {
+        let stats = Arc::new(Stats::default());
+        let handlers = Handlers::new(stats.clone(), 2, Duration::from_secs(1));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (started_tx, mut started) = mpsc::channel(16);
+        let blocked = gate.clone();
+        handlers.add(
+            Pattern::all(),
+            Action::Rust(Arc::new(move |_| {
+                let (gate, started) = (blocked.clone(), started_tx.clone());
+                Box::pin(async move {
+                    started.send(()).await?;
+                    let _permit = gate.acquire().await?;
+                    Ok(())
+                })
+            })),
+        );
+        let (tx, mut rx) = mpsc::channel(64);
+        handlers.add(
+            Pattern::all(),
+            Action::Rust(Arc::new(move |e: Arc<Event>| {
+                let tx = tx.clone();
+                Box::pin(async move {
+                    tx.send(e.id).await?;
+                    Ok(())
+                })
+            })),
+        );
+        handlers.dispatch(&event("a.b"));
+        started.recv().await.unwrap(); // the slow row holds its first event
+        rx.recv().await.unwrap();
+        for _ in 1..10 {
+            handlers.dispatch(&event("a.b"));
+            rx.recv().await.unwrap(); // the fast row keeps up
+        }
+        let rows = handlers.list();
+        assert_eq!(rows[0].matched, 10);
+        assert_eq!(
+            rows[0].queue_full, 7,
+            "one in hand, two queued, seven dropped"
+        );
+        assert_eq!(rows[1].queue_full, 0);
+        assert_eq!(rows[1].succeeded, 10);
+        gate.add_permits(100);
+        handlers.shutdown(Duration::from_secs(5)).await;
+    }
 
     #[test]
     fn specs_parse_and_errors_name_the_rule() {
