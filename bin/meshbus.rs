@@ -70,6 +70,10 @@ struct UpArgs {
     /// Time limit of exec handlers, in seconds.
     #[arg(long, default_value_t = config::DEFAULT_EXEC_TIMEOUT.as_secs())]
     exec_timeout: u64,
+    /// Where the peer keeps its identity key (default $XDG_DATA_HOME/meshbus or
+    /// ~/.local/share/meshbus). The same directory gives the same peer id after a restart.
+    #[arg(long, env = "MESHBUS_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -150,8 +154,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => meshbus::identity::default_data_dir()?,
+    };
+    let identity = meshbus::identity::load_or_create(&data_dir)?;
     let config = Config {
         name: args.name,
+        keypair: Some(identity.keypair.clone()),
         listen: if args.listen.is_empty() {
             config::default_listen()
         } else {
@@ -180,10 +190,12 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     for addr in &status.listen_addrs {
         writeln!(err, "meshbus: listening on {addr}")?;
     }
+    writeln!(err, "meshbus: data dir {}", data_dir.display())?;
     drop(err);
     shutdown_signal().await?;
     tracing::info!("stopping");
     node.shutdown().await;
+    drop(identity);
     Ok(ExitCode::SUCCESS)
 }
 

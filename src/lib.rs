@@ -26,7 +26,9 @@
 //! - [`node`]: the actor that owns the libp2p swarm, discovery and broadcast, and its handle.
 //! - [`api`]: the HTTP control API a peer serves; [`client`]: the client the CLI uses.
 //! - [`config`]: settings and their defaults; [`stats`]: the counters `status` shows.
-//! - [`netns`]: a virtual LAN of network namespaces on one Linux machine, for tests and demos.
+//! - [`identity`]: the peer's key in its data directory, so a restart keeps its peer id.
+//! - [`netns`]: a virtual LAN of network namespaces on one Linux machine, for tests and demos;
+//!   [`lab`]: a lasting LAN of running peers on it, with faults (kill, restart, cut, heal).
 
 #![deny(missing_docs)]
 
@@ -35,6 +37,9 @@ pub mod client;
 pub mod config;
 pub mod event;
 pub mod handlers;
+pub mod identity;
+#[cfg(target_os = "linux")]
+pub mod lab;
 #[cfg(target_os = "linux")]
 pub mod netns;
 pub mod node;

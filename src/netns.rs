@@ -47,6 +47,8 @@ pub struct Host {
 pub struct VirtualLan {
     prefix: String,
     hosts: Vec<Host>,
+    /// Set by [`VirtualLan::keep`]: the lab outlives this value.
+    kept: bool,
 }
 
 /// Runs `ip ARGS…`, turning a failure into an error that shows the command.
@@ -101,6 +103,7 @@ impl VirtualLan {
         let mut lan = VirtualLan {
             prefix: prefix.to_owned(),
             hosts: Vec::new(),
+            kept: false,
         };
         let br = lan.bridge_netns();
         ip(&["netns", "add", &br])?;
@@ -157,51 +160,70 @@ impl VirtualLan {
 
     /// Unplugs host `i` from the bridge (its processes keep running).
     pub fn cut(&self, i: usize) -> Result<(), NetnsError> {
-        ip(&[
-            "-n",
-            &self.bridge_netns(),
-            "link",
-            "set",
-            &format!("v{i}"),
-            "down",
-        ])
-        .map(drop)
+        cut(&self.prefix, i)
     }
 
     /// Plugs host `i` back in.
     pub fn heal(&self, i: usize) -> Result<(), NetnsError> {
-        ip(&[
-            "-n",
-            &self.bridge_netns(),
-            "link",
-            "set",
-            &format!("v{i}"),
-            "up",
-        ])
-        .map(drop)
+        heal(&self.prefix, i)
+    }
+
+    /// Lets the lab outlive this value (a later [`remove_lab`] takes it down).
+    pub fn keep(mut self) -> Vec<Host> {
+        self.kept = true;
+        std::mem::take(&mut self.hosts)
     }
 
     /// Kills everything in the lab and removes its namespaces.
-    pub fn destroy(mut self) {
-        self.teardown();
-    }
-
-    fn teardown(&mut self) {
-        let mut names: Vec<String> = self.hosts.drain(..).map(|h| h.netns).collect();
-        names.push(self.bridge_netns());
-        for netns in &names {
-            kill_all_in(netns);
-        }
-        for netns in &names {
-            let _ = ip(&["netns", "del", netns]);
-        }
+    pub fn destroy(self) {
+        drop(self);
     }
 }
 
 impl Drop for VirtualLan {
     fn drop(&mut self) {
-        self.teardown();
+        if !self.kept {
+            remove_lab(&self.prefix);
+        }
     }
+}
+
+/// Unplugs host `i` of lab `prefix` from its bridge.
+pub fn cut(prefix: &str, i: usize) -> Result<(), NetnsError> {
+    let br = format!("{prefix}-br");
+    ip(&["-n", &br, "link", "set", &format!("v{i}"), "down"]).map(drop)
+}
+
+/// Plugs host `i` of lab `prefix` back in.
+pub fn heal(prefix: &str, i: usize) -> Result<(), NetnsError> {
+    let br = format!("{prefix}-br");
+    ip(&["-n", &br, "link", "set", &format!("v{i}"), "up"]).map(drop)
+}
+
+/// Kills everything in lab `prefix` and removes its namespaces, whatever state it was left
+/// in (a crash included). Returns how many namespaces were removed.
+pub fn remove_lab(prefix: &str) -> usize {
+    let Ok(list) = ip(&["netns", "list"]) else {
+        return 0;
+    };
+    let bridge = format!("{prefix}-br");
+    let hosts = format!("{prefix}-h");
+    let names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| {
+            *n == bridge
+                || n.strip_prefix(&hosts)
+                    .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    for netns in &names {
+        kill_all_in(netns);
+    }
+    for netns in &names {
+        let _ = ip(&["netns", "del", netns]);
+    }
+    names.len()
 }
 
 /// SIGKILLs every process in a namespace.

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
 use libp2p::gossipsub::{self, IdentTopic, PublishError, TopicHash};
@@ -16,7 +16,7 @@ use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::behaviour::{Behaviour, BehaviourEvent, PROTOCOL_VERSION};
+use super::behaviour::{Behaviour, BehaviourEvent, DEAD_AFTER, PING_INTERVAL, PROTOCOL_VERSION};
 use super::{local_event, Command, NodeError, PeerInfo, Published, Shared, MESH_TOPIC};
 use crate::config::{GOSSIP_ENVELOPE_OVERHEAD, MAX_MESSAGE_SIZE};
 use crate::event::{Event, EventId, Payload};
@@ -52,10 +52,18 @@ pub(super) struct SwarmStatus {
 /// A connected peer.
 #[derive(Default)]
 struct Peer {
-    connections: HashMap<ConnectionId, Multiaddr>,
+    connections: HashMap<ConnectionId, Connection>,
     /// Set once identify says it speaks meshbus.
     identity: Option<Identity>,
     rtt: Option<Duration>,
+}
+
+/// One connection to a peer.
+struct Connection {
+    addr: Multiaddr,
+    /// Last sign of life: established, or a ping answered. Connections silent for
+    /// [`super::behaviour::DEAD_AFTER`] are closed (an unplugged peer sends no FIN).
+    alive_at: Instant,
 }
 
 struct Identity {
@@ -132,6 +140,8 @@ impl Actor {
     pub(super) async fn run(mut self) {
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = tokio::time::interval(PING_INTERVAL);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown_reply = loop {
             let command = match self.deferred.take() {
                 Some(command) => command,
@@ -146,6 +156,10 @@ impl Actor {
                     },
                     _ = redial.tick() => {
                         self.redial();
+                        continue;
+                    }
+                    _ = liveness.tick() => {
+                        self.close_silent_connections();
                         continue;
                     }
                 },
@@ -322,11 +336,13 @@ impl Actor {
                         explicit.peer = Some(peer_id);
                     }
                 }
-                self.peers
-                    .entry(peer_id)
-                    .or_default()
-                    .connections
-                    .insert(connection_id, addr);
+                self.peers.entry(peer_id).or_default().connections.insert(
+                    connection_id,
+                    Connection {
+                        addr,
+                        alive_at: Instant::now(),
+                    },
+                );
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -514,6 +530,9 @@ impl Actor {
             Ok(rtt) => {
                 if let Some(peer) = self.peers.get_mut(&event.peer) {
                     peer.rtt = Some(rtt);
+                    if let Some(conn) = peer.connections.get_mut(&event.connection) {
+                        conn.alive_at = Instant::now();
+                    }
                 }
             }
             // A peer without ping is odd but not dead; liveness then rests on TCP/QUIC.
@@ -590,6 +609,26 @@ impl Actor {
         Ok(())
     }
 
+    /// Closes connections whose peer has not answered a ping for [`DEAD_AFTER`]: libp2p's
+    /// ping reports only the second failure in a row and its timeouts stack up, so a peer
+    /// whose cable was pulled would otherwise linger in `peers` for tens of seconds.
+    fn close_silent_connections(&mut self) {
+        let silent: Vec<(PeerId, ConnectionId)> = self
+            .peers
+            .iter()
+            .flat_map(|(peer, p)| {
+                p.connections
+                    .iter()
+                    .filter(|(_, c)| c.alive_at.elapsed() > DEAD_AFTER)
+                    .map(|(id, _)| (*peer, *id))
+            })
+            .collect();
+        for (peer, connection) in silent {
+            debug!(%peer, "no sign of life; closing the connection");
+            self.swarm.close_connection(connection);
+        }
+    }
+
     fn redial(&mut self) {
         let known: Vec<PeerId> = self.known.keys().copied().collect();
         for peer in known {
@@ -615,7 +654,11 @@ impl Actor {
                 peer_id: id.to_string(),
                 name: identity.name.clone(),
                 agent: identity.agent.clone(),
-                connected_addrs: peer.connections.values().map(|a| a.to_string()).collect(),
+                connected_addrs: peer
+                    .connections
+                    .values()
+                    .map(|c| c.addr.to_string())
+                    .collect(),
                 listen_addrs: identity
                     .listen_addrs
                     .iter()

@@ -15,12 +15,16 @@ use super::NodeError;
 /// are disconnected.
 pub const PROTOCOL_VERSION: &str = "/meshbus/1";
 
-/// How often a connection is pinged; with [`PING_TIMEOUT`] it bounds how long a dead peer
-/// (killed, unplugged) stays in `peers`: at most about the sum of the two.
+/// How often a connection is pinged (and how often silent connections are looked for).
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A ping unanswered this long closes the connection.
+/// A single ping unanswered this long counts as failed.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A connection with no answered ping for this long is closed. A peer that was killed (its
+/// TCP connections reset at once, QUIC ones fall silent) or unplugged leaves `peers` within
+/// this plus [`PING_INTERVAL`]: about 5 s.
+pub const DEAD_AFTER: Duration = Duration::from_secs(4);
 
 /// mDNS record lifetime we announce; a peer that stops answering is forgotten after it.
 pub const MDNS_TTL: Duration = Duration::from_secs(60);

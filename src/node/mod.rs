@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tracing::Instrument as _;
 
-pub use behaviour::{PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION};
+pub use behaviour::{DEAD_AFTER, PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION};
 
 use crate::config::{Config, ConfigError};
 use crate::event::{self, Event, EventError, Payload};

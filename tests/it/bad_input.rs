@@ -15,6 +15,14 @@ use crate::support::*;
 
 const T: Duration = Duration::from_secs(20);
 
+/// `meshbus up` with a data directory of its own, removed when the guard drops.
+fn up_command() -> (Command, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.env("MESHBUS_DATA_DIR", dir.path());
+    (cmd, dir)
+}
+
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -67,7 +75,8 @@ fn invalid_topics_and_patterns_are_refused_naming_the_rule() {
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("`**` may only be the last segment"));
 
-    let out = Command::new(bin())
+    let (mut up, _data) = up_command();
+    let out = up
         .args([
             "up",
             "--no-mdns",
@@ -84,7 +93,8 @@ fn invalid_topics_and_patterns_are_refused_naming_the_rule() {
         "{}",
         stderr_of(&out)
     );
-    let out = Command::new(bin())
+    let (mut up, _data) = up_command();
+    let out = up
         .args([
             "up",
             "--no-mdns",
@@ -110,7 +120,8 @@ fn oversized_events_are_refused_naming_the_limit() {
     a.cli_ok(&["publish", "blobs.small", &"x".repeat(500)]);
     assert_eq!(a.status()["counters"]["published"], 1);
 
-    let out = Command::new(bin())
+    let (mut up, _data) = up_command();
+    let out = up
         .args([
             "up",
             "--no-mdns",
@@ -129,7 +140,8 @@ fn oversized_events_are_refused_naming_the_limit() {
 fn a_second_peer_on_a_busy_api_port_says_so() {
     let a = Peer::local(&[]);
     let api = a.api.unwrap().to_string();
-    let out = Command::new(bin())
+    let (mut up, _data) = up_command();
+    let out = up
         .args([
             "up",
             "--no-mdns",

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Output;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use meshbus::netns::VirtualLan;
@@ -15,24 +14,6 @@ use serde_json::Value;
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// One lab at a time, so timings measure the mesh rather than a neighbour's load.
-static LAB: Mutex<()> = Mutex::new(());
-
-/// Whether namespaces can be made here; panics if they cannot but must.
-fn netns_or_skip(test: &str) -> bool {
-    match meshbus::netns::available() {
-        Ok(()) => true,
-        Err(reason) => {
-            assert!(
-                std::env::var("MESHBUS_REQUIRE_NETNS").as_deref() != Ok("1"),
-                "MESHBUS_REQUIRE_NETNS=1 but network namespaces are not available: {reason}"
-            );
-            eprintln!("\n*** SKIPPED {test}: network namespaces are not available ({reason}); run as root to test the LAN ***\n");
-            false
-        }
-    }
-}
 
 /// A lab with a `meshbus up` (mDNS on, default ports) on every host.
 struct Mesh {
@@ -54,6 +35,8 @@ impl Mesh {
             let events = dir.path().join(format!("h{i}.jsonl"));
             let joined = dir.path().join(format!("h{i}.joined.jsonl"));
             cmd.args(["up", "--quiet", "--name", &format!("h{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("h{i}")))
                 .arg("--on")
                 .arg(format!("orders.*=file:{}", events.display()))
                 .arg("--on")
@@ -170,7 +153,7 @@ fn lan_test(n: usize, test: &str) {
     if !netns_or_skip(test) {
         return;
     }
-    let _one_at_a_time = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _one_at_a_time = one_lab_at_a_time();
     let mesh = Mesh::start(n);
     let formed = mesh.wait_full_mesh();
     let (p50, p99) = every_event_everywhere(&mesh);

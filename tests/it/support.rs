@@ -80,6 +80,8 @@ pub struct Peer {
     pub stdout: Lines,
     /// What it printed on stderr (logs and the start banner).
     pub stderr: Lines,
+    /// Its data directory, when the test made one for it.
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Peer {
@@ -101,6 +103,7 @@ impl Peer {
             listen: Vec::new(),
             stdout,
             stderr,
+            _data: None,
         };
         let banner = wait_for(Duration::from_secs(20), "the peer's start banner", || {
             if let Ok(Some(status)) = peer.child.try_wait() {
@@ -129,8 +132,9 @@ impl Peer {
 
     /// A peer in the host namespace: no mDNS, loopback only, ports picked by the kernel.
     pub fn local(args: &[&str]) -> Peer {
+        let data = tempfile::tempdir().unwrap();
         let mut command = Command::new(bin());
-        command.args([
+        command.env("MESHBUS_DATA_DIR", data.path()).args([
             "up",
             "--no-mdns",
             "--listen",
@@ -140,7 +144,9 @@ impl Peer {
             "--quiet",
         ]);
         command.args(args);
-        Peer::spawn(command)
+        let mut peer = Peer::spawn(command);
+        peer._data = Some(data);
+        peer
     }
 
     /// Its TCP listen address.
@@ -245,4 +251,28 @@ pub fn handler<'a>(status: &'a Value, action_prefix: &str) -> &'a Value {
         .iter()
         .find(|h| h["action"].as_str().unwrap().starts_with(action_prefix))
         .unwrap_or_else(|| panic!("no handler {action_prefix} in {status:#}"))
+}
+
+/// One lab at a time, so timings measure the mesh rather than a neighbour's load.
+static LAB: Mutex<()> = Mutex::new(());
+
+/// Holds the lab lock until dropped.
+pub fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether namespaces can be made here; panics if they cannot but must
+/// (`MESHBUS_REQUIRE_NETNS=1`), else says loudly that `test` is skipped.
+pub fn netns_or_skip(test: &str) -> bool {
+    match meshbus::netns::available() {
+        Ok(()) => true,
+        Err(reason) => {
+            assert!(
+                std::env::var("MESHBUS_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "MESHBUS_REQUIRE_NETNS=1 but network namespaces are not available: {reason}"
+            );
+            eprintln!("\n*** SKIPPED {test}: network namespaces are not available ({reason}); run as root to test the LAN ***\n");
+            false
+        }
+    }
 }

@@ -1,0 +1,229 @@
+//! `meshbus-lab`: a whole LAN of meshbus peers on one Linux machine (root), and the means to
+//! break it. See `meshbus::lab`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use meshbus::lab::{self, Lab};
+
+#[derive(Parser)]
+#[command(
+    name = "meshbus-lab",
+    version,
+    about = "A virtual LAN of meshbus peers (needs root)"
+)]
+struct Cli {
+    /// Names this lab: its namespaces are PREFIX-h0, PREFIX-h1, … and PREFIX-br.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHBUS_LAB_PREFIX",
+        default_value = "mblab"
+    )]
+    prefix: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start N hosts on one bridge with a peer on each; wait for the full mesh.
+    Up {
+        /// How many hosts.
+        #[arg(long)]
+        peers: usize,
+        /// Seconds to wait for the mesh.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Extra `meshbus up` arguments for every peer (after `--`); `{host}` becomes the
+        /// host's name (h0, h1, …) and `{data}` its data directory.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
+    /// Hosts, addresses, and each peer's view of the mesh.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a host, e.g. `exec h1 -- meshbus publish a.b 1`.
+    Exec {
+        /// h0, h1, …
+        host: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// SIGKILL a host's peer.
+    Kill {
+        /// h0, h1, …
+        host: String,
+    },
+    /// Start a host's peer again, with the same identity and data.
+    Restart {
+        /// h0, h1, …
+        host: String,
+    },
+    /// Unplug a host from the LAN (its peer keeps running).
+    Cut {
+        /// h0, h1, …
+        host: String,
+    },
+    /// Plug a host back in.
+    Heal {
+        /// h0, h1, …
+        host: String,
+    },
+    /// Stop every peer and remove every namespace of this lab.
+    Down,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshbus-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let root = lab::root();
+    let prefix = cli.prefix.as_str();
+    match cli.command {
+        Cmd::Up {
+            peers,
+            timeout,
+            extra,
+        } => {
+            meshbus::netns::available()
+                .map_err(|reason| anyhow::anyhow!("cannot build a lab here: {reason}"))?;
+            let (lab, formed) = Lab::up(
+                &root,
+                prefix,
+                peers,
+                lab::meshbus_bin(),
+                extra,
+                Duration::from_secs(timeout),
+            )?;
+            print_hosts(&lab);
+            println!(
+                "mesh of {peers} peers formed {:.1} ms after the last peer started",
+                formed.as_secs_f64() * 1000.0
+            );
+        }
+        Cmd::Status { json } => {
+            let lab = Lab::open(&root, prefix)?;
+            if json {
+                let hosts: Vec<serde_json::Value> = (0..lab.state.hosts.len())
+                    .map(|i| {
+                        let h = &lab.state.hosts[i];
+                        serde_json::json!({
+                            "host": h.name, "netns": h.netns, "addr": h.addr,
+                            "pid": h.pid.filter(|p| lab::alive(*p)),
+                            "peer_id": h.peer_id, "cut": h.cut,
+                            "sees": lab.peers_seen(i),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&hosts)?);
+            } else {
+                print_hosts(&lab);
+            }
+        }
+        Cmd::Exec { host, command } => {
+            let lab = Lab::open(&root, prefix)?;
+            let i = lab.host(&host)?;
+            let (program, args) = command.split_first().context("no command given")?;
+            let program = if program == "meshbus" {
+                lab.state.bin.clone().into_os_string()
+            } else {
+                program.into()
+            };
+            let status = lab
+                .command(i, program)
+                .args(args)
+                .status()
+                .context("cannot run the command")?;
+            return Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ));
+        }
+        Cmd::Kill { host } => {
+            let mut lab = Lab::open(&root, prefix)?;
+            let i = lab.host(&host)?;
+            lab.kill(i)?;
+            println!("killed the peer on {host}");
+        }
+        Cmd::Restart { host } => {
+            let mut lab = Lab::open(&root, prefix)?;
+            let i = lab.host(&host)?;
+            lab.restart(i)?;
+            println!(
+                "restarted {host} as {}",
+                lab.state.hosts[i].peer_id.as_deref().unwrap_or("?")
+            );
+        }
+        Cmd::Cut { host } => {
+            let mut lab = Lab::open(&root, prefix)?;
+            let i = lab.host(&host)?;
+            lab.cut(i)?;
+            println!("{host} is unplugged");
+        }
+        Cmd::Heal { host } => {
+            let mut lab = Lab::open(&root, prefix)?;
+            let i = lab.host(&host)?;
+            lab.heal(i)?;
+            println!("{host} is plugged back in");
+        }
+        Cmd::Down => {
+            if lab::down(&root, prefix)? {
+                println!("lab {prefix} removed");
+            } else {
+                println!("no lab {prefix} to remove");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_hosts(lab: &Lab) {
+    println!(
+        "{:<5} {:<14} {:<8} {:<6} {:<54} SEES",
+        "HOST", "ADDR", "PID", "STATE", "PEER ID"
+    );
+    for (i, h) in lab.state.hosts.iter().enumerate() {
+        let running = h.pid.is_some_and(lab::alive);
+        let state = match (running, h.cut) {
+            (false, _) => "down",
+            (true, true) => "cut",
+            (true, false) => "up",
+        };
+        let sees = if running {
+            lab.peers_seen(i).len().to_string()
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<5} {:<14} {:<8} {:<6} {:<54} {}",
+            h.name,
+            h.addr,
+            h.pid
+                .filter(|_| running)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            state,
+            h.peer_id.as_deref().unwrap_or("-"),
+            sees
+        );
+    }
+}
