@@ -78,6 +78,41 @@ enum Cmd {
     },
     /// Stop every peer and remove every namespace of this lab.
     Down,
+    /// Run the mesh benchmark on a fresh lab (taken down afterwards) and print a table.
+    Bench {
+        /// Peers in the lab.
+        #[arg(long, default_value_t = 5)]
+        peers: usize,
+        /// How many of them publish.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// Events in all, split among the publishers.
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        /// Bytes of data per event.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Events per second in all (default: as fast as the peers take them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (Used by `bench` inside a host.) Publish a load through the local peer.
+    #[command(hide = true)]
+    BenchLoad {
+        #[arg(long)]
+        events: usize,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = meshbus::config::DEFAULT_API)]
+        api: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -184,6 +219,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let i = lab.host(&host)?;
             lab.heal(i)?;
             println!("{host} is plugged back in");
+        }
+        Cmd::Bench {
+            peers,
+            publishers,
+            events,
+            size,
+            rate,
+            json,
+        } => {
+            meshbus::netns::available()
+                .map_err(|reason| anyhow::anyhow!("cannot build a lab here: {reason}"))?;
+            anyhow::ensure!(
+                (1..=peers).contains(&publishers),
+                "--publishers must be between 1 and --peers ({peers})"
+            );
+            let config = lab::bench::BenchConfig {
+                peers,
+                publishers,
+                events,
+                size,
+                rate,
+            };
+            let report = lab::bench::run(&root, prefix, &config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Cmd::BenchLoad {
+            events,
+            size,
+            topic,
+            rate,
+            api,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(lab::bench::load(api, &topic, events, size, rate))?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Cmd::Down => {
             if lab::down(&root, prefix)? {

@@ -3,10 +3,15 @@
 //! | method and path            | body / query                           | answer                    |
 //! |----------------------------|----------------------------------------|---------------------------|
 //! | `POST /v1/publish`         | [`PublishRequest`] JSON                | [`Published`] JSON        |
+//! | `POST /v1/publish/batch`   | JSON array of [`PublishRequest`]       | array of [`Published`]    |
 //! | `GET /v1/events?pattern=P` | pattern defaults to `**`               | server-sent events        |
 //! | `GET /v1/peers`            |                                        | [`PeerInfo`] JSON array   |
 //! | `GET /v1/status`           |                                        | [`Status`] JSON           |
 //! | `GET /v1/handlers`         |                                        | [`HandlerInfo`] JSON array|
+//!
+//! A batch is checked whole before anything is published (a bad entry refuses the batch and
+//! names its index), then published in one go, so the node packs it into few messages. At
+//! most [`MAX_BATCH`] entries per request.
 //!
 //! Errors are `{"error": "…"}` with a 4xx status for bad input (400 invalid, 413 too large)
 //! and 503 when the node cannot take the request. `/v1/events` sends each matching event as
@@ -41,6 +46,9 @@ use crate::topic::Pattern;
 
 /// Time the API gets at shutdown to finish requests before they are cut.
 const API_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Most events in one `POST /v1/publish/batch`.
+pub const MAX_BATCH: usize = 10_000;
 
 /// How often an idle event stream sends a keep-alive comment.
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -119,6 +127,12 @@ impl From<NodeError> for Failure {
         let status = match &e {
             NodeError::Event(event::EventError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             NodeError::Event(_) | NodeError::Dial { .. } => StatusCode::BAD_REQUEST,
+            NodeError::InBatch { error, .. } => match **error {
+                NodeError::Event(event::EventError::TooLarge { .. }) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            },
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         Failure(status, e.to_string())
@@ -149,9 +163,11 @@ impl ApiServer {
             .local_addr()
             .map_err(|source| NodeError::Api { addr, source })?;
         let (closing, closing_rx) = watch::channel(false);
-        let body_limit = node.status().await?.max_event_size * 2 + 64 * 1024;
+        // Room for a full batch of small events, or one maximal event in base64.
+        let body_limit = (node.status().await?.max_event_size * 2 + 64 * 1024).max(32 << 20);
         let app = Router::new()
             .route("/v1/publish", post(publish))
+            .route("/v1/publish/batch", post(publish_batch))
             .route("/v1/events", get(events))
             .route("/v1/peers", get(peers))
             .route("/v1/status", get(status))
@@ -200,17 +216,7 @@ async fn publish(
     State(state): State<AppState>,
     body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<crate::node::Published>, Failure> {
-    let Json(request) = body.map_err(|e| {
-        let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        Failure(
-            status,
-            format!("{}; expected {{\"topic\": …, \"data\": …}}", e.body_text()),
-        )
-    })?;
+    let Json(request) = body.map_err(|e| json_failure(e, "{\"topic\": …, \"data\": …}"))?;
     let payload = request
         .payload()
         .map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
@@ -219,6 +225,41 @@ async fn publish(
         .publish(&request.topic, request.event_type.as_deref(), payload)
         .await?;
     Ok(Json(published))
+}
+
+fn json_failure(e: axum::extract::rejection::JsonRejection, expected: &str) -> Failure {
+    let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Failure(status, format!("{}; expected {expected}", e.body_text()))
+}
+
+async fn publish_batch(
+    State(state): State<AppState>,
+    body: Result<Json<Vec<PublishRequest>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Vec<crate::node::Published>>, Failure> {
+    let Json(requests) =
+        body.map_err(|e| json_failure(e, "a JSON array of {\"topic\": …, \"data\": …}"))?;
+    if requests.len() > MAX_BATCH {
+        return Err(Failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} events in one batch; at most {MAX_BATCH}",
+                requests.len()
+            ),
+        ));
+    }
+    let mut events = Vec::with_capacity(requests.len());
+    for (i, request) in requests.into_iter().enumerate() {
+        let payload = request
+            .payload()
+            .map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("event {i}: {e}")))?;
+        events.push((request.topic, request.event_type, payload));
+    }
+    let out = state.node.publish_many(events).await?;
+    Ok(Json(out))
 }
 
 #[derive(Deserialize)]

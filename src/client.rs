@@ -140,6 +140,21 @@ impl Client {
         self.answer(response).await
     }
 
+    /// Publishes many events in one request (see [`crate::api::MAX_BATCH`]).
+    pub async fn publish_batch(
+        &self,
+        requests: &[PublishRequest],
+    ) -> Result<Vec<Published>, ClientError> {
+        let response = self
+            .http
+            .post(self.url("/v1/publish/batch"))
+            .timeout(REQUEST_TIMEOUT)
+            .json(requests)
+            .send()
+            .await;
+        self.answer(response).await
+    }
+
     /// The peer's connected meshbus peers.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
         self.get("/v1/peers").await

@@ -159,7 +159,7 @@ impl Event {
         CloudEvent {
             specversion: SPEC_VERSION.to_owned(),
             id: self.id.to_string(),
-            source: self.source.to_string(),
+            source: peer_string(&self.source).to_string(),
             event_type: self.event_type.clone(),
             time: humantime::format_rfc3339_micros(self.time).to_string(),
             datacontenttype: self.content_type.clone(),
@@ -182,6 +182,32 @@ impl Event {
     fn base64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(&self.data)
     }
+}
+
+/// Peers whose base58 ids each thread remembers.
+const PEER_STRING_CACHE: usize = 32;
+
+/// A peer id in base58, from a small per-thread cache: encoding it is the dearest part of an
+/// event's JSON, and a receiver sees the same few sources again and again.
+pub fn peer_string(peer: &PeerId) -> std::rc::Rc<str> {
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<(PeerId, std::rc::Rc<str>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(i) = cache.iter().position(|(p, _)| p == peer) {
+            // Move to the front, so the busiest sources are found first.
+            cache[..=i].rotate_right(1);
+            return cache[0].1.clone();
+        }
+        let text: std::rc::Rc<str> = peer.to_string().into();
+        if cache.len() == PEER_STRING_CACHE {
+            cache.pop();
+        }
+        cache.insert(0, (*peer, text.clone()));
+        text
+    })
 }
 
 fn json_string(s: &str) -> String {
@@ -332,6 +358,18 @@ mod tests {
         let e = event(JSON, b"{not json");
         let v: serde_json::Value = serde_json::from_str(&e.to_json_line()).unwrap();
         assert_eq!(v["data_base64"], "e25vdCBqc29u");
+    }
+
+    #[test]
+    fn peer_strings_are_cached_but_always_right() {
+        let peers: Vec<PeerId> = (0..PEER_STRING_CACHE * 2)
+            .map(|_| PeerId::random())
+            .collect();
+        for _ in 0..3 {
+            for p in &peers {
+                assert_eq!(&*peer_string(p), p.to_string());
+            }
+        }
     }
 
     #[test]

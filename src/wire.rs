@@ -156,14 +156,16 @@ pub struct Decoded {
 
 /// Decodes a payload authored by `source`, checking each event against `max_event_size`.
 pub fn decode_batch(
-    payload: &[u8],
+    payload: impl Into<Bytes> + AsRef<[u8]>,
     source: PeerId,
     max_event_size: usize,
 ) -> Result<Decoded, WireError> {
-    let (&version, body) = payload.split_first().ok_or(WireError::Empty)?;
+    let (&version, _) = payload.as_ref().split_first().ok_or(WireError::Empty)?;
     if version != VERSION {
         return Err(WireError::Version(version));
     }
+    // Decoding from `Bytes` lets each event's data share the payload's buffer, uncopied.
+    let body = payload.into().slice(1..);
     let batch = WireBatch::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
     let mut decoded = Decoded::default();
     for wire in batch.events {
@@ -258,7 +260,7 @@ mod tests {
         ];
         let payload = encode_batch(&events);
         assert_eq!(payload[0], VERSION);
-        let decoded = decode_batch(&payload, me, 1 << 20).unwrap();
+        let decoded = decode_batch(payload, me, 1 << 20).unwrap();
         assert!(decoded.rejected.is_empty());
         assert_eq!(decoded.events, events);
     }
@@ -293,13 +295,16 @@ mod tests {
     #[test]
     fn bad_payloads_are_refused_with_a_reason() {
         let me = PeerId::random();
-        assert_eq!(decode_batch(&[], me, 1024).unwrap_err(), WireError::Empty);
         assert_eq!(
-            decode_batch(&[9, 1, 2], me, 1024).unwrap_err(),
+            decode_batch(Vec::new(), me, 1024).unwrap_err(),
+            WireError::Empty
+        );
+        assert_eq!(
+            decode_batch(vec![9, 1, 2], me, 1024).unwrap_err(),
             WireError::Version(9)
         );
         assert!(matches!(
-            decode_batch(&[VERSION, 0x0a, 0xff], me, 1024),
+            decode_batch(vec![VERSION, 0x0a, 0xff], me, 1024),
             Err(WireError::Decode(_))
         ));
     }
@@ -321,7 +326,7 @@ mod tests {
         };
         let mut payload = vec![VERSION];
         batch.encode(&mut payload).unwrap();
-        let decoded = decode_batch(&payload, me, 1024).unwrap();
+        let decoded = decode_batch(payload, me, 1024).unwrap();
         assert_eq!(decoded.events.len(), 1);
         assert_eq!(decoded.rejected.len(), 4);
         assert_eq!(decoded.rejected[0], WireError::BadId(3));
@@ -340,7 +345,7 @@ mod tests {
         let mut payload = vec![VERSION, 0x0a, ev.len() as u8];
         payload.extend_from_slice(&ev);
         let me = PeerId::random();
-        let decoded = decode_batch(&payload, me, 1024).unwrap();
+        let decoded = decode_batch(payload, me, 1024).unwrap();
         let e = &decoded.events[0];
         assert_eq!(e.topic.as_str(), "t");
         assert_eq!(e.event_type, "t");

@@ -205,7 +205,7 @@ async fn exec(command: &str, event: &Event, timeout: Duration) -> Result<(), Act
         .env("MESHBUS_TOPIC", event.topic.as_str())
         .env("MESHBUS_EVENT_ID", event.id.to_string())
         .env("MESHBUS_EVENT_TYPE", &event.event_type)
-        .env("MESHBUS_SOURCE", event.source.to_string())
+        .env("MESHBUS_SOURCE", &*crate::event::peer_string(&event.source))
         .env("MESHBUS_SEQ", event.seq.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

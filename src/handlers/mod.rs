@@ -92,6 +92,8 @@ struct RowCounters {
     queue_full: AtomicU64,
     /// Publish (the publisher's clock) to this row's action finished.
     latency: Histogram,
+    /// When the last run finished, microseconds since the Unix epoch (0: never).
+    last_done: AtomicU64,
 }
 
 /// One row of the table as dispatch sees it.
@@ -125,6 +127,8 @@ pub struct HandlerInfo {
     pub queue_full: u64,
     /// Time from publish to this row's action finished.
     pub latency: Latency,
+    /// When the last run finished, microseconds since the Unix epoch (0: never).
+    pub last_done_unix_us: u64,
 }
 
 /// The live table: rows, their queues and workers.
@@ -219,6 +223,7 @@ impl Handlers {
                 failed: r(&row.counters.failed),
                 queue_full: r(&row.counters.queue_full),
                 latency: row.counters.latency.summary(),
+                last_done_unix_us: r(&row.counters.last_done),
             })
             .collect()
     }
@@ -280,6 +285,8 @@ impl Worker {
                     }
                 }
             }
+            let now = crate::wire::age_micros(std::time::UNIX_EPOCH);
+            self.counters.last_done.store(now, Ordering::Relaxed);
             batch.clear();
         }
     }

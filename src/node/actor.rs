@@ -27,7 +27,7 @@ use crate::wire;
 /// Bytes of events gathered into one gossipsub message when publishers are quicker than the
 /// network. One message per event would cost a signature and its check per event; batching
 /// only takes what is already queued, so it adds no delay.
-const BATCH_BYTES: usize = 64 * 1024;
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// Bound on the per-event overhead in a batch beyond [`crate::event::event_size`] (id, seq,
 /// time, field tags and lengths).
@@ -41,6 +41,19 @@ const MAX_KNOWN_PEERS: usize = 1024;
 
 /// Most addresses remembered or shown per peer.
 const MAX_ADDRS_PER_PEER: usize = 16;
+
+/// An event a publisher handed in, not yet stamped.
+struct Unpublished(Topic, String, Payload);
+
+impl Unpublished {
+    /// Bytes it will take in a batch, as an upper bound.
+    fn wire_size(&self) -> usize {
+        crate::event::event_size(self.0.as_str(), &self.1, &self.2.content_type, &self.2.data)
+            + EVENT_WIRE_OVERHEAD
+    }
+}
+
+type Reply = oneshot::Sender<Result<Published, NodeError>>;
 
 /// What `status` needs from the swarm.
 pub(super) struct SwarmStatus {
@@ -183,7 +196,14 @@ impl Actor {
                 event_type,
                 payload,
                 reply,
-            } => self.publish_batch(topic, event_type, payload, reply),
+            } => self.publish_queued(Unpublished(topic, event_type, payload), reply),
+            Command::PublishMany { events, reply } => {
+                let items = events
+                    .into_iter()
+                    .map(|(topic, event_type, payload)| Unpublished(topic, event_type, payload))
+                    .collect();
+                let _ = reply.send(self.publish_events(items).map_err(NodeError::Publish));
+            }
             Command::Peers { reply } => {
                 let _ = reply.send(self.peer_list());
             }
@@ -210,39 +230,13 @@ impl Actor {
         }
     }
 
-    /// Publishes this command's event and any others already queued, in one message.
-    fn publish_batch(
-        &mut self,
-        topic: Topic,
-        event_type: String,
-        payload: Payload,
-        reply: oneshot::Sender<Result<Published, NodeError>>,
-    ) {
-        let mut bytes = 0;
-        let mut batch = Vec::new();
-        let mut next = Some((topic, event_type, payload, reply));
-        while let Some((topic, event_type, payload, reply)) = next.take() {
-            bytes += crate::event::event_size(
-                topic.as_str(),
-                &event_type,
-                &payload.content_type,
-                &payload.data,
-            ) + EVENT_WIRE_OVERHEAD;
-            self.seq += 1;
-            let event = Event {
-                id: EventId::new(),
-                topic,
-                event_type,
-                source: self.shared.peer_id,
-                seq: self.seq,
-                time: SystemTime::now(),
-                content_type: payload.content_type,
-                data: payload.data,
-            };
-            batch.push((Arc::new(event), reply));
-            if bytes >= BATCH_BYTES {
-                break;
-            }
+    /// Publishes this command's event and any other single publishes already queued, so
+    /// that they share messages, then answers each.
+    fn publish_queued(&mut self, first: Unpublished, reply: Reply) {
+        let mut items = vec![first];
+        let mut replies = vec![reply];
+        let mut bytes = items[0].wire_size();
+        while bytes < BATCH_BYTES {
             match self.commands.try_recv() {
                 Ok(Command::Publish {
                     topic,
@@ -250,64 +244,92 @@ impl Actor {
                     payload,
                     reply,
                 }) => {
-                    let size = crate::event::event_size(
-                        topic.as_str(),
-                        &event_type,
-                        &payload.content_type,
-                        &payload.data,
-                    );
-                    if bytes + size + EVENT_WIRE_OVERHEAD
-                        > MAX_MESSAGE_SIZE - GOSSIP_ENVELOPE_OVERHEAD
-                    {
-                        self.deferred = Some(Command::Publish {
-                            topic,
-                            event_type,
-                            payload,
-                            reply,
-                        });
-                    } else {
-                        next = Some((topic, event_type, payload, reply));
-                    }
+                    let item = Unpublished(topic, event_type, payload);
+                    bytes += item.wire_size();
+                    items.push(item);
+                    replies.push(reply);
                 }
-                Ok(other) => self.deferred = Some(other),
-                Err(_) => {}
+                Ok(other) => {
+                    self.deferred = Some(other);
+                    break;
+                }
+                Err(_) => break,
             }
         }
-
-        let payload = wire::encode_batch(batch.iter().map(|(e, _)| e.as_ref()));
-        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
-        let sent_to = match gossip.publish(self.topic.clone(), payload) {
-            Ok(_) => gossip
-                .all_peers()
-                .filter(|(_, topics)| topics.contains(&&self.topic_hash))
-                .count(),
-            Err(PublishError::NoPeersSubscribedToTopic) => 0,
-            Err(e) => {
-                // Nothing left this peer: give the sequence numbers back so receivers see no gap.
-                self.seq -= batch.len() as u64;
-                let reason = match e {
-                    PublishError::AllQueuesFull(n) => format!(
-                        "the send queues to all {n} peers are full; the mesh is saturated, try again"
-                    ),
-                    other => other.to_string(),
-                };
-                warn!(events = batch.len(), %reason, "publish failed");
-                for (_, reply) in batch {
+        match self.publish_events(items) {
+            Ok(published) => {
+                for (p, reply) in published.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(p));
+                }
+            }
+            Err(reason) => {
+                for reply in replies {
                     let _ = reply.send(Err(NodeError::Publish(reason.clone())));
                 }
-                return;
             }
-        };
-        stats::add(&self.shared.stats.published, batch.len() as u64);
-        for (event, reply) in batch {
-            debug!(event = %event.id, topic = %event.topic, seq = event.seq, sent_to, "published");
-            let _ = reply.send(Ok(Published {
-                id: event.id.to_string(),
-                seq: event.seq,
-                sent_to,
-            }));
-            self.deliver(event);
         }
+    }
+
+    /// Stamps events (id, seq, time), publishes them in as few messages as fit, and delivers
+    /// them locally, in order. On an error, the events of the failed message and after are
+    /// not published and their sequence numbers are given back, so receivers see no gap.
+    fn publish_events(&mut self, items: Vec<Unpublished>) -> Result<Vec<Published>, String> {
+        let mut published = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut message = Vec::new();
+            let mut bytes = 0;
+            while let Some(item) = items.next_if(|item| {
+                message.is_empty()
+                    || (bytes < BATCH_BYTES
+                        && bytes + item.wire_size() <= MAX_MESSAGE_SIZE - GOSSIP_ENVELOPE_OVERHEAD)
+            }) {
+                bytes += item.wire_size();
+                let Unpublished(topic, event_type, payload) = item;
+                self.seq += 1;
+                message.push(Arc::new(Event {
+                    id: EventId::new(),
+                    topic,
+                    event_type,
+                    source: self.shared.peer_id,
+                    seq: self.seq,
+                    time: SystemTime::now(),
+                    content_type: payload.content_type,
+                    data: payload.data,
+                }));
+            }
+            let payload = wire::encode_batch(message.iter().map(|e| e.as_ref()));
+            let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+            let sent_to = match gossip.publish(self.topic.clone(), payload) {
+                Ok(_) => gossip
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&self.topic_hash))
+                    .count(),
+                Err(PublishError::NoPeersSubscribedToTopic) => 0,
+                Err(e) => {
+                    self.seq -= message.len() as u64;
+                    let reason = match e {
+                        PublishError::AllQueuesFull(n) => format!(
+                            "the send queues to all {n} peers are full; the mesh is saturated, try again"
+                        ),
+                        other => other.to_string(),
+                    };
+                    warn!(events = message.len(), %reason, "publish failed");
+                    return Err(reason);
+                }
+            };
+            stats::add(&self.shared.stats.published, message.len() as u64);
+            for event in message {
+                debug!(event = %event.id, topic = %event.topic, seq = event.seq, sent_to, "published");
+                published.push(Published {
+                    id: event.id.to_string(),
+                    seq: event.seq,
+                    sent_to,
+                });
+                self.deliver(event);
+            }
+        }
+        Ok(published)
     }
 
     /// Hands an event to the local handler table and `tail` subscribers. Never waits.
@@ -415,7 +437,7 @@ impl Actor {
                     self.malformed(None, "message has no signed source".to_owned());
                     return;
                 };
-                match wire::decode_batch(&message.data, source, self.shared.max_event_size) {
+                match wire::decode_batch(message.data, source, self.shared.max_event_size) {
                     Ok(decoded) => {
                         for error in decoded.rejected {
                             let n = bump_count(&stats.events_rejected);

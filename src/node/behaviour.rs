@@ -73,6 +73,9 @@ pub fn build_swarm(
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .max_transmit_size(MAX_MESSAGE_SIZE)
                 .heartbeat_interval(HEARTBEAT)
+                // Tell mesh peers at once not to echo our own messages back: on a LAN every
+                // peer hears the publisher directly, and each echo costs a signature check.
+                .idontwant_on_publish(true)
                 .build()?;
             let gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),

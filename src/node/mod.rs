@@ -85,6 +85,14 @@ pub enum NodeError {
     /// The actor is gone: the node was shut down.
     #[error("the node has shut down")]
     Stopped,
+    /// One event of a batch was refused, so none was published.
+    #[error("event {index}: {error}")]
+    InBatch {
+        /// Its position in the batch, from 0.
+        index: usize,
+        /// Why.
+        error: Box<NodeError>,
+    },
 }
 
 /// What a publish did.
@@ -155,6 +163,11 @@ enum Command {
         event_type: String,
         payload: Payload,
         reply: oneshot::Sender<Result<Published, NodeError>>,
+    },
+    /// Several events, published in this order and answered together.
+    PublishMany {
+        events: Vec<(Topic, String, Payload)>,
+        reply: oneshot::Sender<Result<Vec<Published>, NodeError>>,
     },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
@@ -342,15 +355,15 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)
     }
 
-    /// Publishes an event to every peer; this peer's own handlers get it too.
-    /// `event_type` defaults to the topic.
-    pub async fn publish(
+    /// Checks an event against the topic rules and size limit without publishing it;
+    /// returns the parsed topic and the event type (defaulting to the topic).
+    pub fn check(
         &self,
         topic: &str,
         event_type: Option<&str>,
-        payload: Payload,
-    ) -> Result<Published, NodeError> {
-        let topic = Topic::user(topic).map_err(EventError::from)?;
+        payload: &Payload,
+    ) -> Result<(Topic, String), EventError> {
+        let topic = Topic::user(topic)?;
         let event_type = event_type.unwrap_or(topic.as_str()).to_owned();
         event::check_labels(&event_type, &payload.content_type)?;
         let size = event::event_size(
@@ -363,14 +376,50 @@ impl NodeHandle {
             return Err(EventError::TooLarge {
                 size,
                 limit: self.shared.max_event_size,
-            }
-            .into());
+            });
         }
+        Ok((topic, event_type))
+    }
+
+    /// Publishes an event to every peer; this peer's own handlers get it too.
+    /// `event_type` defaults to the topic.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        event_type: Option<&str>,
+        payload: Payload,
+    ) -> Result<Published, NodeError> {
+        let (topic, event_type) = self.check(topic, event_type, &payload)?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Publish {
             topic,
             event_type,
             payload,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Publishes several events in this order, packed into as few messages as fit. Every
+    /// event is checked before any is published; the first bad one is named by its index.
+    pub async fn publish_many(
+        &self,
+        events: Vec<(String, Option<String>, Payload)>,
+    ) -> Result<Vec<Published>, NodeError> {
+        let mut checked = Vec::with_capacity(events.len());
+        for (i, (topic, event_type, payload)) in events.into_iter().enumerate() {
+            let (topic, event_type) = self
+                .check(&topic, event_type.as_deref(), &payload)
+                .map_err(|error| NodeError::InBatch {
+                    index: i,
+                    error: Box::new(NodeError::Event(error)),
+                })?;
+            checked.push((topic, event_type, payload));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PublishMany {
+            events: checked,
             reply,
         })
         .await?;

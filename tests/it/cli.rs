@@ -273,3 +273,40 @@ fn a_peer_stops_cleanly_on_sigterm_and_the_other_notices() {
     assert!(status.success(), "exit status {status}");
     wait_until(T, "a sees b gone", || a.peer_ids().is_empty());
 }
+
+#[test]
+fn batch_publish_checks_every_entry_first_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.jsonl");
+    let a = Peer::local(&["--on", &format!("batch.*=file:{}", path.display())]);
+    let client = meshbus::client::Client::new(a.api.unwrap());
+    let request = |topic: &str, n: u32| meshbus::api::PublishRequest {
+        topic: topic.into(),
+        data: Some(serde_json::value::to_raw_value(&n).unwrap()),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bad = vec![request("batch.a", 1), request("batch..b", 2)];
+    let err = runtime.block_on(client.publish_batch(&bad)).unwrap_err();
+    assert!(
+        err.to_string().contains("event 1") && err.to_string().contains("empty segment"),
+        "{err}"
+    );
+    assert_eq!(
+        a.status()["counters"]["published"],
+        0,
+        "nothing of a bad batch is published"
+    );
+
+    let good: Vec<_> = (0..300).map(|n| request("batch.n", n)).collect();
+    let published = runtime.block_on(client.publish_batch(&good)).unwrap();
+    let seqs: Vec<u64> = published.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    let events = wait_for_events(&path, 300, T);
+    let data: Vec<u64> = events.iter().map(|e| e["data"].as_u64().unwrap()).collect();
+    assert_eq!(
+        data,
+        (0..300).collect::<Vec<_>>(),
+        "handled in publish order"
+    );
+}

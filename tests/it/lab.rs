@@ -304,6 +304,7 @@ fn a_lab_left_behind_by_a_crash_is_cleaned_by_the_next_up_or_down() {
     // What a crash leaves: namespaces and a running process, but no state file.
     let lan = meshbus::netns::VirtualLan::with_prefix(&prefix, 2).unwrap();
     let mut sleeper = lan.command(0, "sleep").arg("600").spawn().unwrap();
+    wait_in_netns(&lan.hosts()[0].netns, sleeper.id());
     lan.keep();
     let root = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshbus-lab"))
@@ -322,4 +323,45 @@ fn a_lab_left_behind_by_a_crash_is_cleaned_by_the_next_up_or_down() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("meshbus-lab up"));
+}
+
+#[test]
+fn the_bench_runs_a_small_load_and_reports_every_event_delivered() {
+    if !netns_or_skip("lab-bench") {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = format!(
+        "mbt{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbus-lab"))
+        .args([
+            "--prefix",
+            &prefix,
+            "bench",
+            "--peers",
+            "3",
+            "--publishers",
+            "2",
+        ])
+        .args(["--events", "2000", "--size", "128", "--json"])
+        .env("MESHBUS_LAB_DIR", root.path())
+        .env("MESHBUS_BIN", bin())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(&ok(out)).unwrap();
+    let peers = report["per_peer"].as_array().unwrap();
+    assert_eq!(peers.len(), 3);
+    for p in peers {
+        assert_eq!(p["expected"], 2000, "{p}");
+        assert_eq!(p["delivered"], 2000, "{p}");
+        assert!(p["p99_ms"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["peak_rss_kib"].as_u64().unwrap() >= p["idle_rss_kib"].as_u64().unwrap());
+    }
+    assert!(report["publish_rate"].as_f64().unwrap() > 0.0);
+    let listed = meshbus::netns::ip(&["netns", "list"]).unwrap();
+    assert!(!listed.contains(&prefix), "the bench took its lab down");
 }

@@ -207,6 +207,7 @@ fn the_lab_leaves_nothing_behind() {
     let listed = meshbus::netns::ip(&["netns", "list"]).unwrap();
     assert!(names.iter().all(|n| listed.contains(n.as_str())));
     let mut sleeper = lan.command(0, "sleep").arg("600").spawn().unwrap();
+    wait_in_netns(&names[0], sleeper.id());
     drop(lan);
     let listed = meshbus::netns::ip(&["netns", "list"]).unwrap();
     for n in &names {

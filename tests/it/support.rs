@@ -276,3 +276,17 @@ pub fn netns_or_skip(test: &str) -> bool {
         }
     }
 }
+
+/// Waits until process `pid` has entered namespace `netns` (`ip netns exec` returns from
+/// spawn before it has switched).
+pub fn wait_in_netns(netns: &str, pid: u32) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("pid {pid} inside {netns}"),
+        || {
+            meshbus::netns::ip(&["netns", "pids", netns])
+                .map(|pids| pids.split_whitespace().any(|p| p == pid.to_string()))
+                .unwrap_or(false)
+        },
+    );
+}

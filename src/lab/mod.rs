@@ -470,3 +470,5 @@ fn wait(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Resul
     }
     Ok(())
 }
+
+pub mod bench;

@@ -1,0 +1,82 @@
+//! Micro-benchmarks of the IO-free hot paths: `cargo bench --bench hot_paths`.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use meshbus::event::{Event, EventId, JSON};
+use meshbus::{wire, Pattern, PeerId, Topic};
+
+fn main() {
+    divan::main();
+}
+
+fn events(n: usize, size: usize) -> Vec<Event> {
+    let source = PeerId::random();
+    (0..n)
+        .map(|i| Event {
+            id: EventId::new(),
+            topic: Topic::new("orders.created").unwrap(),
+            event_type: "orders.created".into(),
+            source,
+            seq: i as u64 + 1,
+            time: SystemTime::now() - Duration::from_millis(1),
+            content_type: JSON.into(),
+            data: Bytes::from(format!("\"{}\"", "x".repeat(size - 2))),
+        })
+        .collect()
+}
+
+/// Encoding a gossipsub payload of `n` 256-byte events.
+#[divan::bench(args = [1, 100, 250])]
+fn encode_batch(bencher: divan::Bencher, n: usize) {
+    let events = events(n, 256);
+    bencher
+        .counter(divan::counter::ItemsCount::new(n))
+        .bench(|| wire::encode_batch(divan::black_box(&events)));
+}
+
+/// Decoding (and checking) a payload of `n` 256-byte events.
+#[divan::bench(args = [1, 100, 250])]
+fn decode_batch(bencher: divan::Bencher, n: usize) {
+    let events = events(n, 256);
+    let source = events[0].source;
+    let payload = bytes::Bytes::from(wire::encode_batch(&events));
+    bencher
+        .counter(divan::counter::ItemsCount::new(n))
+        .bench(|| {
+            wire::decode_batch(divan::black_box(payload.clone()), source, 256 * 1024).unwrap()
+        });
+}
+
+/// The CloudEvents JSON line a file or exec handler writes.
+#[divan::bench]
+fn cloudevent_json_line(bencher: divan::Bencher) {
+    let event = &events(1, 256)[0];
+    bencher.bench(|| divan::black_box(event).to_json_line());
+}
+
+/// A table of 1,000 patterns of the shapes people write, and topics to match against it.
+fn table() -> Vec<Pattern> {
+    (0..1000)
+        .map(|i| match i % 4 {
+            0 => format!("svc{i}.orders.created"),
+            1 => format!("svc{i}.*.created"),
+            2 => format!("svc{i}.**"),
+            _ => format!("*.svc{i}.events"),
+        })
+        .map(|p| Pattern::new(p).unwrap())
+        .collect()
+}
+
+/// Matching one topic against every row of a 1,000-pattern table (what dispatch does).
+#[divan::bench]
+fn match_topic_against_1000_patterns(bencher: divan::Bencher) {
+    let table = table();
+    let topic = Topic::new("svc502.orders.created").unwrap();
+    bencher.bench(|| {
+        table
+            .iter()
+            .filter(|p| p.matches(divan::black_box(&topic)))
+            .count()
+    });
+}

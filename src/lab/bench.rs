@@ -1,0 +1,373 @@
+//! The mesh benchmark: a fresh lab, publishers pushing events through their peers' HTTP API,
+//! and what every peer's handler table got, how fast, how late, at what memory and CPU cost.
+//!
+//! Every peer runs one handler row, `bench.**=file:/dev/null`: each event is matched, queued,
+//! turned into its CloudEvents JSON line and written, so the figures include the handler
+//! table's real work but no disk. Latency is publish (the publisher's node stamps the time)
+//! to that row's write finished on the receiving peer: one machine, one clock.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Lab, LabError};
+use crate::handlers::HandlerInfo;
+
+/// Events per HTTP request from a load generator.
+const CHUNK: usize = 500;
+
+/// Requests a load generator keeps in flight.
+const IN_FLIGHT: usize = 4;
+
+/// A delivery count that does not move for this long ends the wait.
+const STALL: Duration = Duration::from_secs(10);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Peers in the lab.
+    pub peers: usize,
+    /// How many of them publish (h0, h1, …).
+    pub publishers: usize,
+    /// Events in all, split evenly among publishers.
+    pub events: usize,
+    /// Bytes of data per event.
+    pub size: usize,
+    /// Events per second offered in all; `None` for as fast as possible.
+    pub rate: Option<f64>,
+}
+
+/// One peer's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// Host name.
+    pub host: String,
+    /// Events its handler row handled.
+    pub delivered: u64,
+    /// Events it should have handled.
+    pub expected: u64,
+    /// delivered / expected.
+    pub completeness: f64,
+    /// Events handled per second, from the start of the load to its last event.
+    pub delivered_per_sec: f64,
+    /// Publish to handled, median, ms.
+    pub p50_ms: f64,
+    /// 90th percentile, ms.
+    pub p90_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Largest, ms.
+    pub max_ms: f64,
+    /// Resident memory when the mesh had formed and nothing was flowing, KiB.
+    pub idle_rss_kib: u64,
+    /// Peak resident memory over the run, KiB.
+    pub peak_rss_kib: u64,
+    /// CPU seconds (user + system) used during the load.
+    pub cpu_secs: f64,
+    /// Events its handler row had no queue room for.
+    pub queue_full: u64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Peers.
+    pub peers: usize,
+    /// Publishers.
+    pub publishers: usize,
+    /// Events in all.
+    pub events: usize,
+    /// Bytes of data per event.
+    pub size: usize,
+    /// Events per second offered (`None`: unlimited).
+    pub rate_offered: Option<f64>,
+    /// Mesh formation after the last start, ms.
+    pub mesh_formed_ms: f64,
+    /// Events per second the publishers got accepted.
+    pub publish_rate: f64,
+    /// Per peer.
+    pub per_peer: Vec<PeerReport>,
+}
+
+/// What a load generator reports on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Events accepted by its peer.
+    pub published: usize,
+    /// Seconds it took.
+    pub secs: f64,
+}
+
+/// Runs the benchmark on a fresh lab named `prefix`, and takes the lab down after.
+pub fn run(root: &Path, prefix: &str, config: &BenchConfig) -> Result<BenchReport, LabError> {
+    let extra = vec![
+        "--quiet".to_owned(),
+        "--on".to_owned(),
+        "bench.**=file:/dev/null".to_owned(),
+    ];
+    let (lab, formed) = Lab::up(
+        root,
+        prefix,
+        config.peers,
+        super::meshbus_bin(),
+        extra,
+        Duration::from_secs(60),
+    )?;
+    let result = measure(&lab, formed, config);
+    super::down(root, prefix)?;
+    result
+}
+
+fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchReport, LabError> {
+    let n = config.peers;
+    let pids: Vec<u32> = lab.state.hosts.iter().map(|h| h.pid.unwrap_or(0)).collect();
+    let idle_rss: Vec<u64> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
+    let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
+    let per_publisher = config.events / config.publishers.max(1);
+    let expected = (per_publisher * config.publishers) as u64;
+
+    let loaders: Vec<std::process::Child> = (0..config.publishers)
+        .map(|p| {
+            let exe = std::env::current_exe().map_err(super::io(Path::new("meshbus-lab")))?;
+            let mut cmd = lab.command(p, exe);
+            cmd.args(["bench-load", "--events", &per_publisher.to_string()])
+                .args(["--size", &config.size.to_string()])
+                .args(["--topic", &format!("bench.h{p}")])
+                .stdout(Stdio::piped());
+            if let Some(rate) = config.rate {
+                cmd.args(["--rate", &(rate / config.publishers as f64).to_string()]);
+            }
+            cmd.spawn()
+                .map_err(super::io(Path::new("meshbus-lab bench-load")))
+        })
+        .collect::<Result<_, _>>()?;
+
+    // Follow every peer until it has everything or stops making progress.
+    let start_unix_us = crate::wire::age_micros(std::time::UNIX_EPOCH);
+    let done: Vec<Option<HandlerInfo>> = std::thread::scope(|s| {
+        let watchers: Vec<_> = (0..n)
+            .map(|i| s.spawn(move || follow(lab, i, expected)))
+            .collect();
+        watchers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    let mut published = 0;
+    let mut publish_secs: f64 = 0.0;
+    for loader in loaders {
+        let out = loader
+            .wait_with_output()
+            .map_err(super::io(Path::new("meshbus-lab bench-load")))?;
+        if let Ok(report) = serde_json::from_slice::<LoadReport>(&out.stdout) {
+            published += report.published;
+            publish_secs = publish_secs.max(report.secs);
+        }
+    }
+
+    let per_peer = (0..n)
+        .map(|i| {
+            let row = done[i].clone().unwrap_or_else(|| HandlerInfo {
+                name: String::new(),
+                pattern: String::new(),
+                action: String::new(),
+                matched: 0,
+                succeeded: 0,
+                failed: 0,
+                queue_full: 0,
+                latency: Default::default(),
+                last_done_unix_us: start_unix_us,
+            });
+            let delivered = row.succeeded + row.failed;
+            let took = row.last_done_unix_us.saturating_sub(start_unix_us) as f64 / 1e6;
+            let latency = &row.latency;
+            let ms = |us: u64| us as f64 / 1000.0;
+            PeerReport {
+                host: lab.state.hosts[i].name.clone(),
+                delivered,
+                expected,
+                completeness: delivered as f64 / expected.max(1) as f64,
+                delivered_per_sec: delivered as f64 / took.max(1e-9),
+                queue_full: row.queue_full,
+                p50_ms: ms(latency.p50_us),
+                p90_ms: ms(latency.p90_us),
+                p99_ms: ms(latency.p99_us),
+                max_ms: ms(latency.max_us),
+                idle_rss_kib: idle_rss[i],
+                peak_rss_kib: proc_status_kib(pids[i], "VmHWM"),
+                cpu_secs: cpu_secs(pids[i]) - cpu_before[i],
+            }
+        })
+        .collect();
+    Ok(BenchReport {
+        peers: n,
+        publishers: config.publishers,
+        events: config.events,
+        size: config.size,
+        rate_offered: config.rate,
+        mesh_formed_ms: formed.as_secs_f64() * 1000.0,
+        publish_rate: published as f64 / publish_secs.max(1e-9),
+        per_peer,
+    })
+}
+
+/// Polls host `i`'s handler row until it has handled `expected` events or stalls.
+fn follow(lab: &Lab, i: usize, expected: u64) -> Option<HandlerInfo> {
+    let mut last: Option<HandlerInfo> = None;
+    let mut changed_at = Instant::now();
+    loop {
+        if let Some(row) = row(lab, i) {
+            let handled = row.succeeded + row.failed;
+            if last
+                .as_ref()
+                .is_none_or(|l| l.succeeded + l.failed != handled)
+            {
+                changed_at = Instant::now();
+            }
+            let complete = handled >= expected;
+            last = Some(row);
+            if complete {
+                return last;
+            }
+        }
+        if changed_at.elapsed() > STALL {
+            return last;
+        }
+        // Each look runs `meshbus handlers` inside the host: keep it rare, it costs CPU.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn row(lab: &Lab, i: usize) -> Option<HandlerInfo> {
+    let out = lab.cli(i, &["handlers", "--json"]).ok()?;
+    let rows: Vec<HandlerInfo> = serde_json::from_slice(&out.stdout).ok()?;
+    rows.into_iter().find(|r| r.pattern == "bench.**")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(") ")?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // After the command: state(0) … utime(11) stime(12).
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The load generator: publishes `events` events of `size` data bytes on `topic` through the
+/// peer at `api`, in batches, at `rate` events per second or as fast as the peer takes them.
+pub async fn load(
+    api: std::net::SocketAddr,
+    topic: &str,
+    events: usize,
+    size: usize,
+    rate: Option<f64>,
+) -> Result<LoadReport, crate::client::ClientError> {
+    use futures::StreamExt as _;
+    let client = crate::client::Client::new(api);
+    // A JSON string of exactly `size` bytes: quotes plus filler.
+    let data = serde_json::value::RawValue::from_string(format!(
+        "\"{}\"",
+        "x".repeat(size.saturating_sub(2))
+    ))
+    .expect("a quoted run of x is JSON");
+    let chunk = match rate {
+        Some(r) => ((r / 100.0).ceil() as usize).clamp(1, CHUNK),
+        None => CHUNK,
+    };
+    let request = crate::api::PublishRequest {
+        topic: topic.to_owned(),
+        data: Some(data),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let chunks: Vec<usize> = (0..events)
+        .step_by(chunk)
+        .map(|from| chunk.min(events - from))
+        .collect();
+    let mut sent = 0usize;
+    let results = futures::stream::iter(chunks.into_iter().map(|len| {
+        let due = rate.map(|r| start + Duration::from_secs_f64(sent as f64 / r));
+        sent += len;
+        let batch = vec![request.clone(); len];
+        let client = client.clone();
+        async move {
+            if let Some(due) = due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            client.publish_batch(&batch).await.map(|p| p.len())
+        }
+    }))
+    .buffered(if rate.is_some() { 1 } else { IN_FLIGHT })
+    .collect::<Vec<_>>()
+    .await;
+    let mut published = 0;
+    for r in results {
+        published += r?;
+    }
+    Ok(LoadReport {
+        published,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+impl BenchReport {
+    /// The table `meshbus-lab bench` prints.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "meshbus-lab bench: {} peers, {} publisher(s), {} events of {} bytes, rate {}\n",
+            self.peers,
+            self.publishers,
+            self.events,
+            self.size,
+            self.rate_offered
+                .map(|r| format!("{r:.0}/s"))
+                .unwrap_or_else(|| "unlimited".into())
+        );
+        out += &format!(
+            "mesh formed {:.1} ms after the last start; publishers achieved {:.0} events/s\n",
+            self.mesh_formed_ms, self.publish_rate
+        );
+        out += "host  delivered  complete  dropped   events/s   p50 ms   p90 ms   p99 ms   max ms  idle RSS  peak RSS  CPU s\n";
+        for p in &self.per_peer {
+            out += &format!(
+                "{:<5} {:>9} {:>8.2}% {:>8} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.1}M {:>8.1}M {:>6.2}\n",
+                p.host,
+                p.delivered,
+                p.completeness * 100.0,
+                p.queue_full,
+                p.delivered_per_sec,
+                p.p50_ms,
+                p.p90_ms,
+                p.p99_ms,
+                p.max_ms,
+                p.idle_rss_kib as f64 / 1024.0,
+                p.peak_rss_kib as f64 / 1024.0,
+                p.cpu_secs
+            );
+        }
+        out
+    }
+}
