@@ -33,6 +33,8 @@ enum Cmd {
     Status(ShowArgs),
     /// List the local peer's handler table and its counters.
     Handlers(ShowArgs),
+    /// Re-read the local peer's config file and swap its handler table in (or say why not).
+    Reload(ShowArgs),
 }
 
 #[derive(Args)]
@@ -56,20 +58,26 @@ struct UpArgs {
     /// Do not discover peers by mDNS.
     #[arg(long)]
     no_mdns: bool,
-    #[command(flatten)]
-    api: ApiArg,
-    /// Add a handler row, PATTERN=ACTION (repeatable). Actions: log, file:PATH, exec:COMMAND.
+    /// Where to serve the HTTP API [default: $MESHBUS_API, else 127.0.0.1:7420].
+    #[arg(long, env = API_ENV)]
+    api: Option<SocketAddr>,
+    /// A TOML config file: [node] settings and [[handler]] rows (see the README). SIGHUP or
+    /// `meshbus reload` re-reads its handler table.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Add a handler row, PATTERN=ACTION (repeatable). Actions: log, file:PATH, exec:COMMAND,
+    /// http://URL.
     #[arg(long = "on", value_name = "PATTERN=ACTION")]
     on: Vec<HandlerSpec>,
     /// Do not print every event received (the default `**=log` handler).
     #[arg(long)]
     quiet: bool,
-    /// Largest event accepted, in bytes.
-    #[arg(long, default_value_t = config::DEFAULT_MAX_EVENT_SIZE)]
-    max_event_size: usize,
-    /// Time limit of exec handlers, in seconds.
-    #[arg(long, default_value_t = config::DEFAULT_EXEC_TIMEOUT.as_secs())]
-    exec_timeout: u64,
+    /// Largest event accepted, in bytes [default: 262144].
+    #[arg(long)]
+    max_event_size: Option<usize>,
+    /// Time limit of exec handlers, in seconds [default: 30].
+    #[arg(long)]
+    exec_timeout: Option<u64>,
     /// Where the peer keeps its identity key (default $XDG_DATA_HOME/meshbus or
     /// ~/.local/share/meshbus). The same directory gives the same peer id after a restart.
     #[arg(long, env = "MESHBUS_DATA_DIR")]
@@ -150,37 +158,95 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Peers(args) => peers(args).await,
         Cmd::Status(args) => status(args).await,
         Cmd::Handlers(args) => handlers(args).await,
+        Cmd::Reload(args) => {
+            let names = Client::new(args.api.api).reload().await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&names)?);
+            } else {
+                println!("reloaded: {} handler(s): {}", names.len(), names.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = match args.data_dir {
+    let file = match &args.config {
+        Some(path) => meshbus::config::file::ConfigFile::load(path)?,
+        None => meshbus::config::file::ConfigFile::default(),
+    };
+    let n = &file.node;
+    let data_dir = match args.data_dir.clone().or(n.data_dir.clone()) {
         Some(dir) => dir,
         None => meshbus::identity::default_data_dir()?,
     };
     let identity = meshbus::identity::load_or_create(&data_dir)?;
+    let parse = |addrs: &[String], key: &str| -> anyhow::Result<Vec<Multiaddr>> {
+        addrs
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("[node] {key}: `{a}` is not a multiaddr"))
+            })
+            .collect()
+    };
+    let listen = match (args.listen.is_empty(), &n.listen) {
+        (false, _) => args.listen.clone(),
+        (true, Some(addrs)) => parse(addrs, "listen")?,
+        (true, None) => config::default_listen(),
+    };
+    let mut peers = parse(&n.peers, "peers")?;
+    peers.extend(args.peers.iter().cloned());
     let config = Config {
-        name: args.name,
+        name: args.name.clone().or(n.name.clone()),
         keypair: Some(identity.keypair.clone()),
-        listen: if args.listen.is_empty() {
-            config::default_listen()
-        } else {
-            args.listen
-        },
-        peers: args.peers,
-        mdns: !args.no_mdns,
-        api: Some(args.api.api),
-        max_event_size: args.max_event_size,
-        exec_timeout: std::time::Duration::from_secs(args.exec_timeout),
+        listen,
+        peers,
+        mdns: !args.no_mdns && n.mdns.unwrap_or(true),
+        api: Some(args.api.or(n.api).unwrap_or(config::DEFAULT_API)),
+        max_event_size: args
+            .max_event_size
+            .or(n.max_event_size)
+            .unwrap_or(config::DEFAULT_MAX_EVENT_SIZE),
+        exec_timeout: args
+            .exec_timeout
+            .map(std::time::Duration::from_secs)
+            .or(n.exec_timeout)
+            .unwrap_or(config::DEFAULT_EXEC_TIMEOUT),
         ..Config::default()
     };
+    let quiet = args.quiet || n.quiet.unwrap_or(false);
+    // The table: the file's rows, then `--on` rows, then the default log row. A reload
+    // rebuilds it the same way from a fresh read of the file.
+    let table = {
+        let (path, on) = (args.config.clone(), args.on.clone());
+        move || -> Result<Vec<HandlerSpec>, String> {
+            let mut specs = match &path {
+                Some(path) => {
+                    meshbus::config::file::ConfigFile::load(path)
+                        .map_err(|e| e.to_string())?
+                        .handlers
+                }
+                None => Vec::new(),
+            };
+            specs.extend(on.iter().cloned());
+            if !quiet {
+                specs.push(HandlerSpec::new(Pattern::all(), meshbus::Action::Log));
+            }
+            Ok(specs)
+        }
+    };
+    let mut first = file.handlers.clone();
+    first.extend(args.on.iter().cloned());
+    if !quiet {
+        first.push(HandlerSpec::new(Pattern::all(), meshbus::Action::Log));
+    }
     let node = Node::start(config).await.context("cannot start the peer")?;
-    if !args.quiet {
-        node.add_handler(Pattern::all(), meshbus::Action::Log);
+    if let Err(e) = node.set_handlers(first) {
+        node.shutdown().await;
+        return Err(e).context("cannot build the handler table");
     }
-    for spec in args.on {
-        node.add_handler(spec.pattern, spec.action);
-    }
+    node.set_reload_source(table);
     let status = node.status().await?;
     let mut err = std::io::stderr().lock();
     writeln!(err, "meshbus: peer {} is up", status.peer_id)?;
@@ -192,8 +258,18 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(err, "meshbus: data dir {}", data_dir.display())?;
     drop(err);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let handle = node.handle();
+    let reloads = tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            if let Err(e) = handle.reload() {
+                tracing::warn!(error = %e, "SIGHUP: reload refused");
+            }
+        }
+    });
     shutdown_signal().await?;
     tracing::info!("stopping");
+    reloads.abort();
     node.shutdown().await;
     drop(identity);
     Ok(ExitCode::SUCCESS)
@@ -366,13 +442,40 @@ async fn handlers(args: ShowArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<5} {:<20} {:<30} {:>8} {:>8} {:>8} {:>8}",
-        "NAME", "PATTERN", "ACTION", "MATCHED", "OK", "FAILED", "DROPPED"
+        "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8}  LAST ERROR",
+        "NAME",
+        "PATTERN",
+        "ACTION",
+        "MATCHED",
+        "OK",
+        "FAILED",
+        "RETRY",
+        "DEAD",
+        "BUSY",
+        "QUEUE",
+        "DROP",
+        "P99 ms"
     );
     for r in rows {
+        let mut action = r.action.clone();
+        if action.chars().count() > 28 {
+            action = action.chars().take(27).collect::<String>() + "…";
+        }
         println!(
-            "{:<5} {:<20} {:<30} {:>8} {:>8} {:>8} {:>8}",
-            r.name, r.pattern, r.action, r.matched, r.succeeded, r.failed, r.queue_full
+            "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8.2}  {}",
+            r.name,
+            r.pattern,
+            action,
+            r.matched,
+            r.succeeded,
+            r.failed,
+            r.retried,
+            r.dead_lettered,
+            r.in_flight,
+            r.queue_depth,
+            r.queue_full,
+            r.latency.p99_us as f64 / 1000.0,
+            r.last_error.as_deref().unwrap_or("-")
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
                 done.send(()).await?;
                 Ok(())
             }
-        });
+        })?;
     }
 
     while shop.peers().await?.is_empty() {

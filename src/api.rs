@@ -8,6 +8,7 @@
 //! | `GET /v1/peers`            |                                        | [`PeerInfo`] JSON array   |
 //! | `GET /v1/status`           |                                        | [`Status`] JSON           |
 //! | `GET /v1/handlers`         |                                        | [`HandlerInfo`] JSON array|
+//! | `POST /v1/reload`          |                                        | names of the new rows     |
 //!
 //! A batch is checked whole before anything is published (a bad entry refuses the batch and
 //! names its index), then published in one go, so the node packs it into few messages. At
@@ -172,6 +173,7 @@ impl ApiServer {
             .route("/v1/peers", get(peers))
             .route("/v1/status", get(status))
             .route("/v1/handlers", get(handlers))
+            .route("/v1/reload", post(reload))
             .layer(DefaultBodyLimit::max(body_limit))
             .with_state(AppState {
                 node,
@@ -297,6 +299,14 @@ async fn peers(State(state): State<AppState>) -> Result<Json<Vec<crate::node::Pe
 
 async fn status(State(state): State<AppState>) -> Result<Json<crate::node::Status>, Failure> {
     Ok(Json(state.node.status().await?))
+}
+
+async fn reload(State(state): State<AppState>) -> Result<Json<Vec<String>>, Failure> {
+    state
+        .node
+        .reload()
+        .map(Json)
+        .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn handlers(State(state): State<AppState>) -> Json<Vec<crate::handlers::HandlerInfo>> {

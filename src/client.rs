@@ -165,6 +165,17 @@ impl Client {
         self.get("/v1/status").await
     }
 
+    /// Asks the peer to re-read its config's handler table; returns the new rows' names.
+    pub async fn reload(&self) -> Result<Vec<String>, ClientError> {
+        let response = self
+            .http
+            .post(self.url("/v1/reload"))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await;
+        self.answer(response).await
+    }
+
     /// The peer's handler table.
     pub async fn handlers(&self) -> Result<Vec<HandlerInfo>, ClientError> {
         self.get("/v1/handlers").await

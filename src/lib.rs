@@ -12,7 +12,7 @@
 //! node.on(Pattern::new("orders.*")?, |event| async move {
 //!     println!("{} on {}", event.id, event.topic);
 //!     Ok(())
-//! });
+//! })?;
 //! node.publish_json("orders.created", &serde_json::json!({ "id": 42 })).await?;
 //! node.shutdown().await;
 //! # Ok(()) }

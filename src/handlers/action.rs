@@ -1,8 +1,9 @@
-//! What a handler row does with an event: log it, append it to a file, run a command, or
-//! call Rust code.
+//! What a handler row does with an event: log it, append it to a file, run a command, call a
+//! webhook, or call Rust code. One run of one action on one event; retries, concurrency and
+//! accounting are the row's business (`row.rs`).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, info};
 
 use crate::event::Event;
+
+pub use super::file::FileAction;
+pub use super::http::HttpAction;
 
 /// Error type Rust handlers return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -24,6 +28,26 @@ pub type RustHandler =
 /// read and thrown away so a chatty command never blocks on a full pipe.
 pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024;
 
+/// How an `exec` action names its command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandLine {
+    /// Run with `sh -c`.
+    Shell(String),
+    /// Run directly: program and arguments, no shell.
+    Argv(Vec<String>),
+}
+
+/// A command to run per event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecAction {
+    /// What to run.
+    pub command: CommandLine,
+    /// Working directory; the peer's when `None`.
+    pub cwd: Option<PathBuf>,
+    /// Time limit; the node's `exec_timeout` when `None`.
+    pub timeout: Option<Duration>,
+}
+
 /// What a row does.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -31,9 +55,11 @@ pub enum Action {
     /// Print a readable line on stdout.
     Log,
     /// Append the event as one CloudEvents JSON line.
-    File(PathBuf),
-    /// Run `sh -c COMMAND` with the event's JSON on stdin and `MESHBUS_*` variables set.
-    Exec(String),
+    File(FileAction),
+    /// Run a command with the event's JSON on stdin and `MESHBUS_*` variables set.
+    Exec(ExecAction),
+    /// POST the event to a URL.
+    Http(HttpAction),
     /// Call Rust code.
     Rust(RustHandler),
 }
@@ -48,8 +74,16 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Log => f.write_str("log"),
-            Action::File(p) => write!(f, "file:{}", p.display()),
-            Action::Exec(c) => write!(f, "exec:{c}"),
+            Action::File(a) => write!(f, "file:{}", a.path.display()),
+            Action::Exec(ExecAction {
+                command: CommandLine::Shell(c),
+                ..
+            }) => write!(f, "exec:{c}"),
+            Action::Exec(ExecAction {
+                command: CommandLine::Argv(argv),
+                ..
+            }) => write!(f, "exec:{}", argv.join(" ")),
+            Action::Http(h) => f.write_str(&h.url),
             Action::Rust(_) => f.write_str("rust"),
         }
     }
@@ -60,21 +94,21 @@ impl fmt::Display for Action {
 #[non_exhaustive]
 pub enum ActionError {
     /// Not one of the known actions.
-    #[error("unknown action `{0}`; expected one of: log, file:PATH, exec:COMMAND")]
+    #[error("unknown action `{0}`; expected one of: log, file:PATH, exec:COMMAND, http:URL")]
     Unknown(String),
     /// `file:` or `exec:` with nothing after it.
     #[error("action `{0}` needs a value after the colon")]
     Empty(String),
     /// Writing the file failed.
-    #[error("cannot append to {path}: {source}")]
+    #[error("cannot append to {path}: {reason}")]
     File {
         /// The file.
         path: PathBuf,
-        /// The IO error.
-        source: std::io::Error,
+        /// The IO error, as text (one error answers for a whole batch).
+        reason: String,
     },
     /// The command could not start.
-    #[error("cannot start `sh -c {command}`: {source}")]
+    #[error("cannot start `{command}`: {source}")]
     Spawn {
         /// The command.
         command: String,
@@ -98,9 +132,52 @@ pub enum ActionError {
     /// Writing to stdout failed.
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
+    /// The webhook could not be reached or did not answer in time.
+    #[error("POST {url}: {reason}")]
+    HttpSend {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The webhook answered with an error status.
+    #[error("POST {url}: {status}")]
+    HttpStatus {
+        /// The URL.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// `Retry-After`, when the server sent one.
+        retry_after: Option<Duration>,
+    },
+    /// A jq filter or transform failed on this event.
+    #[error("{0}")]
+    Jq(String),
     /// A Rust handler returned an error.
     #[error("{0}")]
     Rust(BoxError),
+}
+
+impl ActionError {
+    /// Whether trying again may help. Everything may, except a webhook's 4xx answer other
+    /// than 408 and 429: the request itself is wrong, and would be wrong again.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ActionError::HttpStatus { status, .. } => {
+                !(400..500).contains(status) || *status == 408 || *status == 429
+            }
+            ActionError::Jq(_) => false,
+            _ => true,
+        }
+    }
+
+    /// How long the other side asked us to wait before trying again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ActionError::HttpStatus { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 impl std::str::FromStr for Action {
@@ -112,97 +189,65 @@ impl std::str::FromStr for Action {
         let (kind, value) = s
             .split_once(':')
             .ok_or_else(|| ActionError::Unknown(s.to_owned()))?;
-        if value.is_empty() && matches!(kind, "file" | "exec") {
+        if value.is_empty() && matches!(kind, "file" | "exec" | "http" | "https") {
             return Err(ActionError::Empty(s.to_owned()));
         }
         match kind {
-            "file" => Ok(Action::File(PathBuf::from(value))),
-            "exec" => Ok(Action::Exec(value.to_owned())),
+            "file" => Ok(Action::File(FileAction::new(value))),
+            "exec" => Ok(Action::Exec(ExecAction {
+                command: CommandLine::Shell(value.to_owned()),
+                cwd: None,
+                timeout: None,
+            })),
+            "http" | "https" => Ok(Action::Http(HttpAction::new(s))),
             _ => Err(ActionError::Unknown(s.to_owned())),
         }
     }
 }
 
-/// Runs one row's action; owns what the action keeps between events.
-pub(super) struct Runner {
-    action: Action,
-    exec_timeout: Duration,
-}
-
-impl Runner {
-    pub(super) fn new(action: Action, exec_timeout: Duration) -> Self {
-        Self {
-            action,
-            exec_timeout,
-        }
+/// Prints the event's readable line.
+pub(super) async fn log(events: &[Arc<Event>]) -> Result<(), ActionError> {
+    let mut out = String::new();
+    for event in events {
+        out.push_str(&event.to_cloudevent().summary_line());
+        out.push('\n');
     }
-
-    /// Runs the action on each event in order; a file action writes them in one go.
-    pub(super) async fn run<'a>(
-        &mut self,
-        events: &'a [Arc<Event>],
-    ) -> Vec<(&'a Arc<Event>, Result<(), ActionError>)> {
-        if let Action::File(path) = &self.action {
-            let result = append(path, events).await;
-            return events
-                .iter()
-                .map(|e| {
-                    let r = match &result {
-                        Ok(()) => Ok(()),
-                        Err(err) => Err(ActionError::File {
-                            path: path.clone(),
-                            source: std::io::Error::new(err.kind(), err.to_string()),
-                        }),
-                    };
-                    (e, r)
-                })
-                .collect();
-        }
-        let mut out = Vec::with_capacity(events.len());
-        for event in events {
-            let result = match &self.action {
-                Action::Log => log(event).await,
-                Action::Exec(command) => exec(command, event, self.exec_timeout).await,
-                Action::Rust(f) => f(event.clone()).await.map_err(ActionError::Rust),
-                Action::File(_) => unreachable!("handled above"),
-            };
-            out.push((event, result));
-        }
-        out
-    }
-}
-
-async fn log(event: &Event) -> Result<(), ActionError> {
-    let mut line = event.to_cloudevent().summary_line();
-    line.push('\n');
     let mut stdout = tokio::io::stdout();
     stdout
-        .write_all(line.as_bytes())
+        .write_all(out.as_bytes())
         .await
         .map_err(ActionError::Stdout)?;
     stdout.flush().await.map_err(ActionError::Stdout)
 }
 
-async fn append(path: &Path, events: &[Arc<Event>]) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(events.len() * 256);
-    for e in events {
-        buf.extend_from_slice(e.to_json_line().as_bytes());
-        buf.push(b'\n');
+/// Runs the command once for `event`, with `input` (its JSON line) on stdin.
+pub(super) async fn exec(
+    action: &ExecAction,
+    default_timeout: Duration,
+    event: &Event,
+    input: &str,
+) -> Result<(), ActionError> {
+    let timeout = action.timeout.unwrap_or(default_timeout);
+    let (mut cmd, shown) = match &action.command {
+        CommandLine::Shell(line) => {
+            let mut cmd = tokio::process::Command::new("sh");
+            cmd.arg("-c").arg(line);
+            (cmd, format!("sh -c {line}"))
+        }
+        CommandLine::Argv(argv) => {
+            let (program, args) = argv.split_first().ok_or_else(|| ActionError::Spawn {
+                command: String::new(),
+                source: std::io::Error::other("empty command"),
+            })?;
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args);
+            (cmd, argv.join(" "))
+        }
+    };
+    if let Some(cwd) = &action.cwd {
+        cmd.current_dir(cwd);
     }
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await?;
-    file.write_all(&buf).await?;
-    file.flush().await
-}
-
-async fn exec(command: &str, event: &Event, timeout: Duration) -> Result<(), ActionError> {
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .env("MESHBUS_TOPIC", event.topic.as_str())
+    cmd.env("MESHBUS_TOPIC", event.topic.as_str())
         .env("MESHBUS_EVENT_ID", event.id.to_string())
         .env("MESHBUS_EVENT_TYPE", &event.event_type)
         .env("MESHBUS_SOURCE", &*crate::event::peer_string(&event.source))
@@ -213,15 +258,10 @@ async fn exec(command: &str, event: &Event, timeout: Duration) -> Result<(), Act
         .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|source| ActionError::Spawn {
-        command: command.to_owned(),
+        command: shown,
         source,
     })?;
     let pid = child.id();
-    let input = {
-        let mut line = event.to_json_line();
-        line.push('\n');
-        line
-    };
     let (mut stdin, stdout, stderr) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let run = async {
@@ -297,7 +337,12 @@ mod tests {
 
     #[test]
     fn actions_parse_and_print_back() {
-        for s in ["log", "file:/tmp/x.jsonl", "exec:echo hi: there"] {
+        for s in [
+            "log",
+            "file:/tmp/x.jsonl",
+            "exec:echo hi: there",
+            "http://127.0.0.1:9/x",
+        ] {
             assert_eq!(s.parse::<Action>().unwrap().to_string(), s);
         }
         assert!(matches!(
@@ -305,12 +350,27 @@ mod tests {
             Err(ActionError::Empty(_))
         ));
         assert!(matches!(
-            "http:x".parse::<Action>(),
+            "mail:x".parse::<Action>(),
             Err(ActionError::Unknown(_))
         ));
         assert!(matches!(
             "loud".parse::<Action>(),
             Err(ActionError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn only_some_failures_are_worth_retrying() {
+        let status = |s| ActionError::HttpStatus {
+            url: "u".into(),
+            status: s,
+            retry_after: None,
+        };
+        assert!(status(500).retryable());
+        assert!(status(503).retryable());
+        assert!(status(429).retryable());
+        assert!(!status(400).retryable());
+        assert!(!status(404).retryable());
+        assert!(ActionError::Timeout(Duration::from_secs(1)).retryable());
     }
 }

@@ -1,16 +1,28 @@
 //! The handler table: "pattern → action" rows that decide what happens to each event a peer
 //! receives, and the workers that run them.
 //!
-//! Every row has its own bounded queue and its own worker task, so a slow or hung handler
-//! only delays its own row: dispatch never waits (a full queue drops the event *for that row*,
-//! counts it and logs it). A row runs one event at a time, in arrival order, which for one
-//! publisher is that publisher's order.
+//! Every row has its own bounded queue and workers, so a slow, hung or failing handler only
+//! delays its own row: dispatch never waits. When a row's queue is full the *new* event is
+//! dropped for that row (others still get it), counted (`queue_full`) and logged. A row runs
+//! up to `concurrency` events at once; with 1 (the default) it runs them one at a time in
+//! arrival order, which for one publisher is that publisher's order. A failed run is retried
+//! `retries` times with exponential backoff (or the webhook's `Retry-After`); an event whose
+//! attempts are spent is counted `failed` and, if the row has one, written to its dead-letter
+//! file with its last error.
+//!
+//! The table can be swapped whole ([`Handlers::replace`], what `meshbus reload` does): events
+//! already queued finish under the row they matched, new events see the new table, and no event
+//! is dispatched to both. Rows added through the library ([`Handlers::add`]) survive a reload.
 //!
 //! At shutdown the queues close; workers get [`crate::config::Config::shutdown_grace`] to
 //! finish what is queued, then are cancelled (an `exec` child is killed with its process
 //! group).
 
 mod action;
+mod file;
+mod http;
+mod jq;
+mod row;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,22 +33,49 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{warn, Instrument as _};
 
-pub use action::{Action, ActionError, BoxError, RustHandler};
+pub use action::{Action, ActionError, BoxError, CommandLine, ExecAction, RustHandler};
+pub use file::FileAction;
+pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
+pub use jq::JqError;
+pub use row::RowOptions;
 
 use crate::event::Event;
-use crate::stats::{self, Histogram, Latency, Stats};
+use crate::stats::{self, Latency, Stats};
 use crate::topic::{Pattern, TopicError};
 
-/// Most events a worker takes off its queue at once (lets `file` write them in one go).
-const WORKER_BATCH: usize = 256;
-
-/// A row as given on the command line: `PATTERN=ACTION`.
+/// One row of the table, as configured: which events, what to do, how.
 #[derive(Debug, Clone)]
 pub struct HandlerSpec {
+    /// Its name in logs and listings; `h1`, `h2`, … when not given.
+    pub name: Option<String>,
     /// Which topics the row takes.
     pub pattern: Pattern,
-    /// What it does with them.
+    /// Which event types it takes (same `*`/`**` syntax); all when `None`.
+    pub event_type: Option<Pattern>,
+    /// A jq expression over the event's CloudEvents JSON; the row takes the event only when
+    /// it yields `true` (any other output, or none, skips it).
+    pub filter: Option<String>,
+    /// A jq expression whose output the action gets instead of the event's JSON.
+    pub transform: Option<String>,
+    /// Concurrency, queue, retries, dead letters.
+    pub options: RowOptions,
+    /// What it does.
     pub action: Action,
+}
+
+impl HandlerSpec {
+    /// A row with default options.
+    pub fn new(pattern: Pattern, action: Action) -> Self {
+        Self {
+            name: None,
+            pattern,
+            event_type: None,
+            filter: None,
+            transform: None,
+            options: RowOptions::default(),
+            action,
+        }
+    }
 }
 
 /// Why a `PATTERN=ACTION` row was refused.
@@ -70,65 +109,81 @@ impl std::str::FromStr for HandlerSpec {
         let (pattern, action) = spec
             .split_once('=')
             .ok_or_else(|| SpecError::NoEquals(spec.to_owned()))?;
-        Ok(Self {
-            pattern: Pattern::new(pattern).map_err(|source| SpecError::Pattern {
-                spec: spec.to_owned(),
-                source,
-            })?,
-            action: action.parse().map_err(|source| SpecError::Action {
-                spec: spec.to_owned(),
-                source,
-            })?,
-        })
+        let pattern = Pattern::new(pattern).map_err(|source| SpecError::Pattern {
+            spec: spec.to_owned(),
+            source,
+        })?;
+        let action = action.parse().map_err(|source| SpecError::Action {
+            spec: spec.to_owned(),
+            source,
+        })?;
+        Ok(Self::new(pattern, action))
     }
 }
 
-/// A row's own counters.
-#[derive(Debug, Default)]
-struct RowCounters {
-    matched: AtomicU64,
-    succeeded: AtomicU64,
-    failed: AtomicU64,
-    queue_full: AtomicU64,
-    /// Publish (the publisher's clock) to this row's action finished.
-    latency: Histogram,
-    /// When the last run finished, microseconds since the Unix epoch (0: never).
-    last_done: AtomicU64,
+/// Where a row came from: config rows are replaced by a reload, library rows stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Config,
+    Library,
 }
 
 /// One row of the table as dispatch sees it.
+#[derive(Clone)]
 struct Row {
-    /// Stable name for logs and listings (`h1`, `h2`, … in registration order).
     name: String,
     pattern: Pattern,
+    event_type: Option<Pattern>,
     /// The action as text, for listings.
     action: String,
+    origin: Origin,
     /// Front of the row's bounded queue.
     queue: mpsc::Sender<Arc<Event>>,
-    counters: Arc<RowCounters>,
+    counters: Arc<row::RowCounters>,
 }
 
-/// A row and its counters, as `status` and the API show it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A row and its counters, as `meshbus handlers`, `status` and the API show it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HandlerInfo {
     /// The row's name.
     pub name: String,
     /// Its topic pattern.
     pub pattern: String,
+    /// Its event-type pattern, if any.
+    #[serde(default)]
+    pub event_type: Option<String>,
     /// Its action, as text.
     pub action: String,
-    /// Events that matched the pattern.
+    /// Events whose topic (and type) matched.
     pub matched: u64,
-    /// Runs that succeeded.
+    /// Events the filter skipped.
+    #[serde(default)]
+    pub filtered_out: u64,
+    /// Events handled successfully.
     pub succeeded: u64,
-    /// Runs that failed.
+    /// Events whose attempts were all spent without success.
     pub failed: u64,
+    /// Retries made.
+    #[serde(default)]
+    pub retried: u64,
+    /// Events written to the dead-letter file.
+    #[serde(default)]
+    pub dead_lettered: u64,
+    /// Events being handled now.
+    #[serde(default)]
+    pub in_flight: u64,
+    /// Events waiting in the row's queue.
+    #[serde(default)]
+    pub queue_depth: u64,
     /// Events dropped because the row's queue was full.
     pub queue_full: u64,
     /// Time from publish to this row's action finished.
     pub latency: Latency,
     /// When the last run finished, microseconds since the Unix epoch (0: never).
     pub last_done_unix_us: u64,
+    /// The last failure, if any.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// The live table: rows, their queues and workers.
@@ -142,8 +197,26 @@ pub struct Handlers {
     next_id: AtomicU64,
 }
 
+/// Why a table could not be built; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TableError {
+    /// A jq filter or transform does not compile.
+    #[error("handler `{name}`: {error}")]
+    Jq {
+        /// The row.
+        name: String,
+        /// What is wrong.
+        error: JqError,
+    },
+    /// Two rows with one name.
+    #[error("two handlers are named `{0}`; names must be unique")]
+    DuplicateName(String),
+}
+
 impl Handlers {
-    /// An empty table whose rows get `queue_capacity` slots and `exec_timeout`.
+    /// An empty table whose rows get `exec_timeout`, and `queue_capacity` slots unless their
+    /// options say otherwise.
     pub fn new(stats: Arc<Stats>, queue_capacity: usize, exec_timeout: Duration) -> Self {
         Self {
             rows: RwLock::new(Arc::new(Vec::new())),
@@ -155,39 +228,103 @@ impl Handlers {
         }
     }
 
-    /// Adds a row and starts its worker. Must be called inside a Tokio runtime.
-    pub fn add(&self, pattern: Pattern, action: Action) -> String {
-        let name = format!("h{}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        let (queue, rx) = mpsc::channel(self.queue_capacity);
-        let counters = Arc::new(RowCounters::default());
+    /// Builds a row and starts its workers. Must be called inside a Tokio runtime.
+    fn start_row(&self, spec: HandlerSpec, origin: Origin) -> Result<Row, TableError> {
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("h{}", self.next_id.fetch_add(1, Ordering::Relaxed)));
+        let jq = jq::RowJq::compile(spec.filter.as_deref(), spec.transform.as_deref())
+            .map_err(|error| TableError::Jq {
+                name: name.clone(),
+                error,
+            })?
+            .map(Arc::new);
+        let mut options = spec.options;
+        if options.queue == crate::config::DEFAULT_HANDLER_QUEUE {
+            options.queue = self.queue_capacity;
+        }
+        let (queue, rx) = mpsc::channel(options.queue.max(1));
+        let counters = Arc::new(row::RowCounters::default());
         let row = Row {
             name: name.clone(),
-            pattern,
-            action: action.to_string(),
+            pattern: spec.pattern,
+            event_type: spec.event_type,
+            action: spec.action.to_string(),
+            origin,
             queue,
             counters: counters.clone(),
         };
-        let worker = Worker {
-            runner: action::Runner::new(action, self.exec_timeout),
+        let worker = row::Worker {
+            name: name.clone(),
+            action: spec.action,
+            options,
+            exec_timeout: self.exec_timeout,
             counters,
             stats: self.stats.clone(),
+            jq,
         };
         let span = tracing::info_span!("handler", name = %name);
         lock(&self.workers).spawn(worker.run(rx).instrument(span));
-        let mut rows = write(&self.rows);
-        let mut next = Vec::with_capacity(rows.len() + 1);
-        next.extend(rows.iter().map(Row::clone_handle));
-        next.push(row);
-        *rows = Arc::new(next);
-        name
+        Ok(row)
     }
 
-    /// Queues `event` for every row whose pattern matches its topic. Never waits.
+    /// Adds a row that stays across reloads; returns its name.
+    pub fn add(&self, spec: HandlerSpec) -> Result<String, TableError> {
+        let row = self.start_row(spec, Origin::Library)?;
+        let name = row.name.clone();
+        let mut rows = write(&self.rows);
+        let mut next: Vec<Row> = rows.iter().cloned().collect();
+        next.push(row);
+        *rows = Arc::new(next);
+        Ok(name)
+    }
+
+    /// Replaces every config row with `specs` at once (library rows stay). If any spec is
+    /// refused, nothing changes. Events already queued finish under the row they matched.
+    pub fn replace(&self, specs: Vec<HandlerSpec>) -> Result<Vec<String>, TableError> {
+        let mut seen = std::collections::HashSet::new();
+        for spec in &specs {
+            if let Some(name) = &spec.name {
+                if !seen.insert(name.clone()) {
+                    return Err(TableError::DuplicateName(name.clone()));
+                }
+            }
+            // Compile first so that a bad row changes nothing.
+            jq::RowJq::compile(spec.filter.as_deref(), spec.transform.as_deref()).map_err(
+                |error| TableError::Jq {
+                    name: spec.name.clone().unwrap_or_default(),
+                    error,
+                },
+            )?;
+        }
+        let mut new_rows = Vec::with_capacity(specs.len());
+        for spec in specs {
+            new_rows.push(self.start_row(spec, Origin::Config)?);
+        }
+        let names = new_rows.iter().map(|r| r.name.clone()).collect();
+        let mut rows = write(&self.rows);
+        let mut next: Vec<Row> = rows
+            .iter()
+            .filter(|r| r.origin == Origin::Library)
+            .cloned()
+            .collect();
+        next.extend(new_rows);
+        *rows = Arc::new(next);
+        Ok(names)
+    }
+
+    /// Queues `event` for every row whose pattern matches. Never waits.
     pub fn dispatch(&self, event: &Arc<Event>) {
         let rows = read(&self.rows).clone();
         for row in rows.iter() {
             if !row.pattern.matches(&event.topic) {
                 continue;
+            }
+            if let Some(t) = &row.event_type {
+                if !t.matches_str(&event.event_type) {
+                    continue;
+                }
             }
             stats::bump(&row.counters.matched);
             match row.queue.try_send(event.clone()) {
@@ -198,7 +335,7 @@ impl Handlers {
                     // Overload can drop many events a second: log the 1st, 2nd, 4th, 8th, …
                     if dropped.is_power_of_two() {
                         warn!(handler = %row.name, event = %event.id, topic = %event.topic,
-                            capacity = self.queue_capacity, dropped_so_far = dropped,
+                            capacity = row.queue.max_capacity(), dropped_so_far = dropped,
                             "handler queue full; event dropped for this handler");
                     }
                 }
@@ -217,13 +354,25 @@ impl Handlers {
             .map(|row| HandlerInfo {
                 name: row.name.clone(),
                 pattern: row.pattern.to_string(),
+                event_type: row.event_type.as_ref().map(|t| t.to_string()),
                 action: row.action.clone(),
                 matched: r(&row.counters.matched),
+                filtered_out: r(&row.counters.filtered_out),
                 succeeded: r(&row.counters.succeeded),
                 failed: r(&row.counters.failed),
+                retried: r(&row.counters.retried),
+                dead_lettered: r(&row.counters.dead_lettered),
+                in_flight: r(&row.counters.in_flight),
+                queue_depth: (row.queue.max_capacity() - row.queue.capacity()) as u64,
                 queue_full: r(&row.counters.queue_full),
                 latency: row.counters.latency.summary(),
                 last_done_unix_us: r(&row.counters.last_done),
+                last_error: row
+                    .counters
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
             })
             .collect()
     }
@@ -242,52 +391,6 @@ impl Handlers {
                 "handlers still busy after the shutdown grace; cancelling them"
             );
             workers.shutdown().await;
-        }
-    }
-}
-
-impl Row {
-    fn clone_handle(&self) -> Row {
-        Row {
-            name: self.name.clone(),
-            pattern: self.pattern.clone(),
-            action: self.action.clone(),
-            queue: self.queue.clone(),
-            counters: self.counters.clone(),
-        }
-    }
-}
-
-/// The task behind one row.
-struct Worker {
-    runner: action::Runner,
-    counters: Arc<RowCounters>,
-    stats: Arc<Stats>,
-}
-
-impl Worker {
-    async fn run(mut self, mut rx: mpsc::Receiver<Arc<Event>>) {
-        let mut batch = Vec::with_capacity(WORKER_BATCH);
-        while rx.recv_many(&mut batch, WORKER_BATCH).await > 0 {
-            for (event, result) in self.runner.run(&batch).await {
-                self.counters
-                    .latency
-                    .record(crate::wire::age_micros(event.time));
-                match result {
-                    Ok(()) => {
-                        stats::bump(&self.counters.succeeded);
-                        stats::bump(&self.stats.handler_succeeded);
-                    }
-                    Err(error) => {
-                        stats::bump(&self.counters.failed);
-                        stats::bump(&self.stats.handler_failed);
-                        warn!(event = %event.id, topic = %event.topic, error = %error, "handler failed");
-                    }
-                }
-            }
-            let now = crate::wire::age_micros(std::time::UNIX_EPOCH);
-            self.counters.last_done.store(now, Ordering::Relaxed);
-            batch.clear();
         }
     }
 }
@@ -336,7 +439,9 @@ mod tests {
                     Ok(())
                 })
             }));
-            handlers.add(Pattern::new(pattern).unwrap(), action);
+            handlers
+                .add(HandlerSpec::new(Pattern::new(pattern).unwrap(), action))
+                .unwrap();
         }
         drop(tx);
         for topic in [
@@ -377,8 +482,8 @@ mod tests {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (started_tx, mut started) = mpsc::channel(16);
         let blocked = gate.clone();
-        handlers.add(
-            Pattern::all(),
+        add(
+            &handlers,
             Action::Rust(Arc::new(move |_| {
                 let (gate, started) = (blocked.clone(), started_tx.clone());
                 Box::pin(async move {
@@ -389,8 +494,8 @@ mod tests {
             })),
         );
         let (tx, mut rx) = mpsc::channel(64);
-        handlers.add(
-            Pattern::all(),
+        add(
+            &handlers,
             Action::Rust(Arc::new(move |e: Arc<Event>| {
                 let tx = tx.clone();
                 Box::pin(async move {
@@ -418,11 +523,17 @@ mod tests {
         handlers.shutdown(Duration::from_secs(5)).await;
     }
 
+    fn add(handlers: &Handlers, action: Action) {
+        handlers
+            .add(HandlerSpec::new(Pattern::all(), action))
+            .unwrap();
+    }
+
     #[test]
     fn specs_parse_and_errors_name_the_rule() {
         let spec: HandlerSpec = "orders.*=exec:cat > /dev/null".parse().unwrap();
         assert_eq!(spec.pattern.as_str(), "orders.*");
-        assert!(matches!(spec.action, Action::Exec(ref c) if c == "cat > /dev/null"));
+        assert_eq!(spec.action.to_string(), "exec:cat > /dev/null");
         let err = "orders.*".parse::<HandlerSpec>().unwrap_err();
         assert!(err.to_string().contains("PATTERN=ACTION"), "{err}");
         let err = "**.x=log".parse::<HandlerSpec>().unwrap_err();

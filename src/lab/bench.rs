@@ -170,15 +170,8 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
     let per_peer = (0..n)
         .map(|i| {
             let row = done[i].clone().unwrap_or_else(|| HandlerInfo {
-                name: String::new(),
-                pattern: String::new(),
-                action: String::new(),
-                matched: 0,
-                succeeded: 0,
-                failed: 0,
-                queue_full: 0,
-                latency: Default::default(),
                 last_done_unix_us: start_unix_us,
+                ..HandlerInfo::default()
             });
             let delivered = row.succeeded + row.failed;
             let took = row.last_done_unix_us.saturating_sub(start_unix_us) as f64 / 1e6;

@@ -27,7 +27,7 @@ pub use behaviour::{DEAD_AFTER, PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION};
 
 use crate::config::{Config, ConfigError};
 use crate::event::{self, Event, EventError, Payload};
-use crate::handlers::{Action, BoxError, HandlerInfo, Handlers};
+use crate::handlers::{Action, BoxError, HandlerInfo, HandlerSpec, Handlers};
 use crate::stats::{self, Counters, Stats};
 use crate::topic::{Pattern, Topic};
 
@@ -85,6 +85,15 @@ pub enum NodeError {
     /// The actor is gone: the node was shut down.
     #[error("the node has shut down")]
     Stopped,
+    /// The handler table was refused.
+    #[error(transparent)]
+    Table(#[from] crate::handlers::TableError),
+    /// Reloading found a problem; the old table stays.
+    #[error("reload refused, the old handler table stays: {0}")]
+    Reload(String),
+    /// Nothing to reload from.
+    #[error("this node has no config to reload (it was not started with --config)")]
+    NoReloadSource,
     /// One event of a batch was refused, so none was published.
     #[error("event {index}: {error}")]
     InBatch {
@@ -200,7 +209,11 @@ struct Shared {
     /// Every event this peer sees (its own included), for `tail` subscribers.
     tail: broadcast::Sender<Arc<Event>>,
     api: std::sync::OnceLock<SocketAddr>,
+    /// Builds the handler table afresh for a reload.
+    reload: std::sync::Mutex<Option<ReloadSource>>,
 }
+
+type ReloadSource = Box<dyn Fn() -> Result<Vec<HandlerSpec>, String> + Send + Sync>;
 
 /// A cloneable handle to a running node.
 #[derive(Clone)]
@@ -251,6 +264,7 @@ impl Node {
             stats,
             tail: broadcast::channel(config.tail_buffer).0,
             api: std::sync::OnceLock::new(),
+            reload: std::sync::Mutex::new(None),
         });
         let (commands, rx) = mpsc::channel(COMMAND_CAPACITY);
         let actor = actor::Actor::new(
@@ -436,13 +450,14 @@ impl NodeHandle {
         self.publish(topic, None, payload).await
     }
 
-    /// Adds a row to this peer's handler table; returns the row's name.
-    pub fn add_handler(&self, pattern: Pattern, action: Action) -> String {
-        self.shared.handlers.add(pattern, action)
+    /// Adds a row to this peer's handler table that stays across reloads; returns its name.
+    pub fn add_handler(&self, spec: HandlerSpec) -> Result<String, NodeError> {
+        Ok(self.shared.handlers.add(spec)?)
     }
 
-    /// Registers async Rust code for every event matching `pattern`.
-    pub fn on<F, Fut>(&self, pattern: Pattern, f: F) -> String
+    /// Registers async Rust code for every event matching `pattern`, with the same queue,
+    /// concurrency and accounting as any row (see [`Node::add_handler`] for options).
+    pub fn on<F, Fut>(&self, pattern: Pattern, f: F) -> Result<String, NodeError>
     where
         F: Fn(Arc<Event>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
@@ -452,7 +467,54 @@ impl NodeHandle {
             let f = f.clone();
             Box::pin(async move { f(event).await })
         }));
-        self.add_handler(pattern, action)
+        self.add_handler(HandlerSpec::new(pattern, action))
+    }
+
+    /// Like [`NodeHandle::on`], with the event's JSON data decoded as `T` first; an event
+    /// whose data is not a `T` is a failure of this row, logged with the reason.
+    pub fn on_json<T, F, Fut>(&self, pattern: Pattern, f: F) -> Result<String, NodeError>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+        F: Fn(Arc<Event>, T) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        self.on(pattern, move |event| {
+            let f = f.clone();
+            async move {
+                let data: T = event
+                    .data_json()
+                    .map_err(|e| format!("data is not a {}: {e}", std::any::type_name::<T>()))?;
+                f(event, data).await
+            }
+        })
+    }
+
+    /// Replaces the configured rows of the handler table at once (rows added with
+    /// [`NodeHandle::add_handler`] stay). A refused table changes nothing.
+    pub fn set_handlers(&self, specs: Vec<HandlerSpec>) -> Result<Vec<String>, NodeError> {
+        Ok(self.shared.handlers.replace(specs)?)
+    }
+
+    /// Where [`NodeHandle::reload`] gets the table from (the CLI: the config file and `--on`).
+    pub fn set_reload_source(
+        &self,
+        source: impl Fn() -> Result<Vec<HandlerSpec>, String> + Send + Sync + 'static,
+    ) {
+        *self.shared.reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(source));
+    }
+
+    /// Re-reads the handler table from the reload source and swaps it in; on any error the
+    /// old table stays and the error says why.
+    pub fn reload(&self) -> Result<Vec<String>, NodeError> {
+        let specs = {
+            let source = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
+            let source = source.as_ref().ok_or(NodeError::NoReloadSource)?;
+            source().map_err(NodeError::Reload)?
+        };
+        let names = self.set_handlers(specs)?;
+        tracing::info!(handlers = names.len(), "handler table reloaded");
+        Ok(names)
     }
 
     /// A live stream of the events this peer sees whose topic matches `pattern`.

@@ -49,14 +49,17 @@ async fn typed_events_reach_rust_handlers_and_subscribers_on_every_node() {
     let (tx, mut got) = mpsc::channel(16);
     for (name, node) in [("a", &a), ("b", &b)] {
         let tx = tx.clone();
-        node.on(Pattern::new("orders.*").unwrap(), move |event| {
-            let tx = tx.clone();
-            async move {
-                let order: OrderCreated = event.data_json()?;
-                tx.send((name, event.topic.to_string(), order)).await?;
-                Ok(())
-            }
-        });
+        node.on_json(
+            Pattern::new("orders.*").unwrap(),
+            move |event, order: OrderCreated| {
+                let tx = tx.clone();
+                async move {
+                    tx.send((name, event.topic.to_string(), order)).await?;
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
     }
     let mut on_b = b.subscribe(Pattern::new("orders.**").unwrap());
     wait_connected(&a, 1).await;
@@ -92,7 +95,8 @@ async fn typed_events_reach_rust_handlers_and_subscribers_on_every_node() {
     // A handler that fails is counted, not fatal.
     b.on(Pattern::new("bad.*").unwrap(), |_| async {
         Err("no thanks".into())
-    });
+    })
+    .unwrap();
     a.publish_json("bad.thing", &1).await.unwrap();
     tokio::time::timeout(T, async {
         while b.status().await.unwrap().counters.handler_failed < 1 {
@@ -129,7 +133,8 @@ async fn shutdown_lets_queued_handlers_finish_within_the_grace() {
             tx.send(event.seq).await?;
             Ok(())
         }
-    });
+    })
+    .unwrap();
     for i in 0..5 {
         node.publish_json("work.item", &i).await.unwrap();
     }

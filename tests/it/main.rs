@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod cli;
+mod handlers;
 mod lab;
 mod lan;
 mod library;

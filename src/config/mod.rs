@@ -173,3 +173,5 @@ mod tests {
         assert!(c.validate().is_err());
     }
 }
+
+pub mod file;

@@ -1,0 +1,358 @@
+//! The config file (`meshbus up --config meshbus.toml`): node settings and the handler table.
+//!
+//! Every key is documented in the README, and `examples/meshbus.toml` is a complete example
+//! (the tests load it). An error names the file, the line and the key, and says what was
+//! expected; nothing half-read is ever used.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::handlers::{
+    Action, CommandLine, ExecAction, FileAction, HandlerSpec, HttpAction, HttpMode, RowOptions,
+    DEFAULT_HTTP_TIMEOUT,
+};
+use crate::topic::Pattern;
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}: {message}")]
+pub struct ConfigFileError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line of the problem (0 when it is not tied to a line).
+    pub line: usize,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+/// What the file says.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFile {
+    /// `[node]`.
+    pub node: NodeSection,
+    /// `[[handler]]` rows, in file order.
+    pub handlers: Vec<HandlerSpec>,
+}
+
+/// `[node]`: settings that the command line overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Peer name.
+    pub name: Option<String>,
+    /// Listen multiaddrs.
+    pub listen: Option<Vec<String>>,
+    /// Peers to dial.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// mDNS discovery.
+    pub mdns: Option<bool>,
+    /// HTTP API address.
+    pub api: Option<std::net::SocketAddr>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Largest event.
+    pub max_event_size: Option<usize>,
+    /// Default time limit of exec handlers.
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub exec_timeout: Option<Duration>,
+    /// No default `**=log` row.
+    pub quiet: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    node: NodeSection,
+    #[serde(default)]
+    handler: Vec<toml::Spanned<RawHandler>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandler {
+    name: Option<String>,
+    pattern: String,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    filter: Option<String>,
+    transform: Option<String>,
+    concurrency: Option<usize>,
+    queue: Option<usize>,
+    retries: Option<u32>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    backoff_max: Option<Duration>,
+    dead_letter: Option<PathBuf>,
+    log: Option<RawLog>,
+    file: Option<RawFile>,
+    exec: Option<RawExec>,
+    http: Option<RawHttp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    path: PathBuf,
+    max_bytes: Option<u64>,
+    #[serde(default)]
+    keep: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCommand {
+    Shell(String),
+    Argv(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    command: RawCommand,
+    cwd: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    mode: HttpMode,
+    #[serde(default, deserialize_with = "duration_opt")]
+    timeout: Option<Duration>,
+}
+
+fn duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    humantime::parse_duration(&text).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); expected e.g. \"500ms\", \"30s\", \"2m\""
+        ))
+    })
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError {
+            path: path.to_owned(),
+            line: 0,
+            message: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks `text` as the contents of `path` (which is only used in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigFileError> {
+        let error = |line: usize, message: String| ConfigFileError {
+            path: path.to_owned(),
+            line,
+            message,
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            error(line, e.message().trim().to_owned())
+        })?;
+        let mut handlers = Vec::with_capacity(raw.handler.len());
+        for spanned in raw.handler {
+            let line = line_of(text, spanned.span().start);
+            let row = spanned.into_inner();
+            let what = row
+                .name
+                .as_deref()
+                .map(|n| format!("handler `{n}`"))
+                .unwrap_or_else(|| format!("handler `{}`", row.pattern));
+            handlers.push(
+                row.into_spec()
+                    .map_err(|m| error(line, format!("{what}: {m}")))?,
+            );
+        }
+        Ok(ConfigFile {
+            node: raw.node,
+            handlers,
+        })
+    }
+}
+
+impl RawHandler {
+    fn into_spec(self) -> Result<HandlerSpec, String> {
+        let pattern = Pattern::new(self.pattern).map_err(|e| format!("key `pattern`: {e}"))?;
+        let event_type = self
+            .event_type
+            .map(Pattern::new)
+            .transpose()
+            .map_err(|e| format!("key `type`: {e}"))?;
+        let mut actions = Vec::new();
+        if self.log.is_some() {
+            actions.push(Action::Log);
+        }
+        if let Some(f) = self.file {
+            actions.push(Action::File(FileAction {
+                path: f.path,
+                max_bytes: f.max_bytes,
+                keep: f.keep,
+            }));
+        }
+        if let Some(x) = self.exec {
+            let command = match x.command {
+                RawCommand::Shell(s) if !s.trim().is_empty() => CommandLine::Shell(s),
+                RawCommand::Argv(v) if !v.is_empty() => CommandLine::Argv(v),
+                _ => return Err("key `exec.command`: empty; expected a string for `sh -c` or an array [program, args…]".into()),
+            };
+            actions.push(Action::Exec(ExecAction {
+                command,
+                cwd: x.cwd,
+                timeout: x.timeout,
+            }));
+        }
+        if let Some(h) = self.http {
+            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                return Err(format!("key `http.url`: `{}` is not an http:// URL", h.url));
+            }
+            actions.push(Action::Http(HttpAction {
+                url: h.url,
+                headers: h.headers.into_iter().collect(),
+                mode: h.mode,
+                timeout: h.timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT),
+            }));
+        }
+        if actions.len() != 1 {
+            return Err(format!(
+                "needs exactly one action table ([handler.log], [handler.file], [handler.exec] or [handler.http]), found {}",
+                actions.len()
+            ));
+        }
+        let defaults = RowOptions::default();
+        let options = RowOptions {
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
+            queue: self.queue.unwrap_or(defaults.queue),
+            retries: self.retries.unwrap_or(defaults.retries),
+            backoff: self.backoff.unwrap_or(defaults.backoff),
+            backoff_max: self.backoff_max.unwrap_or(defaults.backoff_max),
+            dead_letter: self.dead_letter,
+        };
+        if options.concurrency == 0 || options.queue == 0 {
+            return Err("keys `concurrency` and `queue` must be at least 1".into());
+        }
+        Ok(HandlerSpec {
+            name: self.name,
+            pattern,
+            event_type,
+            filter: self.filter,
+            transform: self.transform,
+            options,
+            action: actions.remove(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ConfigFile, ConfigFileError> {
+        ConfigFile::parse(Path::new("meshbus.toml"), text)
+    }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/meshbus.toml");
+        let config = ConfigFile::load(&path).unwrap();
+        assert!(config.handlers.len() >= 4);
+        assert!(config
+            .handlers
+            .iter()
+            .any(|h| matches!(h.action, Action::Http(_))));
+    }
+
+    #[test]
+    fn rows_read_every_key() {
+        let c = parse(
+            r#"
+[node]
+name = "edge"
+exec_timeout = "5s"
+
+[[handler]]
+name = "ship"
+pattern = "orders.*"
+type = "order.**"
+filter = ".data.amount > 100"
+concurrency = 4
+retries = 3
+backoff = "100ms"
+backoff_max = "2s"
+dead_letter = "/tmp/dead.jsonl"
+[handler.exec]
+command = ["ship", "--fast"]
+cwd = "/tmp"
+timeout = "3s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.node.name.as_deref(), Some("edge"));
+        assert_eq!(c.node.exec_timeout, Some(Duration::from_secs(5)));
+        let h = &c.handlers[0];
+        assert_eq!(h.name.as_deref(), Some("ship"));
+        assert_eq!(h.options.concurrency, 4);
+        assert_eq!(h.options.retries, 3);
+        assert_eq!(h.options.backoff, Duration::from_millis(100));
+        assert_eq!(h.event_type.as_ref().unwrap().as_str(), "order.**");
+        let Action::Exec(exec) = &h.action else {
+            panic!("exec expected")
+        };
+        assert_eq!(
+            exec.command,
+            CommandLine::Argv(vec!["ship".into(), "--fast".into()])
+        );
+        assert_eq!(exec.timeout, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_key() {
+        let e =
+            parse("[[handler]]\npattern = \"a.*\"\n[handler.exec]\ncomand = \"x\"\n").unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.to_string().starts_with("meshbus.toml:4:"), "{e}");
+        assert!(e.message.contains("comand"), "{e}");
+
+        let e = parse("[[handler]]\npattern = \"a.*\"\nretries = \"many\"\n[handler.log]\n")
+            .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+
+        let e = parse("\n[[handler]]\npattern = \"**.a\"\n[handler.log]\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("key `pattern`"), "{e}");
+
+        let e = parse("[[handler]]\nname = \"x\"\npattern = \"a\"\n").unwrap_err();
+        assert!(
+            e.message.contains("handler `x`: needs exactly one action"),
+            "{e}"
+        );
+
+        let e =
+            parse("[[handler]]\npattern = \"a\"\nbackoff = \"soon\"\n[handler.log]\n").unwrap_err();
+        assert!(e.message.contains("not a duration"), "{e}");
+    }
+}

@@ -1,0 +1,289 @@
+//! jq filters and transforms on events, with jaq (a Rust jq implementation).
+//!
+//! A row's `filter` decides whether it takes an event: the event's CloudEvents JSON goes in,
+//! and the row takes the event when the first output is `true`. A `transform` shapes what the
+//! action gets: its first output, as JSON. A filter that fails on an event (a type error, say)
+//! is a failure of that row for that event, never a crash. Compiled filters are shared by the
+//! row's workers; each run finishes inside one call.
+
+use jaq_core::compile::Undefined;
+use jaq_core::data::JustLut;
+use jaq_core::load::{self, Arena, File, Loader};
+use jaq_core::{Compiler, Ctx, Exn, Vars};
+use jaq_json::{Num, Val};
+use serde_json::Value;
+
+use crate::event::Event;
+
+type D = JustLut<Val>;
+type JqFilter = jaq_core::Filter<D>;
+
+/// A jq expression that does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("jq {which} `{code}`: {message}")]
+pub struct JqError {
+    /// `filter` or `transform`.
+    pub which: &'static str,
+    /// The expression.
+    pub code: String,
+    /// Where and what.
+    pub message: String,
+}
+
+/// A row's compiled filter and transform.
+pub(super) struct RowJq {
+    filter: Option<JqFilter>,
+    transform: Option<JqFilter>,
+}
+
+impl RowJq {
+    /// Compiles what the row has; `None` when it has neither.
+    pub(super) fn compile(
+        filter: Option<&str>,
+        transform: Option<&str>,
+    ) -> Result<Option<RowJq>, JqError> {
+        let one = |which: &'static str, code: Option<&str>| {
+            code.map(|code| {
+                compile(code).map_err(|message| JqError {
+                    which,
+                    code: code.to_owned(),
+                    message,
+                })
+            })
+            .transpose()
+        };
+        let filter = one("filter", filter)?;
+        let transform = one("transform", transform)?;
+        Ok((filter.is_some() || transform.is_some()).then_some(RowJq { filter, transform }))
+    }
+
+    /// `Ok(None)`: the filter skips the event. `Ok(Some(json))`: what the action gets.
+    pub(super) fn apply(&self, event: &Event) -> Result<Option<String>, String> {
+        let line = event.to_json_line();
+        let input: Value = serde_json::from_str(&line).map_err(|e| format!("event JSON: {e}"))?;
+        if let Some(filter) = &self.filter {
+            match first(filter, input.clone())? {
+                Some(Value::Bool(true)) => {}
+                _ => return Ok(None),
+            }
+        }
+        let Some(transform) = &self.transform else {
+            return Ok(Some(line));
+        };
+        Ok(first(transform, input)?.map(|v| v.to_string()))
+    }
+}
+
+/// The first output of `filter` on `input`, or its error.
+fn first(filter: &JqFilter, input: Value) -> Result<Option<Value>, String> {
+    let input: Val = serde_json::from_value(input).map_err(|e| format!("jq input: {e}"))?;
+    let ctx = Ctx::<D>::new(&filter.lut, Vars::new([]));
+    let mut outputs = filter.id.run((ctx, input));
+    match outputs.next() {
+        None => Ok(None),
+        Some(Ok(v)) => Ok(Some(val_to_json(&v))),
+        Some(Err(e)) => Err(format!("jq: {}", exn_to_string(e))),
+    }
+}
+
+/// Parses and compiles `code` with the jq standard library.
+fn compile(code: &str) -> Result<JqFilter, String> {
+    let defs = jaq_core::defs()
+        .chain(jaq_std::defs())
+        .chain(jaq_json::defs());
+    let funs = jaq_core::funs::<D>()
+        .chain(jaq_std::funs::<D>())
+        .chain(jaq_json::funs::<D>());
+    let arena = Arena::default();
+    let modules = Loader::new(defs)
+        .load(&arena, File { code, path: () })
+        .map_err(load_errors)?;
+    Compiler::default()
+        .with_funs(funs)
+        .compile(modules)
+        .map_err(compile_errors)
+}
+
+// Halting filters (`halt`, `halt_error`) become errors here: jaq's own helper would exit the
+// whole process.
+/// Do NOT use `jaq_core::unwrap_valr` in a server: on `halt` it calls `std::process::exit`.
+fn exn_to_string(e: Exn<'_, Val>) -> String {
+    match e.get_err() {
+        // `error("msg")` -> msg ; `error({..})` -> JSON text ; type errors -> message
+        Ok(err) => match err.into_val() {
+            Val::TStr(s) => String::from_utf8_lossy(&s).into_owned(),
+            v => v.to_string(),
+        },
+        Err(e) => match e.get_halt() {
+            Ok(code) => format!("filter called halt (exit code {code})"),
+            Err(_) => "internal jaq exception".to_string(),
+        },
+    }
+}
+
+fn val_to_json(v: &Val) -> Value {
+    match v {
+        Val::Null => Value::Null,
+        Val::Bool(b) => Value::Bool(*b),
+        Val::Num(n) => num_to_json(n),
+        Val::TStr(s) | Val::BStr(s) => Value::String(String::from_utf8_lossy(s).into_owned()),
+        Val::Arr(a) => Value::Array(a.iter().map(val_to_json).collect()),
+        Val::Obj(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (key_string(k), val_to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn key_string(k: &Val) -> String {
+    match k {
+        Val::TStr(s) => String::from_utf8_lossy(s).into_owned(),
+        other => other.to_string(), // jaq allows non-string keys, e.g. `{(1): 2}`
+    }
+}
+
+fn num_to_json(n: &Num) -> Value {
+    let f = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    match n {
+        Num::Int(i) => Value::from(*i as i64),
+        Num::Float(x) => f(*x), // NaN / ±Infinity -> null
+        Num::BigInt(_) | Num::Dec(_) => {
+            let s = n.to_string();
+            s.parse::<serde_json::Number>()
+                .map(Value::Number)
+                .or_else(|_| s.parse::<f64>().map(f))
+                .unwrap_or(Value::Null)
+        }
+    }
+}
+
+fn load_errors(errs: load::Errors<&str, ()>) -> String {
+    let mut out = Vec::new();
+    for (file, err) in errs {
+        match err {
+            load::Error::Io(es) => {
+                for (path, msg) in es {
+                    out.push(format!("cannot load module {path:?}: {msg}"));
+                }
+            }
+            load::Error::Lex(es) => {
+                for (expected, found) in es {
+                    let at = pos(file.code, found);
+                    out.push(format!("{at}: lex error: expected {}", expected.as_str()));
+                }
+            }
+            load::Error::Parse(es) => {
+                for (expected, found) in es {
+                    let at = pos(file.code, found);
+                    let found = if found.is_empty() {
+                        "end of input"
+                    } else {
+                        found
+                    };
+                    out.push(format!(
+                        "{at}: parse error: expected {}, found {found}",
+                        expected.as_str()
+                    ));
+                }
+            }
+        }
+    }
+    out.join("\n")
+}
+
+fn compile_errors(errs: jaq_core::compile::Errors<&str, ()>) -> String {
+    let mut out = Vec::new();
+    for (file, es) in errs {
+        for (name, undef) in es {
+            let what = match undef {
+                Undefined::Filter(arity) => format!("filter {name}/{arity}"),
+                other => format!("{} {name}", other.as_str()),
+            };
+            out.push(format!("{}: undefined {what}", pos(file.code, name)));
+        }
+    }
+    out.join("\n")
+}
+
+/// Line/column of `part` (a subslice of `code`); jaq errors carry subslices of the source.
+fn pos(code: &str, part: &str) -> String {
+    let (start, p) = (code.as_ptr() as usize, part.as_ptr() as usize);
+    let before = p
+        .checked_sub(start)
+        .and_then(|off| code.get(..off))
+        .filter(|_| p <= start + code.len());
+    match before {
+        Some(b) => {
+            let line = b.matches('\n').count() + 1;
+            let col = b.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {col}")
+        }
+        None => "<prelude>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventId, JSON};
+    use crate::topic::Topic;
+
+    fn event(data: &str) -> Event {
+        Event {
+            id: EventId::new(),
+            topic: Topic::new("orders.created").unwrap(),
+            event_type: "orders.created".into(),
+            source: libp2p::PeerId::random(),
+            seq: 1,
+            time: std::time::SystemTime::now(),
+            content_type: JSON.into(),
+            data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn filters_keep_skip_and_fail() {
+        let jq = RowJq::compile(Some(".data.amount > 100"), None)
+            .unwrap()
+            .unwrap();
+        assert!(jq.apply(&event(r#"{"amount":150}"#)).unwrap().is_some());
+        assert!(jq.apply(&event(r#"{"amount":50}"#)).unwrap().is_none());
+        let jq = RowJq::compile(Some(".data.amount | ascii_downcase"), None)
+            .unwrap()
+            .unwrap();
+        assert!(
+            jq.apply(&event(r#"{"amount":5}"#)).is_err(),
+            "a type error is an error"
+        );
+    }
+
+    #[test]
+    fn transforms_shape_what_the_action_gets() {
+        let jq = RowJq::compile(None, Some("{id: .data.id, topic}"))
+            .unwrap()
+            .unwrap();
+        let out = jq.apply(&event(r#"{"id":42,"x":1}"#)).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"id": 42, "topic": "orders.created"}));
+    }
+
+    #[test]
+    fn bad_expressions_are_refused_with_where() {
+        let e = RowJq::compile(Some(".data | nosuchfn"), None)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("undefined") && e.to_string().contains("nosuchfn"),
+            "{e}"
+        );
+        let e = RowJq::compile(None, Some("{a: ")).err().unwrap();
+        assert!(e.to_string().contains("transform"), "{e}");
+        assert!(RowJq::compile(None, None).unwrap().is_none());
+        let jq = RowJq::compile(Some("halt_error"), None).unwrap().unwrap();
+        assert!(
+            jq.apply(&event("1")).is_err(),
+            "halting is an error, not an exit"
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! One row of the table at work: its queue, its workers, retries and the dead-letter file.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tracing::warn;
+
+use super::action::{self, Action, ActionError};
+use super::file::FileAction;
+use crate::event::Event;
+use crate::stats::{self, Histogram, Stats};
+
+/// Most events a worker takes off its queue at once (lets `file` and `log` write them in one
+/// go).
+const WORKER_BATCH: usize = 256;
+
+/// How a row runs its action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowOptions {
+    /// Events in flight at once. With 1, events run one at a time in arrival order, which for
+    /// one publisher is its publish order.
+    pub concurrency: usize,
+    /// Events waiting in front of the row; when full, new events are dropped for this row
+    /// and counted (`queue_full`): the newest is dropped, what is queued keeps its place.
+    pub queue: usize,
+    /// Further attempts after a failed one.
+    pub retries: u32,
+    /// Wait before the first retry; doubles each time.
+    pub backoff: Duration,
+    /// Longest wait between attempts.
+    pub backoff_max: Duration,
+    /// Where an event goes, as one JSON line with its last error, when its attempts are spent.
+    pub dead_letter: Option<PathBuf>,
+}
+
+impl Default for RowOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            queue: crate::config::DEFAULT_HANDLER_QUEUE,
+            retries: 0,
+            backoff: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            dead_letter: None,
+        }
+    }
+}
+
+impl RowOptions {
+    /// The wait before retry number `attempt` (1 for the first retry).
+    pub fn backoff_for(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.backoff.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// A row's counters, shared by its workers and the listing.
+#[derive(Debug, Default)]
+pub(super) struct RowCounters {
+    pub matched: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub filtered_out: AtomicU64,
+    /// Publish (the publisher's clock) to this row's action finished.
+    pub latency: Histogram,
+    /// When the last run finished, microseconds since the Unix epoch (0: never).
+    pub last_done: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// What a worker needs besides its queue.
+pub(super) struct Worker {
+    pub name: String,
+    pub action: Action,
+    pub options: RowOptions,
+    pub exec_timeout: Duration,
+    pub counters: Arc<RowCounters>,
+    pub stats: Arc<Stats>,
+    pub jq: Option<Arc<super::jq::RowJq>>,
+}
+
+impl Worker {
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<Arc<Event>>) {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(this.options.concurrency.max(1)));
+        let mut running = JoinSet::new();
+        let mut batch = Vec::with_capacity(WORKER_BATCH);
+        loop {
+            // Take work off the queue only when it can start: what waits, waits in the queue
+            // (where `queue_depth` and `queue_full` see it), not in this task.
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let limit = if this.batches() { WORKER_BATCH } else { 1 };
+            if rx.recv_many(&mut batch, limit).await == 0 {
+                break;
+            }
+            let events = this.select(std::mem::take(&mut batch)).await;
+            if events.is_empty() {
+                continue;
+            }
+            let worker = this.clone();
+            running.spawn(async move {
+                worker.attempt_all(events).await;
+                drop(permit);
+            });
+            while running.try_join_next().is_some() {}
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// `file` and `log` write a batch at once; the others run event by event.
+    fn batches(&self) -> bool {
+        matches!(self.action, Action::File(_) | Action::Log)
+    }
+
+    /// Applies the row's jq filter and transform; returns each kept event with what the
+    /// action gets (its JSON line, or the transform's output).
+    async fn select(&self, events: Vec<Arc<Event>>) -> Vec<(Arc<Event>, String)> {
+        let mut kept = Vec::with_capacity(events.len());
+        for event in events {
+            let Some(jq) = &self.jq else {
+                // Only the actions that send the JSON pay for it.
+                let line = match self.action {
+                    Action::File(_) | Action::Exec(_) | Action::Http(_) => event.to_json_line(),
+                    Action::Log | Action::Rust(_) => String::new(),
+                };
+                kept.push((event, line));
+                continue;
+            };
+            match jq.apply(&event) {
+                Ok(Some(input)) => kept.push((event, input)),
+                Ok(None) => stats::bump(&self.counters.filtered_out),
+                Err(error) => {
+                    // A filter that fails on an event is a failure of this row for it.
+                    self.finish(&event, Some(ActionError::Jq(error).to_string()), 1)
+                        .await;
+                }
+            }
+        }
+        kept
+    }
+
+    /// Runs the action on the events, retrying with backoff; records the outcome of each.
+    async fn attempt_all(&self, events: Vec<(Arc<Event>, String)>) {
+        self.counters
+            .in_flight
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut attempt = 0;
+        let result = loop {
+            let result = self.attempt(&events).await;
+            match &result {
+                Err(e) if e.retryable() && attempt < self.options.retries => {
+                    attempt += 1;
+                    stats::add(&self.counters.retried, events.len() as u64);
+                    let wait = e
+                        .retry_after()
+                        .unwrap_or_else(|| self.options.backoff_for(attempt));
+                    tracing::debug!(handler = %self.name, attempt, ?wait, error = %e, "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => break result,
+            }
+        };
+        let error = result.err().map(|e| e.to_string());
+        for (event, _) in &events {
+            self.finish(event, error.clone(), attempt + 1).await;
+        }
+        self.counters
+            .in_flight
+            .fetch_sub(events.len() as u64, Ordering::Relaxed);
+    }
+
+    async fn attempt(&self, events: &[(Arc<Event>, String)]) -> Result<(), ActionError> {
+        match &self.action {
+            Action::Log => {
+                let events: Vec<Arc<Event>> = events.iter().map(|(e, _)| e.clone()).collect();
+                action::log(&events).await
+            }
+            Action::File(file) => {
+                let mut lines = Vec::with_capacity(events.len() * 384);
+                for (_, input) in events {
+                    lines.extend_from_slice(input.as_bytes());
+                    lines.push(b'\n');
+                }
+                file.append(&lines).await
+            }
+            Action::Exec(exec) => {
+                for (event, input) in events {
+                    let mut line = input.clone();
+                    line.push('\n');
+                    action::exec(exec, self.exec_timeout, event, &line).await?;
+                }
+                Ok(())
+            }
+            Action::Http(http) => {
+                for (event, input) in events {
+                    http.post(event, input).await?;
+                }
+                Ok(())
+            }
+            Action::Rust(f) => {
+                for (event, _) in events {
+                    f(event.clone()).await.map_err(ActionError::Rust)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts an event's outcome; a failure is logged and, if the row has one, written to
+    /// the dead-letter file.
+    async fn finish(&self, event: &Arc<Event>, error: Option<String>, attempts: u32) {
+        self.counters
+            .latency
+            .record(crate::wire::age_micros(event.time));
+        let now = crate::wire::age_micros(std::time::UNIX_EPOCH);
+        self.counters.last_done.store(now, Ordering::Relaxed);
+        let Some(error) = error else {
+            stats::bump(&self.counters.succeeded);
+            stats::bump(&self.stats.handler_succeeded);
+            return;
+        };
+        stats::bump(&self.counters.failed);
+        stats::bump(&self.stats.handler_failed);
+        warn!(handler = %self.name, event = %event.id, topic = %event.topic, attempts,
+            error = %error, "handler failed");
+        *self
+            .counters
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+        let Some(path) = &self.options.dead_letter else {
+            return;
+        };
+        let record = serde_json::json!({
+            "handler": self.name,
+            "error": error,
+            "attempts": attempts,
+            "failed_at": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "event": event.to_cloudevent(),
+        });
+        let mut line = record.to_string();
+        line.push('\n');
+        match FileAction::new(path).append(line.as_bytes()).await {
+            Ok(()) => stats::bump(&self.counters.dead_lettered),
+            Err(e) => {
+                warn!(handler = %self.name, event = %event.id, error = %e, "cannot write the dead letter")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let o = RowOptions {
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(500),
+            ..RowOptions::default()
+        };
+        let waits: Vec<u128> = (1..=5).map(|a| o.backoff_for(a).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 500, 500]);
+    }
+}
