@@ -68,10 +68,7 @@ impl Client {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .unwrap_or_default(),
+            http: http_client(),
         }
     }
 
@@ -215,6 +212,20 @@ impl Client {
             futures::stream::iter(items)
         });
         Ok(stream)
+    }
+}
+
+/// An HTTP client (https through rustls with ring, the crypto libp2p already links). Never
+/// uses a proxy: meshbus talks to its own peers and to the webhooks it was told about.
+pub(crate) fn http_client() -> reqwest::Client {
+    // Fails only when a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match reqwest::Client::builder().no_proxy().build() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot configure the HTTP client; using the defaults");
+            reqwest::Client::new()
+        }
     }
 }
 

@@ -46,12 +46,7 @@ impl HttpAction {
 
     /// Sends one event; `json` is its CloudEvents JSON (after any transform).
     pub(super) async fn post(&self, event: &Event, json: &str) -> Result<(), ActionError> {
-        let client = CLIENT.get_or_init(|| {
-            reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .unwrap_or_default()
-        });
+        let client = CLIENT.get_or_init(crate::client::http_client);
         let mut request = client.post(&self.url).timeout(self.timeout);
         request = match self.mode {
             HttpMode::Structured => request

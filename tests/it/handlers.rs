@@ -410,7 +410,12 @@ fn reload_swaps_the_table_without_losing_or_repeating_events() {
     };
     let config = write_config(dir.path(), "meshbus.toml", &table(&first));
     let a = Peer::local(&["--config", &config]);
-    let api = a.api.unwrap();
+    // Events come from another peer, over the mesh.
+    let b = Peer::local(&["--peer", a.tcp_addr()]);
+    wait_until(T, "a and b connected", || {
+        a.peer_ids() == [b.peer_id.clone()]
+    });
+    let api = b.api.unwrap();
 
     // Publish steadily from another thread while the table is swapped under it.
     const N: usize = 300;
@@ -547,4 +552,73 @@ fn a_bad_config_file_stops_up_naming_the_file_line_and_key() {
         err.contains("handler `j`") && err.contains("nosuch"),
         "{err}"
     );
+}
+
+#[test]
+fn unwritable_files_refused_connections_and_failing_filters_are_counted_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    // A port nothing listens on: bind one, note it, close it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = write_config(
+        dir.path(),
+        "meshbus.toml",
+        &format!(
+            r#"
+[[handler]]
+name = "nowhere"
+pattern = "x.*"
+retries = 1
+backoff = "10ms"
+dead_letter = "{dead}"
+[handler.file]
+path = "{dir}/no/such/dir/events.jsonl"
+
+[[handler]]
+name = "refused"
+pattern = "x.*"
+retries = 2
+backoff = "10ms"
+dead_letter = "{dead}"
+[handler.http]
+url = "http://{closed}/hook"
+
+[[handler]]
+name = "badjq"
+pattern = "x.*"
+filter = ".data | ascii_downcase"
+[handler.log]
+"#,
+            dead = dead.display(),
+            dir = dir.path().display(),
+        ),
+    );
+    let a = Peer::local(&["--config", &config]);
+    a.cli_ok(&["publish", "x.y", "42"]);
+    wait_until(T, "every row to give up", || {
+        let s = a.status();
+        row(&s, "nowhere")["dead_lettered"] == 1
+            && row(&s, "refused")["dead_lettered"] == 1
+            && row(&s, "badjq")["failed"] == 1
+    });
+    let s = a.status();
+    assert_eq!(row(&s, "nowhere")["retried"], 1);
+    assert_eq!(row(&s, "refused")["retried"], 2);
+    assert!(row(&s, "refused")["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("POST"));
+    assert!(row(&s, "badjq")["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("jq"));
+    assert_eq!(wait_for_events(&dead, 2, T).len(), 2);
+    // The peer carries on.
+    a.cli_ok(&["publish", "x.z", "1"]);
+    wait_until(T, "the next event handled too", || {
+        row(&a.status(), "badjq")["matched"] == 2
+    });
 }
