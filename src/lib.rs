@@ -22,10 +22,12 @@
 //! - [`topic`]: topic names and `*`/`**` patterns (no IO).
 //! - [`event`]: the event envelope and its CloudEvents JSON view (no IO).
 //! - [`wire`]: the versioned binary encoding between peers (no IO); see `docs/wire.md`.
-//! - [`handlers`]: the handler table, its actions (log, file, exec, Rust) and their workers.
+//! - [`handlers`]: the handler table, its rows (queues, workers, retries, dead letters) and
+//!   actions (log, file, exec, http, Rust), with jq filters and transforms.
 //! - [`node`]: the actor that owns the libp2p swarm, discovery and broadcast, and its handle.
 //! - [`api`]: the HTTP control API a peer serves; [`client`]: the client the CLI uses.
-//! - [`config`]: settings and their defaults; [`stats`]: the counters `status` shows.
+//! - [`config`]: settings, defaults and the TOML config file; [`stats`]: the counters `status`
+//!   shows.
 //! - [`identity`]: the peer's key in its data directory, so a restart keeps its peer id.
 //! - [`netns`]: a virtual LAN of network namespaces on one Linux machine, for tests and demos;
 //!   [`lab`]: a lasting LAN of running peers on it, with faults (kill, restart, cut, heal).

@@ -29,6 +29,9 @@ use crate::topic::Topic;
 /// The format version this build writes and reads.
 pub const VERSION: u8 = 1;
 
+/// Latest publish time accepted: 9999-12-31T23:59:59.999999Z, the last RFC 3339 can write.
+pub const MAX_TIME_MICROS: u64 = 253_402_300_799_999_999;
+
 /// Bytes a batch adds around its events (version byte and protobuf framing), as a bound.
 pub const BATCH_OVERHEAD: usize = 16;
 
@@ -88,6 +91,9 @@ pub enum WireError {
     /// Type or content type out of bounds.
     #[error("event labels out of bounds: {0}")]
     BadLabel(String),
+    /// A publish time before 1970 or after 9999 (RFC 3339 cannot write it).
+    #[error("event time {0} µs since 1970 is out of range; expected 0 to {MAX_TIME_MICROS}")]
+    BadTime(i64),
     /// Over this peer's `max_event_size`.
     #[error("event of {size} bytes is over this peer's limit of {limit} bytes")]
     TooLarge {
@@ -204,7 +210,10 @@ fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<E
             limit: max_event_size,
         });
     }
-    let micros = u64::try_from(wire.time_unix_micros).unwrap_or(0);
+    let micros = u64::try_from(wire.time_unix_micros)
+        .ok()
+        .filter(|m| *m <= MAX_TIME_MICROS)
+        .ok_or(WireError::BadTime(wire.time_unix_micros))?;
     Ok(Event {
         id: EventId(id),
         topic,
@@ -321,18 +330,34 @@ mod tests {
         reserved.topic = "_mesh.peer.joined".into();
         let mut big = good.clone();
         big.data = Bytes::from(vec![b'1'; 2000]);
+        let mut far = good.clone();
+        far.time_unix_micros = MAX_TIME_MICROS as i64 + 1;
+        let mut early = good.clone();
+        early.time_unix_micros = -1;
         let batch = WireBatch {
-            events: vec![bad_id, good, bad_topic, reserved, big],
+            events: vec![bad_id, good, bad_topic, reserved, big, far, early],
         };
         let mut payload = vec![VERSION];
         batch.encode(&mut payload).unwrap();
         let decoded = decode_batch(payload, me, 1024).unwrap();
         assert_eq!(decoded.events.len(), 1);
-        assert_eq!(decoded.rejected.len(), 4);
+        assert_eq!(decoded.rejected.len(), 6);
         assert_eq!(decoded.rejected[0], WireError::BadId(3));
         assert!(matches!(decoded.rejected[1], WireError::BadTopic(_)));
         assert!(matches!(decoded.rejected[2], WireError::BadTopic(_)));
         assert!(matches!(decoded.rejected[3], WireError::TooLarge { .. }));
+        assert!(matches!(decoded.rejected[4], WireError::BadTime(_)));
+        assert!(matches!(decoded.rejected[5], WireError::BadTime(-1)));
+    }
+
+    #[test]
+    fn the_latest_accepted_time_still_formats() {
+        let me = PeerId::random();
+        let mut e = event(1, "a", "a", JSON, b"1", me);
+        e.time = UNIX_EPOCH + Duration::from_micros(MAX_TIME_MICROS);
+        let decoded = decode_batch(encode_batch([&e]), me, 1024).unwrap();
+        let line = decoded.events[0].to_json_line();
+        assert!(line.contains("9999-12-31T23:59:59.999999Z"), "{line}");
     }
 
     #[test]

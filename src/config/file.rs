@@ -12,8 +12,11 @@ use serde::{Deserialize, Deserializer};
 
 use crate::handlers::{
     Action, CommandLine, ExecAction, FileAction, HandlerSpec, HttpAction, HttpMode, RowOptions,
-    DEFAULT_HTTP_TIMEOUT,
+    DEFAULT_HTTP_TIMEOUT, MAX_CONCURRENCY, MAX_QUEUE,
 };
+
+/// Most rotated files a `file` row keeps.
+pub const MAX_KEEP: usize = 1000;
 use crate::topic::Pattern;
 
 /// A config file that could not be used.
@@ -246,14 +249,24 @@ impl RawHandler {
         let defaults = RowOptions::default();
         let options = RowOptions {
             concurrency: self.concurrency.unwrap_or(defaults.concurrency),
-            queue: self.queue.unwrap_or(defaults.queue),
+            queue: self.queue,
             retries: self.retries.unwrap_or(defaults.retries),
             backoff: self.backoff.unwrap_or(defaults.backoff),
             backoff_max: self.backoff_max.unwrap_or(defaults.backoff_max),
             dead_letter: self.dead_letter,
         };
-        if options.concurrency == 0 || options.queue == 0 {
-            return Err("keys `concurrency` and `queue` must be at least 1".into());
+        if !(1..=MAX_CONCURRENCY).contains(&options.concurrency) {
+            return Err(format!(
+                "key `concurrency`: expected 1 to {MAX_CONCURRENCY}"
+            ));
+        }
+        if options.queue.is_some_and(|q| !(1..=MAX_QUEUE).contains(&q)) {
+            return Err(format!("key `queue`: expected 1 to {MAX_QUEUE}"));
+        }
+        if let Action::File(f) = &actions[0] {
+            if f.keep > MAX_KEEP {
+                return Err(format!("key `file.keep`: expected 0 to {MAX_KEEP}"));
+            }
         }
         Ok(HandlerSpec {
             name: self.name,
@@ -354,5 +367,18 @@ timeout = "3s"
         let e =
             parse("[[handler]]\npattern = \"a\"\nbackoff = \"soon\"\n[handler.log]\n").unwrap_err();
         assert!(e.message.contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn row_options_have_bounds() {
+        let e = parse("[[handler]]\npattern = \"a\"\nqueue = 4611686018427387904\n[handler.log]\n")
+            .unwrap_err();
+        assert!(e.message.contains("key `queue`"), "{e}");
+        let e =
+            parse("[[handler]]\npattern = \"a\"\nconcurrency = 0\n[handler.log]\n").unwrap_err();
+        assert!(e.message.contains("key `concurrency`"), "{e}");
+        let e = parse("[[handler]]\npattern = \"a\"\n[handler.file]\npath = \"x\"\nkeep = 99999\n")
+            .unwrap_err();
+        assert!(e.message.contains("key `file.keep`"), "{e}");
     }
 }

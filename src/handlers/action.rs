@@ -261,7 +261,9 @@ pub(super) async fn exec(
         command: shown,
         source,
     })?;
-    let pid = child.id();
+    let pid = child.id().and_then(|p| i32::try_from(p).ok());
+    // If this future is dropped (shutdown cancels a handler), the whole group goes too.
+    let mut group = KillGroupOnDrop(pid);
     let (mut stdin, stdout, stderr) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let run = async {
@@ -282,6 +284,7 @@ pub(super) async fn exec(
     };
     match tokio::time::timeout(timeout, run).await {
         Ok((out, err, status)) => {
+            group.0 = None;
             let status = status.map_err(ActionError::Wait)?;
             if !out.is_empty() {
                 info!(event = %event.id, output = %out.trim_end(), "handler output");
@@ -299,15 +302,24 @@ pub(super) async fn exec(
             }
         }
         Err(_) => {
-            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                // The whole group: `sh -c` may have started children that hold the pipes.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            // The whole group: `sh -c` may have started children that hold the pipes.
+            drop(group);
             let _ = child.wait().await;
             Err(ActionError::Timeout(timeout))
+        }
+    }
+}
+
+/// SIGKILLs a process group when dropped, unless disarmed (set to `None`).
+struct KillGroupOnDrop(Option<i32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! The table can be swapped whole ([`Handlers::replace`], what `meshbus reload` does): events
 //! already queued finish under the row they matched, new events see the new table, and no event
-//! is dispatched to both. Rows added through the library ([`Handlers::add`]) survive a reload.
+//! is dispatched to both. A row that keeps its name keeps its counters, and its new worker
+//! starts only when the old one has drained its queue, so order holds across a reload. Rows
+//! added through the library ([`Handlers::add`]) survive a reload.
 //!
 //! At shutdown the queues close; workers get [`crate::config::Config::shutdown_grace`] to
 //! finish what is queued, then are cancelled (an `exec` child is killed with its process
@@ -29,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{warn, Instrument as _};
 
@@ -37,7 +39,7 @@ pub use action::{Action, ActionError, BoxError, CommandLine, ExecAction, RustHan
 pub use file::FileAction;
 pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
 pub use jq::JqError;
-pub use row::RowOptions;
+pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE};
 
 use crate::event::Event;
 use crate::stats::{self, Latency, Stats};
@@ -46,7 +48,8 @@ use crate::topic::{Pattern, TopicError};
 /// One row of the table, as configured: which events, what to do, how.
 #[derive(Debug, Clone)]
 pub struct HandlerSpec {
-    /// Its name in logs and listings; `h1`, `h2`, … when not given.
+    /// Its name in logs and listings; when not given, `h1`, `h2`, … by its place in the
+    /// table (`lib1`, `lib2`, … for rows added through the library).
     pub name: Option<String>,
     /// Which topics the row takes.
     pub pattern: Pattern,
@@ -140,6 +143,8 @@ struct Row {
     /// Front of the row's bounded queue.
     queue: mpsc::Sender<Arc<Event>>,
     counters: Arc<row::RowCounters>,
+    /// Turns true when the row's worker has finished (its queue closed and drained).
+    done: watch::Receiver<bool>,
 }
 
 /// A row and its counters, as `meshbus handlers`, `status` and the API show it.
@@ -228,24 +233,31 @@ impl Handlers {
         }
     }
 
-    /// Builds a row and starts its workers. Must be called inside a Tokio runtime.
-    fn start_row(&self, spec: HandlerSpec, origin: Origin) -> Result<Row, TableError> {
-        let name = spec
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("h{}", self.next_id.fetch_add(1, Ordering::Relaxed)));
+    /// Builds a row and starts its workers. Must be called inside a Tokio runtime. A row
+    /// that replaces `previous` (same name, at a reload) keeps its counters and starts taking
+    /// events only once the previous worker has finished its queue: order holds and no two
+    /// workers of one row ever run at once.
+    fn start_row(
+        &self,
+        spec: HandlerSpec,
+        name: String,
+        origin: Origin,
+        previous: Option<&Row>,
+    ) -> Result<Row, TableError> {
         let jq = jq::RowJq::compile(spec.filter.as_deref(), spec.transform.as_deref())
             .map_err(|error| TableError::Jq {
                 name: name.clone(),
                 error,
             })?
             .map(Arc::new);
-        let mut options = spec.options;
-        if options.queue == crate::config::DEFAULT_HANDLER_QUEUE {
-            options.queue = self.queue_capacity;
-        }
-        let (queue, rx) = mpsc::channel(options.queue.max(1));
-        let counters = Arc::new(row::RowCounters::default());
+        let options = spec.options;
+        let capacity = options
+            .queue
+            .unwrap_or(self.queue_capacity)
+            .clamp(1, row::MAX_QUEUE);
+        let (queue, rx) = mpsc::channel(capacity);
+        let counters = previous.map(|p| p.counters.clone()).unwrap_or_default();
+        let (done_tx, done) = watch::channel(false);
         let row = Row {
             name: name.clone(),
             pattern: spec.pattern,
@@ -254,6 +266,7 @@ impl Handlers {
             origin,
             queue,
             counters: counters.clone(),
+            done,
         };
         let worker = row::Worker {
             name: name.clone(),
@@ -264,14 +277,30 @@ impl Handlers {
             stats: self.stats.clone(),
             jq,
         };
+        let previous = previous.map(|p| p.done.clone());
         let span = tracing::info_span!("handler", name = %name);
-        lock(&self.workers).spawn(worker.run(rx).instrument(span));
+        let run = async move {
+            if let Some(mut previous) = previous {
+                // An error means that worker is gone already: nothing to wait for.
+                let _ = previous.wait_for(|done| *done).await;
+            }
+            worker.run(rx).await;
+            let _ = done_tx.send(true);
+        };
+        let mut workers = lock(&self.workers);
+        // Forget workers that have finished (rows replaced by earlier reloads).
+        while workers.try_join_next().is_some() {}
+        workers.spawn(run.instrument(span));
         Ok(row)
     }
 
     /// Adds a row that stays across reloads; returns its name.
     pub fn add(&self, spec: HandlerSpec) -> Result<String, TableError> {
-        let row = self.start_row(spec, Origin::Library)?;
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("lib{}", self.next_id.fetch_add(1, Ordering::Relaxed)));
+        let row = self.start_row(spec, name, Origin::Library, None)?;
         let name = row.name.clone();
         let mut rows = write(&self.rows);
         let mut next: Vec<Row> = rows.iter().cloned().collect();
@@ -298,9 +327,16 @@ impl Handlers {
                 },
             )?;
         }
+        let current = read(&self.rows).clone();
         let mut new_rows = Vec::with_capacity(specs.len());
-        for spec in specs {
-            new_rows.push(self.start_row(spec, Origin::Config)?);
+        for (i, spec) in specs.into_iter().enumerate() {
+            // Unnamed rows are named by their place, so a reload that keeps the table's shape
+            // keeps their names, counters and order.
+            let name = spec.name.clone().unwrap_or_else(|| format!("h{}", i + 1));
+            let previous = current
+                .iter()
+                .find(|r| r.origin == Origin::Config && r.name == name);
+            new_rows.push(self.start_row(spec, name, Origin::Config, previous)?);
         }
         let names = new_rows.iter().map(|r| r.name.clone()).collect();
         let mut rows = write(&self.rows);

@@ -24,14 +24,15 @@ pub struct RowOptions {
     /// Events in flight at once. With 1, events run one at a time in arrival order, which for
     /// one publisher is its publish order.
     pub concurrency: usize,
-    /// Events waiting in front of the row; when full, new events are dropped for this row
-    /// and counted (`queue_full`): the newest is dropped, what is queued keeps its place.
-    pub queue: usize,
+    /// Events waiting in front of the row (the node's `handler_queue` when `None`); when
+    /// full, new events are dropped for this row and counted (`queue_full`): the newest is
+    /// dropped, what is queued keeps its place.
+    pub queue: Option<usize>,
     /// Further attempts after a failed one.
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub backoff: Duration,
-    /// Longest wait between attempts.
+    /// Longest wait between attempts, a webhook's `Retry-After` included.
     pub backoff_max: Duration,
     /// Where an event goes, as one JSON line with its last error, when its attempts are spent.
     pub dead_letter: Option<PathBuf>,
@@ -41,7 +42,7 @@ impl Default for RowOptions {
     fn default() -> Self {
         Self {
             concurrency: 1,
-            queue: crate::config::DEFAULT_HANDLER_QUEUE,
+            queue: None,
             retries: 0,
             backoff: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
@@ -49,6 +50,15 @@ impl Default for RowOptions {
         }
     }
 }
+
+/// Time jq gets to evaluate a row's filter and transform on a batch of events.
+pub const JQ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most events in flight in one row.
+pub const MAX_CONCURRENCY: usize = 1024;
+
+/// Longest queue in front of one row.
+pub const MAX_QUEUE: usize = 1 << 20;
 
 impl RowOptions {
     /// The wait before retry number `attempt` (1 for the first retry).
@@ -125,24 +135,46 @@ impl Worker {
     /// Applies the row's jq filter and transform; returns each kept event with what the
     /// action gets (its JSON line, or the transform's output).
     async fn select(&self, events: Vec<Arc<Event>>) -> Vec<(Arc<Event>, String)> {
+        let Some(jq) = &self.jq else {
+            // Only the actions that send the JSON pay for it.
+            return events
+                .into_iter()
+                .map(|event| {
+                    let line = match self.action {
+                        Action::File(_) | Action::Exec(_) | Action::Http(_) => event.to_json_line(),
+                        Action::Log | Action::Rust(_) => String::new(),
+                    };
+                    (event, line)
+                })
+                .collect();
+        };
+        // jq runs user code that may take long or never end: off the async threads, and
+        // given up on after JQ_TIMEOUT (the evaluation itself cannot be stopped; see README).
+        let (jq, batch) = (jq.clone(), events.clone());
+        let evaluated = tokio::time::timeout(
+            JQ_TIMEOUT,
+            tokio::task::spawn_blocking(move || {
+                batch
+                    .iter()
+                    .map(|event| jq.apply(event))
+                    .collect::<Vec<_>>()
+            }),
+        )
+        .await;
+        let results = match evaluated {
+            Ok(Ok(results)) => results,
+            Ok(Err(join)) => vec![Err(format!("jq evaluation failed: {join}")); events.len()],
+            Err(_) => vec![Err(format!("jq did not finish within {JQ_TIMEOUT:?}")); events.len()],
+        };
         let mut kept = Vec::with_capacity(events.len());
-        for event in events {
-            let Some(jq) = &self.jq else {
-                // Only the actions that send the JSON pay for it.
-                let line = match self.action {
-                    Action::File(_) | Action::Exec(_) | Action::Http(_) => event.to_json_line(),
-                    Action::Log | Action::Rust(_) => String::new(),
-                };
-                kept.push((event, line));
-                continue;
-            };
-            match jq.apply(&event) {
+        for (event, result) in events.into_iter().zip(results) {
+            match result {
                 Ok(Some(input)) => kept.push((event, input)),
                 Ok(None) => stats::bump(&self.counters.filtered_out),
+                // A filter that fails on an event is a failure of this row for it.
                 Err(error) => {
-                    // A filter that fails on an event is a failure of this row for it.
                     self.finish(&event, Some(ActionError::Jq(error).to_string()), 1)
-                        .await;
+                        .await
                 }
             }
         }
@@ -163,7 +195,8 @@ impl Worker {
                     stats::add(&self.counters.retried, events.len() as u64);
                     let wait = e
                         .retry_after()
-                        .unwrap_or_else(|| self.options.backoff_for(attempt));
+                        .unwrap_or_else(|| self.options.backoff_for(attempt))
+                        .min(self.options.backoff_max);
                     tracing::debug!(handler = %self.name, attempt, ?wait, error = %e, "retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -208,8 +241,21 @@ impl Worker {
                 Ok(())
             }
             Action::Rust(f) => {
+                use futures::FutureExt as _;
                 for (event, _) in events {
-                    f(event.clone()).await.map_err(ActionError::Rust)?;
+                    // A panicking handler is a failed run of this row, not a dead worker.
+                    std::panic::AssertUnwindSafe(f(event.clone()))
+                        .catch_unwind()
+                        .await
+                        .map_err(|panic| {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            ActionError::Rust(format!("handler panicked: {what}").into())
+                        })?
+                        .map_err(ActionError::Rust)?;
                 }
                 Ok(())
             }

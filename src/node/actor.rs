@@ -39,6 +39,9 @@ const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Most peers remembered from mDNS; more are ignored until some expire.
 const MAX_KNOWN_PEERS: usize = 1024;
 
+/// Most `--peer` (or dialled) addresses kept and redialled.
+const MAX_EXPLICIT_PEERS: usize = 256;
+
 /// Most addresses remembered or shown per peer.
 const MAX_ADDRS_PER_PEER: usize = 16;
 
@@ -77,6 +80,8 @@ struct Connection {
     /// Last sign of life: established, or a ping answered. Connections silent for
     /// [`super::behaviour::DEAD_AFTER`] are closed (an unplugged peer sends no FIN).
     alive_at: Instant,
+    /// The other side does not speak ping, so silence proves nothing.
+    no_ping: bool,
 }
 
 struct Identity {
@@ -198,11 +203,19 @@ impl Actor {
                 reply,
             } => self.publish_queued(Unpublished(topic, event_type, payload), reply),
             Command::PublishMany { events, reply } => {
-                let items = events
+                let items: Vec<Unpublished> = events
                     .into_iter()
                     .map(|(topic, event_type, payload)| Unpublished(topic, event_type, payload))
                     .collect();
-                let _ = reply.send(self.publish_events(items).map_err(NodeError::Publish));
+                let total = items.len();
+                let result = match self.publish_events(items) {
+                    (published, None) => Ok(published),
+                    (published, Some(reason)) => Err(NodeError::Publish(format!(
+                        "{reason}; the first {} of the {total} events were published",
+                        published.len()
+                    ))),
+                };
+                let _ = reply.send(result);
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.peer_list());
@@ -234,7 +247,7 @@ impl Actor {
     /// that they share messages, then answers each.
     fn publish_queued(&mut self, first: Unpublished, reply: Reply) {
         let mut items = vec![first];
-        let mut replies = vec![reply];
+        let mut replies = vec![Some(reply)];
         let mut bytes = items[0].wire_size();
         while bytes < BATCH_BYTES {
             match self.commands.try_recv() {
@@ -247,7 +260,7 @@ impl Actor {
                     let item = Unpublished(topic, event_type, payload);
                     bytes += item.wire_size();
                     items.push(item);
-                    replies.push(reply);
+                    replies.push(Some(reply));
                 }
                 Ok(other) => {
                     self.deferred = Some(other);
@@ -256,24 +269,28 @@ impl Actor {
                 Err(_) => break,
             }
         }
-        match self.publish_events(items) {
-            Ok(published) => {
-                for (p, reply) in published.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(p));
-                }
+        let (published, failure) = self.publish_events(items);
+        let sent = published.len();
+        for (p, reply) in published
+            .into_iter()
+            .zip(replies.iter_mut().map(Option::take))
+        {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(p));
             }
-            Err(reason) => {
-                for reply in replies {
-                    let _ = reply.send(Err(NodeError::Publish(reason.clone())));
-                }
+        }
+        if let Some(reason) = failure {
+            for reply in replies.into_iter().skip(sent).flatten() {
+                let _ = reply.send(Err(NodeError::Publish(reason.clone())));
             }
         }
     }
 
     /// Stamps events (id, seq, time), publishes them in as few messages as fit, and delivers
-    /// them locally, in order. On an error, the events of the failed message and after are
-    /// not published and their sequence numbers are given back, so receivers see no gap.
-    fn publish_events(&mut self, items: Vec<Unpublished>) -> Result<Vec<Published>, String> {
+    /// them locally, in order. Returns what was published and, if a message failed, why: the
+    /// events of that message and after are not published, and their sequence numbers are
+    /// given back so receivers see no gap.
+    fn publish_events(&mut self, items: Vec<Unpublished>) -> (Vec<Published>, Option<String>) {
         let mut published = Vec::with_capacity(items.len());
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
@@ -315,7 +332,7 @@ impl Actor {
                         other => other.to_string(),
                     };
                     warn!(events = message.len(), %reason, "publish failed");
-                    return Err(reason);
+                    return (published, Some(reason));
                 }
             };
             stats::add(&self.shared.stats.published, message.len() as u64);
@@ -329,7 +346,7 @@ impl Actor {
                 self.deliver(event);
             }
         }
-        Ok(published)
+        (published, None)
     }
 
     /// Hands an event to the local handler table and `tail` subscribers. Never waits.
@@ -363,6 +380,7 @@ impl Actor {
                     Connection {
                         addr,
                         alive_at: Instant::now(),
+                        no_ping: false,
                     },
                 );
             }
@@ -558,7 +576,15 @@ impl Actor {
                 }
             }
             // A peer without ping is odd but not dead; liveness then rests on TCP/QUIC.
-            Err(ping::Failure::Unsupported) => {}
+            Err(ping::Failure::Unsupported) => {
+                if let Some(conn) = self
+                    .peers
+                    .get_mut(&event.peer)
+                    .and_then(|p| p.connections.get_mut(&event.connection))
+                {
+                    conn.no_ping = true;
+                }
+            }
             Err(error) => {
                 debug!(peer = %event.peer, %error, "ping failed; closing the connection");
                 self.swarm.close_connection(event.connection);
@@ -591,6 +617,12 @@ impl Actor {
 
     fn add_explicit(&mut self, addr: Multiaddr) -> Result<(), NodeError> {
         if !self.explicit.iter().any(|e| e.addr == addr) {
+            if self.explicit.len() >= MAX_EXPLICIT_PEERS {
+                return Err(NodeError::Dial {
+                    addr,
+                    reason: format!("this node already keeps {MAX_EXPLICIT_PEERS} peer addresses"),
+                });
+            }
             let peer = addr.iter().find_map(|p| match p {
                 Protocol::P2p(peer) => Some(peer),
                 _ => None,
@@ -641,7 +673,7 @@ impl Actor {
             .flat_map(|(peer, p)| {
                 p.connections
                     .iter()
-                    .filter(|(_, c)| c.alive_at.elapsed() > DEAD_AFTER)
+                    .filter(|(_, c)| !c.no_ping && c.alive_at.elapsed() > DEAD_AFTER)
                     .map(|(id, _)| (*peer, *id))
             })
             .collect();

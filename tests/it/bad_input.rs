@@ -15,14 +15,6 @@ use crate::support::*;
 
 const T: Duration = Duration::from_secs(20);
 
-/// `meshbus up` with a data directory of its own, removed when the guard drops.
-fn up_command() -> (Command, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.env("MESHBUS_DATA_DIR", dir.path());
-    (cmd, dir)
-}
-
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -75,38 +67,13 @@ fn invalid_topics_and_patterns_are_refused_naming_the_rule() {
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("`**` may only be the last segment"));
 
-    let (mut up, _data) = up_command();
-    let out = up
-        .args([
-            "up",
-            "--no-mdns",
-            "--api",
-            "127.0.0.1:0",
-            "--on",
-            "orders.**.x=log",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let err = up_fails(&["--api", "127.0.0.1:0", "--on", "orders.**.x=log"]);
+    assert!(err.contains("`**` may only be the last segment"), "{err}");
+    let err = up_fails(&["--api", "127.0.0.1:0", "--on", "orders.*=email:me"]);
     assert!(
-        stderr_of(&out).contains("`**` may only be the last segment"),
-        "{}",
-        stderr_of(&out)
+        err.contains("expected one of: log, file:PATH, exec:COMMAND"),
+        "{err}"
     );
-    let (mut up, _data) = up_command();
-    let out = up
-        .args([
-            "up",
-            "--no-mdns",
-            "--api",
-            "127.0.0.1:0",
-            "--on",
-            "orders.*=email:me",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("expected one of: log, file:PATH, exec:COMMAND"));
 }
 
 #[test]
@@ -120,40 +87,18 @@ fn oversized_events_are_refused_naming_the_limit() {
     a.cli_ok(&["publish", "blobs.small", &"x".repeat(500)]);
     assert_eq!(a.status()["counters"]["published"], 1);
 
-    let (mut up, _data) = up_command();
-    let out = up
-        .args([
-            "up",
-            "--no-mdns",
-            "--api",
-            "127.0.0.1:0",
-            "--max-event-size",
-            "99999999",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("max_event_size 99999999 is out of range"));
+    let err = up_fails(&["--api", "127.0.0.1:0", "--max-event-size", "99999999"]);
+    assert!(
+        err.contains("max_event_size 99999999 is out of range"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_second_peer_on_a_busy_api_port_says_so() {
     let a = Peer::local(&[]);
     let api = a.api.unwrap().to_string();
-    let (mut up, _data) = up_command();
-    let out = up
-        .args([
-            "up",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            &api,
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = stderr_of(&out);
+    let err = up_fails(&["--api", &api]);
     assert!(err.contains(&api) && err.contains("--api"), "{err}");
 }
 
@@ -326,19 +271,4 @@ fn slow_failing_and_chatty_handlers_do_not_hold_up_other_handlers() {
         "{logs}"
     );
     assert!(logs.contains("still running after 1s"), "{logs}");
-}
-
-/// Whether any live (not zombie) process is in process group `pgid`.
-fn group_alive(pgid: i32) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            return false;
-        };
-        // Fields after the `(comm)`: state, ppid, pgrp, …
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            return false;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string()
-    })
 }

@@ -512,20 +512,7 @@ fn a_bad_config_file_stops_up_naming_the_file_line_and_key() {
         "broken.toml",
         "[node]\nname = \"x\"\n\n[[handler]]\npattern = \"a.*\"\nretries = \"three\"\n[handler.log]\n",
     );
-    let out = std::process::Command::new(bin())
-        .env("MESHBUS_DATA_DIR", dir.path().join("data"))
-        .args([
-            "up",
-            "--no-mdns",
-            "--api",
-            "127.0.0.1:0",
-            "--config",
-            &config,
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = up_fails(&["--api", "127.0.0.1:0", "--config", &config]);
     assert!(err.contains("broken.toml:6:"), "{err}");
     assert!(err.contains("three"), "{err}");
 
@@ -534,20 +521,7 @@ fn a_bad_config_file_stops_up_naming_the_file_line_and_key() {
         "badjq.toml",
         "[[handler]]\nname = \"j\"\npattern = \"a.*\"\nfilter = \".x | nosuch\"\n[handler.log]\n",
     );
-    let out = std::process::Command::new(bin())
-        .env("MESHBUS_DATA_DIR", dir.path().join("data"))
-        .args([
-            "up",
-            "--no-mdns",
-            "--api",
-            "127.0.0.1:0",
-            "--config",
-            &config,
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = up_fails(&["--api", "127.0.0.1:0", "--config", &config]);
     assert!(
         err.contains("handler `j`") && err.contains("nosuch"),
         "{err}"
@@ -621,4 +595,22 @@ filter = ".data | ascii_downcase"
     wait_until(T, "the next event handled too", || {
         row(&a.status(), "badjq")["matched"] == 2
     });
+}
+
+#[test]
+fn shutdown_kills_a_running_exec_handler_with_its_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pid");
+    let a = Peer::local(&[
+        "--on",
+        &format!("x.*=exec:echo $$ > {}; sleep 600", pids.display()),
+    ]);
+    a.cli_ok(&["publish", "x.y", "1"]);
+    let group: i32 = wait_for(T, "the handler to start", || {
+        std::fs::read_to_string(&pids).ok()?.trim().parse().ok()
+    });
+    assert!(group_alive(group));
+    let status = a.stop();
+    assert!(status.success(), "{status}");
+    wait_until(T, "the handler's group to be gone", || !group_alive(group));
 }

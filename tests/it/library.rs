@@ -92,14 +92,23 @@ async fn typed_events_reach_rust_handlers_and_subscribers_on_every_node() {
         other => panic!("expected an event, got {other:?}"),
     }
 
+    // A handler that panics is a counted failure too, and its row keeps working.
+    b.on(Pattern::new("boom.*").unwrap(), |event| async move {
+        assert!(event.seq == 0, "handler panics on purpose");
+        Ok(())
+    })
+    .unwrap();
+
     // A handler that fails is counted, not fatal.
     b.on(Pattern::new("bad.*").unwrap(), |_| async {
         Err("no thanks".into())
     })
     .unwrap();
     a.publish_json("bad.thing", &1).await.unwrap();
+    a.publish_json("boom.one", &1).await.unwrap();
+    a.publish_json("boom.two", &2).await.unwrap();
     tokio::time::timeout(T, async {
-        while b.status().await.unwrap().counters.handler_failed < 1 {
+        while b.status().await.unwrap().counters.handler_failed < 3 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })

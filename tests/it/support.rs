@@ -296,3 +296,43 @@ pub fn wait_in_netns(netns: &str, pid: u32) {
         },
     );
 }
+
+/// Runs `meshbus up --no-mdns --listen 127.0.0.1 ARGS…` with a data directory of its own,
+/// which must refuse to start; returns what it said on stderr.
+pub fn up_fails(args: &[&str]) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .env("MESHBUS_DATA_DIR", data.path())
+        .args(["up", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(Duration::from_secs(20), "meshbus up to give up", || {
+        child.try_wait().unwrap()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        !status.success(),
+        "meshbus up {args:?} should have failed: {err}"
+    );
+    err
+}
+
+/// Whether any live (not zombie) process is in process group `pgid`.
+pub fn group_alive(pgid: i32) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // Fields after the `(comm)`: state, ppid, pgrp, …
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            return false;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string()
+    })
+}
