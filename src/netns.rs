@@ -173,11 +173,6 @@ impl VirtualLan {
         self.kept = true;
         std::mem::take(&mut self.hosts)
     }
-
-    /// Kills everything in the lab and removes its namespaces.
-    pub fn destroy(self) {
-        drop(self);
-    }
 }
 
 impl Drop for VirtualLan {

@@ -104,14 +104,6 @@ pub enum WireError {
     },
 }
 
-/// Encoded size of one event inside a batch, to fill batches up to a byte budget.
-pub fn encoded_len(event: &Event) -> usize {
-    let wire = to_wire(event);
-    let len = wire.encoded_len();
-    // Field tag and length prefix of the repeated field.
-    len + 1 + prost::length_delimiter_len(len)
-}
-
 fn to_wire(event: &Event) -> WireEvent {
     let micros = event
         .time
@@ -280,25 +272,6 @@ mod tests {
         let short = encode_batch(&[event(1, "a", "a", JSON, b"1", me)]);
         let long = encode_batch(&[event(1, "a", "b", TEXT, b"1", me)]);
         assert!(short.len() + "b".len() + TEXT.len() <= long.len());
-    }
-
-    #[test]
-    fn encoded_len_predicts_batch_size() {
-        let me = PeerId::random();
-        let events: Vec<_> = (0..10)
-            .map(|i| {
-                event(
-                    i,
-                    "orders.created",
-                    "orders.created",
-                    JSON,
-                    &[b'7'; 300],
-                    me,
-                )
-            })
-            .collect();
-        let predicted: usize = events.iter().map(encoded_len).sum();
-        assert_eq!(encode_batch(&events).len(), 1 + predicted);
     }
 
     #[test]

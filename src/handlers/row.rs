@@ -100,7 +100,9 @@ pub(super) struct Worker {
 impl Worker {
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Arc<Event>>) {
         let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.options.concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(
+            this.options.concurrency.clamp(1, MAX_CONCURRENCY),
+        ));
         let mut running = JoinSet::new();
         let mut batch = Vec::with_capacity(WORKER_BATCH);
         loop {

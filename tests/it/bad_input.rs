@@ -218,7 +218,7 @@ fn slow_failing_and_chatty_handlers_do_not_hold_up_other_handlers() {
     let pids = dir.path().join("pids");
     let a = Peer::local(&[
         "--exec-timeout",
-        "1",
+        "2",
         "--on",
         &format!("jobs.*=exec:echo $$ >> {}; sleep 60", pids.display()),
         "--on",
@@ -235,14 +235,14 @@ fn slow_failing_and_chatty_handlers_do_not_hold_up_other_handlers() {
                 .unwrap();
         ids.push(out["id"].as_str().unwrap().to_owned());
     }
-    // The file handler finishes all three while the hanging one is still on its first.
+    // The file handler finishes all three while the hanging one is still at work.
     wait_for_events(&file, 3, T);
     let status = a.status();
+    // Had the file row waited behind the hanging one, the hanging one would be done with
+    // all three (each takes its full 2 s timeout) before the file row wrote its last.
     let hanging = handler(&status, "exec:echo $$");
-    assert_eq!(
-        hanging["succeeded"].as_u64().unwrap() + hanging["failed"].as_u64().unwrap(),
-        0
-    );
+    let hung_done = hanging["succeeded"].as_u64().unwrap() + hanging["failed"].as_u64().unwrap();
+    assert!(hung_done < 3, "{hanging:#}");
 
     wait_until(T, "every handler to finish", || {
         let s = a.status();
@@ -270,5 +270,5 @@ fn slow_failing_and_chatty_handlers_do_not_hold_up_other_handlers() {
         logs.contains("exited with exit status: 3") && logs.contains("failing"),
         "{logs}"
     );
-    assert!(logs.contains("still running after 1s"), "{logs}");
+    assert!(logs.contains("still running after 2s"), "{logs}");
 }

@@ -226,15 +226,17 @@ pub fn peer_ids(json: &str) -> Vec<String> {
         .collect()
 }
 
-/// The CloudEvents a file handler wrote so far (none if the file does not exist yet).
+/// The CloudEvents a file handler wrote so far (none if the file does not exist yet). A last
+/// line without its newline is still being written and is left for the next look.
 pub fn events_in(path: &Path) -> Vec<Value> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
 }
 
 /// Waits until a file handler has written at least `n` events; returns them.
