@@ -77,12 +77,7 @@ impl Client {
     }
 
     fn error(&self, e: reqwest::Error) -> ClientError {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            reason = s.to_string();
-            source = s.source();
-        }
+        let reason = innermost(&e);
         if e.is_connect() {
             ClientError::NotRunning {
                 addr: self.addr,
@@ -213,6 +208,18 @@ impl Client {
         });
         Ok(stream)
     }
+}
+
+/// The innermost cause of a request error: "Connection refused (os error 111)" says more
+/// than reqwest's "error sending request".
+pub(crate) fn innermost(e: &reqwest::Error) -> String {
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason = s.to_string();
+        source = s.source();
+    }
+    reason
 }
 
 /// An HTTP client (https through rustls with ring, the crypto libp2p already links). Never

@@ -152,10 +152,7 @@ impl VirtualLan {
 
     /// A command that runs `program` inside host `i`'s namespace.
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.hosts[i].netns])
-            .arg(program);
-        cmd
+        exec(&self.hosts[i].netns, program)
     }
 
     /// Unplugs host `i` from the bridge (its processes keep running).
@@ -181,6 +178,14 @@ impl Drop for VirtualLan {
             remove_lab(&self.prefix);
         }
     }
+}
+
+/// A command that runs `program` inside namespace `netns` (`ip netns exec` replaces itself
+/// with the program, so the child's pid is the program's).
+pub fn exec(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(program);
+    cmd
 }
 
 /// Unplugs host `i` of lab `prefix` from its bridge.

@@ -124,16 +124,12 @@ fn httpdate_until(value: &str) -> Option<Duration> {
 }
 
 fn innermost(e: &reqwest::Error) -> String {
-    let mut reason = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        reason = s.to_string();
-        source = s.source();
-    }
+    let reason = crate::client::innermost(e);
     if e.is_timeout() {
-        reason = format!("no answer in time ({reason})");
+        format!("no answer in time ({reason})")
+    } else {
+        reason
     }
-    reason
 }
 
 #[cfg(test)]

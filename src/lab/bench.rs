@@ -256,11 +256,8 @@ fn cpu_secs(pid: u32) -> f64 {
         .ok()
         .flatten()
         .unwrap_or(100) as f64;
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(") ")?;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
+    super::stat_fields(pid)
+        .and_then(|fields| {
             // After the command: state(0) … utime(11) stime(12).
             let utime: f64 = fields.get(11)?.parse().ok()?;
             let stime: f64 = fields.get(12)?.parse().ok()?;

@@ -260,10 +260,8 @@ impl Lab {
         let offset = log.metadata().map_err(io(&log_path))?.len();
         let err = log.try_clone().map_err(io(&log_path))?;
         let host = &self.state.hosts[i];
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &host.netns])
-            .arg(&self.state.bin)
-            .args(["up", "--name", &host.name, "--data-dir"])
+        let mut cmd = netns::exec(&host.netns, &self.state.bin);
+        cmd.args(["up", "--name", &host.name, "--data-dir"])
             .arg(&data_dir)
             .arg("--on")
             .arg(format!(
@@ -354,10 +352,7 @@ impl Lab {
 
     /// A command that runs `program` inside host `i`.
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.state.hosts[i].netns])
-            .arg(program);
-        cmd
+        netns::exec(&self.state.hosts[i].netns, program)
     }
 
     /// Runs `meshbus ARGS…` inside host `i` (it talks to that host's peer).
@@ -449,15 +444,19 @@ impl Lab {
     }
 }
 
+/// The fields of `/proc/PID/stat` after the command name: state, ppid, pgrp, … (see
+/// proc(5), counting from field 3).
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// Whether a process runs (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    stat_fields(pid)
+        .and_then(|f| f.first().cloned())
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 fn wait(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<(), LabError> {

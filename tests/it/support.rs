@@ -327,14 +327,11 @@ pub fn up_fails(args: &[&str]) -> String {
 /// Whether any live (not zombie) process is in process group `pgid`.
 pub fn group_alive(pgid: i32) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             return false;
         };
-        // Fields after the `(comm)`: state, ppid, pgrp, …
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            return false;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string()
+        // Fields after the command: state, ppid, pgrp, …
+        meshbus::lab::stat_fields(pid)
+            .is_some_and(|f| f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string())
     })
 }
