@@ -7,10 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt as _;
-use meshbus::api::PublishRequest;
-use meshbus::client::{Client, StreamItem};
+use meshbus::api::{view, Client, PublishRequest};
 use meshbus::config::{self, API_ENV};
-use meshbus::{CloudEvent, Config, HandlerSpec, Multiaddr, Node, Pattern};
+use meshbus::{CloudEvent, HandlerSpec, Multiaddr, Node, Pattern, Tailed};
 
 #[derive(Parser)]
 #[command(name = "meshbus", version, about = "A peer-to-peer event mesh", long_about = None)]
@@ -58,8 +57,9 @@ struct UpArgs {
     /// Do not discover peers by mDNS.
     #[arg(long)]
     no_mdns: bool,
-    /// Where to serve the HTTP API [default: $MESHBUS_API, else 127.0.0.1:7420].
-    #[arg(long, env = API_ENV)]
+    /// Where to serve the HTTP API [default: $MESHBUS_API, else the file's, else
+    /// 127.0.0.1:7420].
+    #[arg(long)]
     api: Option<SocketAddr>,
     /// A TOML config file: [node] settings and [[handler]] rows (see the README). SIGHUP or
     /// `meshbus reload` re-reads its handler table.
@@ -78,9 +78,10 @@ struct UpArgs {
     /// Time limit of exec handlers, in seconds [default: 30].
     #[arg(long)]
     exec_timeout: Option<u64>,
-    /// Where the peer keeps its identity key (default $XDG_DATA_HOME/meshbus or
-    /// ~/.local/share/meshbus). The same directory gives the same peer id after a restart.
-    #[arg(long, env = "MESHBUS_DATA_DIR")]
+    /// Where the peer keeps its identity key (default $MESHBUS_DATA_DIR, else the file's,
+    /// else $XDG_DATA_HOME/meshbus or ~/.local/share/meshbus). The same directory gives the
+    /// same peer id after a restart.
+    #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
 }
 
@@ -155,9 +156,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up(args) => up(args).await,
         Cmd::Publish(args) => publish(args).await,
         Cmd::Tail(args) => tail(args).await,
-        Cmd::Peers(args) => peers(args).await,
-        Cmd::Status(args) => status(args).await,
-        Cmd::Handlers(args) => handlers(args).await,
+        Cmd::Peers(args) => {
+            let peers = Client::new(args.api.api).peers().await?;
+            show(args.json, &peers[..], view::peers)
+        }
+        Cmd::Status(args) => {
+            let status = Client::new(args.api.api).status().await?;
+            show(args.json, &status, view::status)
+        }
+        Cmd::Handlers(args) => {
+            let rows = Client::new(args.api.api).handlers().await?;
+            show(args.json, &rows[..], view::handlers)
+        }
         Cmd::Reload(args) => {
             let names = Client::new(args.api.api).reload().await?;
             if args.json {
@@ -171,92 +181,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
-    let file = match &args.config {
-        Some(path) => meshbus::config::file::ConfigFile::load(path)?,
-        None => meshbus::config::file::ConfigFile::default(),
-    };
-    let n = &file.node;
-    let data_dir = match args.data_dir.clone().or(n.data_dir.clone()) {
-        Some(dir) => dir,
-        None => meshbus::identity::default_data_dir()?,
-    };
-    let identity = meshbus::identity::load_or_create(&data_dir)?;
-    let parse = |addrs: &[String], key: &str| -> anyhow::Result<Vec<Multiaddr>> {
-        addrs
-            .iter()
-            .map(|a| {
-                a.parse()
-                    .with_context(|| format!("[node] {key}: `{a}` is not a multiaddr"))
-            })
-            .collect()
-    };
-    let listen = match (args.listen.is_empty(), &n.listen) {
-        (false, _) => args.listen.clone(),
-        (true, Some(addrs)) => parse(addrs, "listen")?,
-        (true, None) => config::default_listen(),
-    };
-    let mut peers = parse(&n.peers, "peers")?;
-    peers.extend(args.peers.iter().cloned());
-    let config = Config {
-        name: args.name.clone().or(n.name.clone()),
-        keypair: Some(identity.keypair.clone()),
-        listen,
-        peers,
-        mdns: !args.no_mdns && n.mdns.unwrap_or(true),
-        api: Some(args.api.or(n.api).unwrap_or(config::DEFAULT_API)),
-        max_event_size: args
-            .max_event_size
-            .or(n.max_event_size)
-            .unwrap_or(config::DEFAULT_MAX_EVENT_SIZE),
-        exec_timeout: args
-            .exec_timeout
-            .map(std::time::Duration::from_secs)
-            .or(n.exec_timeout)
-            .unwrap_or(config::DEFAULT_EXEC_TIMEOUT),
-        ..Config::default()
-    };
-    let quiet = args.quiet || n.quiet.unwrap_or(false);
-    // The table: the file's rows, then `--on` rows, then the default log row. A reload
-    // rebuilds it the same way from a fresh read of the file.
-    let table = {
-        let (path, on) = (args.config.clone(), args.on.clone());
-        move || -> Result<Vec<HandlerSpec>, String> {
-            let mut specs = match &path {
-                Some(path) => {
-                    meshbus::config::file::ConfigFile::load(path)
-                        .map_err(|e| e.to_string())?
-                        .handlers
-                }
-                None => Vec::new(),
-            };
-            specs.extend(on.iter().cloned());
-            if !quiet {
-                specs.push(HandlerSpec::new(Pattern::all(), meshbus::Action::Log));
-            }
-            Ok(specs)
-        }
-    };
-    let mut first = file.handlers.clone();
-    first.extend(args.on.iter().cloned());
-    if !quiet {
-        first.push(HandlerSpec::new(Pattern::all(), meshbus::Action::Log));
-    }
-    let node = Node::start(config).await.context("cannot start the peer")?;
-    if let Err(e) = node.set_handlers(first) {
+    let resolved = config::resolve(config::Flags {
+        name: args.name,
+        listen: args.listen,
+        peers: args.peers,
+        no_mdns: args.no_mdns,
+        api: args.api,
+        config: args.config,
+        on: args.on,
+        quiet: args.quiet,
+        max_event_size: args.max_event_size,
+        exec_timeout: args.exec_timeout.map(std::time::Duration::from_secs),
+        data_dir: args.data_dir,
+    })?;
+    let listener = tokio::net::TcpListener::bind(resolved.api)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve the API on {} (is another peer running? choose another address with --api)",
+                resolved.api
+            )
+        })?;
+    let node = Node::start(resolved.node)
+        .await
+        .context("cannot start the peer")?;
+    if let Err(e) = node.set_handlers(resolved.handlers) {
         node.shutdown().await;
         return Err(e).context("cannot build the handler table");
     }
-    node.set_reload_source(table);
+    let table = resolved.table;
+    node.set_reload_source(move || table.load());
+    let api = meshbus::api::Server::spawn(listener, node.handle())?;
     let status = node.status().await?;
     let mut err = std::io::stderr().lock();
     writeln!(err, "meshbus: peer {} is up", status.peer_id)?;
-    if let Some(api) = node.api_addr() {
-        writeln!(err, "meshbus: api http://{api}")?;
-    }
+    writeln!(err, "meshbus: api http://{}", api.local_addr())?;
     for addr in &status.listen_addrs {
         writeln!(err, "meshbus: listening on {addr}")?;
     }
-    writeln!(err, "meshbus: data dir {}", data_dir.display())?;
+    writeln!(err, "meshbus: data dir {}", resolved.identity.dir.display())?;
     drop(err);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let handle = node.handle();
@@ -270,8 +233,9 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     shutdown_signal().await?;
     tracing::info!("stopping");
     reloads.abort();
+    api.shutdown().await;
     node.shutdown().await;
-    drop(identity);
+    drop(resolved.identity);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -299,11 +263,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         other => other.map(str::to_owned),
     };
     let payload = data.as_deref().map(meshbus::Payload::guess);
-    let request = PublishRequest {
-        topic: args.topic,
-        event_type: args.event_type,
-        ..request_for(payload)?
-    };
+    let request = PublishRequest::new(args.topic, args.event_type, payload.as_ref())?;
     let published = Client::new(args.api.api).publish(&request).await?;
     if args.json {
         println!("{}", serde_json::to_string(&published)?);
@@ -321,24 +281,6 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The request fields for a payload guessed from the command line.
-fn request_for(payload: Option<meshbus::Payload>) -> anyhow::Result<PublishRequest> {
-    let Some(payload) = payload else {
-        return Ok(PublishRequest::default());
-    };
-    let text = String::from_utf8(payload.data.to_vec())?;
-    let data = if meshbus::event::is_json(&payload.content_type) {
-        serde_json::value::RawValue::from_string(text)?
-    } else {
-        serde_json::value::to_raw_value(&text)?
-    };
-    Ok(PublishRequest {
-        datacontenttype: Some(payload.content_type),
-        data: Some(data),
-        ..PublishRequest::default()
-    })
-}
-
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     Pattern::new(args.pattern.as_str())?;
     let stream = Client::new(args.api.api).events(&args.pattern).await?;
@@ -350,7 +292,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             bail!("the peer closed the event stream");
         };
         match item? {
-            StreamItem::Event(json) => {
+            Tailed::Event(json) => {
                 if args.json {
                     writeln!(out, "{json}")?;
                 } else {
@@ -362,121 +304,22 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                 out.flush()?;
                 seen += 1;
             }
-            StreamItem::Missed(n) => eprintln!("meshbus: missed {n} events (reading too slowly)"),
+            Tailed::Missed(n) => eprintln!("meshbus: missed {n} events (reading too slowly)"),
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn peers(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let peers = Client::new(args.api.api).peers().await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&peers)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    if peers.is_empty() {
-        println!("no peers connected");
-    }
-    for p in peers {
-        let rtt = p
-            .rtt_ms
-            .map(|r| format!("{r:.2} ms"))
-            .unwrap_or_else(|| "-".into());
-        println!(
-            "{:<54} {:<12} {:<10} {}",
-            p.peer_id,
-            p.name.as_deref().unwrap_or("-"),
-            rtt,
-            p.connected_addrs.join(" ")
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn status(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let s = Client::new(args.api.api).status().await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let c = &s.counters;
-    println!(
-        "peer        {} {}",
-        s.peer_id,
-        s.name.as_deref().unwrap_or("")
-    );
-    println!(
-        "version     {}   uptime {:.0}s   mdns {}",
-        s.version,
-        s.uptime_secs,
-        if s.mdns { "on" } else { "off" }
-    );
-    println!(
-        "peers       {} connected, {} in the gossip mesh",
-        s.peers, s.mesh_peers
-    );
-    for a in &s.listen_addrs {
-        println!("listening   {a}");
-    }
-    println!(
-        "events      {} published, {} received",
-        c.published, c.received
-    );
-    println!(
-        "dropped     {} malformed messages, {} rejected events, {} handler queue full",
-        c.messages_malformed, c.events_rejected, c.handler_queue_full
-    );
-    println!(
-        "handlers    {} rows, {} ok, {} failed",
-        s.handlers.len(),
-        c.handler_succeeded,
-        c.handler_failed
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn handlers(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let rows = Client::new(args.api.api).handlers().await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8}  LAST ERROR",
-        "NAME",
-        "PATTERN",
-        "ACTION",
-        "MATCHED",
-        "OK",
-        "FAILED",
-        "RETRY",
-        "DEAD",
-        "BUSY",
-        "QUEUE",
-        "DROP",
-        "P99 ms"
-    );
-    for r in rows {
-        let mut action = r.action.clone();
-        if action.chars().count() > 28 {
-            action = action.chars().take(27).collect::<String>() + "…";
-        }
-        println!(
-            "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8.2}  {}",
-            r.name,
-            r.pattern,
-            action,
-            r.matched,
-            r.succeeded,
-            r.failed,
-            r.retried,
-            r.dead_lettered,
-            r.in_flight,
-            r.queue_depth,
-            r.queue_full,
-            r.latency.p99_us as f64 / 1000.0,
-            r.last_error.as_deref().unwrap_or("-")
-        );
+/// Prints an answer as pretty JSON, or through its plain-text view.
+fn show<T: serde::Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    view: fn(&T) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", view(value));
     }
     Ok(ExitCode::SUCCESS)
 }

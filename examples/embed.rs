@@ -20,7 +20,6 @@ fn loopback() -> Config {
     Config {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a valid multiaddr")],
         mdns: false, // on a real LAN leave this on and drop `peers` below
-        api: None,   // no HTTP API needed when the program talks to the node directly
         ..Config::default()
     }
 }

@@ -40,6 +40,16 @@ impl EventId {
     pub fn new() -> Self {
         Self(uuid::Uuid::now_v7())
     }
+
+    /// A fresh id for an event published at `time` (its first 48 bits are that time in
+    /// milliseconds, the rest random).
+    pub fn at(time: SystemTime) -> Self {
+        let since = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+        Self(uuid::Uuid::new_v7(ts))
+    }
 }
 
 impl Default for EventId {
@@ -184,6 +194,32 @@ impl Event {
     }
 }
 
+/// What a live stream of events yields: an event (in the library an [`Event`], from the HTTP
+/// API its CloudEvents JSON), or word that the reader fell behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tailed<E = std::sync::Arc<Event>> {
+    /// An event that matched.
+    Event(E),
+    /// The reader fell behind and this many events (of any topic) went by unseen.
+    Missed(u64),
+}
+
+/// An event of the mesh's own (`_mesh.…`, never sent to other peers), stamped now, with
+/// JSON data; `None` if `topic` is not a valid topic name.
+pub fn local_event(source: PeerId, topic: &str, data: serde_json::Value) -> Option<Event> {
+    let topic = Topic::new(topic).ok()?;
+    Some(Event {
+        id: EventId::new(),
+        event_type: topic.to_string(),
+        topic,
+        source,
+        seq: 0,
+        time: SystemTime::now(),
+        content_type: JSON.to_owned(),
+        data: serde_json::to_vec(&data).ok()?.into(),
+    })
+}
+
 /// Peers whose base58 ids each thread remembers.
 const PEER_STRING_CACHE: usize = 32;
 
@@ -272,8 +308,8 @@ impl CloudEvent {
     }
 }
 
-/// Why a publish request was refused before it reached the mesh.
-#[derive(Debug, thiserror::Error)]
+/// Why an event breaks the rules: refused at publish, dropped on arrival.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EventError {
     /// Topic rules broken.
@@ -295,8 +331,33 @@ pub enum EventError {
     BadContentType(usize),
 }
 
+/// The rules every event obeys, checked here alone: at publish (before it leaves this peer)
+/// and on arrival from another peer. Its topic is not one of the mesh's own, its type and
+/// content type are within bounds, and it is no larger than `max_event_size` (see
+/// [`event_size`] for what counts).
+pub fn validate(
+    topic: &Topic,
+    event_type: &str,
+    content_type: &str,
+    data: &[u8],
+    max_event_size: usize,
+) -> Result<(), EventError> {
+    if topic.is_reserved() {
+        return Err(TopicError::Reserved(topic.to_string()).into());
+    }
+    check_labels(event_type, content_type)?;
+    let size = event_size(topic.as_str(), event_type, content_type, data);
+    if size > max_event_size {
+        return Err(EventError::TooLarge {
+            size,
+            limit: max_event_size,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a type and content type against their limits.
-pub fn check_labels(event_type: &str, content_type: &str) -> Result<(), EventError> {
+fn check_labels(event_type: &str, content_type: &str) -> Result<(), EventError> {
     if event_type.is_empty() || event_type.len() > MAX_TYPE_LEN {
         return Err(EventError::BadType(event_type.len()));
     }

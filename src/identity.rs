@@ -51,6 +51,8 @@ pub enum IdentityError {
 pub struct Identity {
     /// The key.
     pub keypair: Keypair,
+    /// The data directory it lives in, for messages.
+    pub dir: PathBuf,
     /// Held until dropped.
     _lock: Flock<File>,
 }
@@ -127,6 +129,7 @@ pub fn load_or_create(dir: &Path) -> Result<Identity, IdentityError> {
     };
     Ok(Identity {
         keypair,
+        dir: dir.to_owned(),
         _lock: lock,
     })
 }

@@ -20,39 +20,41 @@
 //!
 //! # Layout
 //! - [`topic`]: topic names and `*`/`**` patterns (no IO).
-//! - [`event`]: the event envelope and its CloudEvents JSON view (no IO).
+//! - [`event`]: the event envelope, the one validator of events, and their CloudEvents JSON
+//!   view (no IO).
 //! - [`wire`]: the versioned binary encoding between peers (no IO); see `docs/wire.md`.
+//! - [`proto`]: the mesh's rules as IO-free state machines (publishing, receiving, peers and
+//!   membership, start-up), unit-tested and simulated without a network.
+//! - [`node`]: the task that owns the libp2p swarm and carries out what [`proto`] decides,
+//!   and the handle everything else uses.
 //! - [`handlers`]: the handler table, its rows (queues, workers, retries, dead letters) and
 //!   actions (log, file, exec, http, Rust), with jq filters and transforms.
-//! - [`node`]: the actor that owns the libp2p swarm, discovery and broadcast, and its handle.
-//! - [`api`]: the HTTP control API a peer serves; [`client`]: the client the CLI uses.
-//! - [`config`]: settings, defaults and the TOML config file; [`stats`]: the counters `status`
-//!   shows.
+//! - [`api`]: the HTTP control API ([`api::serve`]), its JSON types and its client.
+//! - [`config`]: settings and defaults, the TOML config file, and [`config::resolve`], which
+//!   turns flags, environment, file and defaults into what a peer runs with.
 //! - [`identity`]: the peer's key in its data directory, so a restart keeps its peer id.
-//! - [`netns`]: a virtual LAN of network namespaces on one Linux machine, for tests and demos;
-//!   [`lab`]: a lasting LAN of running peers on it, with faults (kill, restart, cut, heal).
+//! - [`stats`]: the counters `status` shows; [`clock`]: event times as Unix microseconds;
+//!   [`http_client`]: the outbound HTTP client of webhooks and the API client.
 
 #![deny(missing_docs)]
 
 pub mod api;
-pub mod client;
+pub mod clock;
 pub mod config;
 pub mod event;
 pub mod handlers;
+pub mod http_client;
 pub mod identity;
-#[cfg(target_os = "linux")]
-pub mod lab;
-#[cfg(target_os = "linux")]
-pub mod netns;
 pub mod node;
+pub mod proto;
 pub mod stats;
 pub mod topic;
 pub mod wire;
 
 pub use config::Config;
-pub use event::{CloudEvent, Event, EventId, Payload};
+pub use event::{CloudEvent, Event, EventId, Payload, Tailed};
 pub use handlers::{Action, HandlerSpec};
-pub use node::{Node, NodeError, NodeHandle, Published, Tailed};
+pub use node::{Node, NodeError, NodeHandle, Published};
 pub use topic::{Pattern, Topic};
 
 /// Re-exported so users can build addresses and identities without naming libp2p.

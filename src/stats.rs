@@ -43,6 +43,14 @@ pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Adds one to a counter and returns its new value when that is worth a log line: the 1st,
+/// 2nd, 4th, 8th, … A flood of drops then logs a few dozen lines, never one per drop, and
+/// each line says how many so far.
+pub fn bump_throttled(counter: &AtomicU64) -> Option<u64> {
+    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    n.is_power_of_two().then_some(n)
+}
+
 /// A snapshot of [`Stats`], as the API and CLI show it.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[allow(missing_docs)]

@@ -1,6 +1,6 @@
 //! The wire format: how events travel between peers inside gossipsub messages.
 //!
-//! Every gossipsub message a meshbus peer publishes on [`crate::node::MESH_TOPIC`] carries a
+//! Every gossipsub message a meshbus peer publishes on [`crate::proto::MESH_TOPIC`] carries a
 //! *batch* of one or more events from the message's signed author. The payload is:
 //!
 //! ```text
@@ -17,13 +17,13 @@
 //! A receiver drops (and counts) a payload with an unknown version or that does not parse,
 //! and any single event in it that breaks a rule (bad id, bad topic, over the size limit).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use libp2p::PeerId;
 use prost::Message as _;
 
-use crate::event::{self, Event, EventId, JSON};
+use crate::event::{self, Event, EventError, EventId, JSON};
 use crate::topic::Topic;
 
 /// The format version this build writes and reads.
@@ -88,28 +88,16 @@ pub enum WireError {
     /// Topic rules broken.
     #[error("event has an invalid topic: {0}")]
     BadTopic(String),
-    /// Type or content type out of bounds.
-    #[error("event labels out of bounds: {0}")]
-    BadLabel(String),
+    /// The event breaks one of the rules of [`crate::event::validate`].
+    #[error(transparent)]
+    Invalid(#[from] EventError),
     /// A publish time before 1970 or after 9999 (RFC 3339 cannot write it).
     #[error("event time {0} µs since 1970 is out of range; expected 0 to {MAX_TIME_MICROS}")]
     BadTime(i64),
-    /// Over this peer's `max_event_size`.
-    #[error("event of {size} bytes is over this peer's limit of {limit} bytes")]
-    TooLarge {
-        /// Its size.
-        size: usize,
-        /// Our limit.
-        limit: usize,
-    },
 }
 
 fn to_wire(event: &Event) -> WireEvent {
-    let micros = event
-        .time
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let micros = i64::try_from(crate::clock::unix_micros(event.time)).unwrap_or(i64::MAX);
     WireEvent {
         id: event.id.0.as_bytes().to_vec(),
         topic: event.topic.as_str().to_owned(),
@@ -178,11 +166,6 @@ pub fn decode_batch(
 fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<Event, WireError> {
     let id = uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
     let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
-    if topic.is_reserved() {
-        return Err(WireError::BadTopic(format!(
-            "`{topic}` is reserved for a peer's own events and never travels"
-        )));
-    }
     let event_type = if wire.r#type.is_empty() {
         topic.as_str().to_owned()
     } else {
@@ -193,15 +176,13 @@ fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<E
     } else {
         wire.content_type
     };
-    event::check_labels(&event_type, &content_type)
-        .map_err(|e| WireError::BadLabel(e.to_string()))?;
-    let size = event::event_size(topic.as_str(), &event_type, &content_type, &wire.data);
-    if size > max_event_size {
-        return Err(WireError::TooLarge {
-            size,
-            limit: max_event_size,
-        });
-    }
+    event::validate(
+        &topic,
+        &event_type,
+        &content_type,
+        &wire.data,
+        max_event_size,
+    )?;
     let micros = u64::try_from(wire.time_unix_micros)
         .ok()
         .filter(|m| *m <= MAX_TIME_MICROS)
@@ -216,14 +197,6 @@ fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<E
         content_type,
         data: wire.data,
     })
-}
-
-/// Microseconds from `time` to now, zero if `time` is in the future (clock skew).
-pub fn age_micros(time: SystemTime) -> u64 {
-    SystemTime::now()
-        .duration_since(time)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -317,8 +290,14 @@ mod tests {
         assert_eq!(decoded.rejected.len(), 6);
         assert_eq!(decoded.rejected[0], WireError::BadId(3));
         assert!(matches!(decoded.rejected[1], WireError::BadTopic(_)));
-        assert!(matches!(decoded.rejected[2], WireError::BadTopic(_)));
-        assert!(matches!(decoded.rejected[3], WireError::TooLarge { .. }));
+        assert!(matches!(
+            decoded.rejected[2],
+            WireError::Invalid(EventError::Topic(crate::topic::TopicError::Reserved(_)))
+        ));
+        assert!(matches!(
+            decoded.rejected[3],
+            WireError::Invalid(EventError::TooLarge { .. })
+        ));
         assert!(matches!(decoded.rejected[4], WireError::BadTime(_)));
         assert!(matches!(decoded.rejected[5], WireError::BadTime(-1)));
     }

@@ -10,8 +10,11 @@ use libp2p::Multiaddr;
 pub const DEFAULT_API: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7420);
 
-/// Environment variable that overrides [`DEFAULT_API`] for the CLI.
+/// Environment variable that overrides [`DEFAULT_API`].
 pub const API_ENV: &str = "MESHBUS_API";
+
+/// Environment variable naming the data directory (see [`crate::identity`]).
+pub const DATA_DIR_ENV: &str = "MESHBUS_DATA_DIR";
 
 /// The port peers listen on (TCP and QUIC) unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7421;
@@ -61,9 +64,6 @@ pub struct Config {
     pub peers: Vec<Multiaddr>,
     /// Whether to discover peers by mDNS on the local network.
     pub mdns: bool,
-    /// Where to serve the HTTP control API; `None` serves none (a library user may not want
-    /// one).
-    pub api: Option<SocketAddr>,
     /// Largest event accepted at publish and from the network; see [`DEFAULT_MAX_EVENT_SIZE`].
     pub max_event_size: usize,
     /// Events waiting in front of each handler; see [`DEFAULT_HANDLER_QUEUE`].
@@ -84,7 +84,6 @@ impl Default for Config {
             listen: default_listen(),
             peers: Vec::new(),
             mdns: true,
-            api: Some(DEFAULT_API),
             max_event_size: DEFAULT_MAX_EVENT_SIZE,
             handler_queue: DEFAULT_HANDLER_QUEUE,
             exec_timeout: DEFAULT_EXEC_TIMEOUT,
@@ -175,3 +174,6 @@ mod tests {
 }
 
 pub mod file;
+pub mod resolve;
+
+pub use resolve::{resolve, Flags, Resolved, TableSource};

@@ -46,7 +46,7 @@ impl HttpAction {
 
     /// Sends one event; `json` is its CloudEvents JSON (after any transform).
     pub(super) async fn post(&self, event: &Event, json: &str) -> Result<(), ActionError> {
-        let client = CLIENT.get_or_init(crate::client::http_client);
+        let client = CLIENT.get_or_init(crate::http_client::build);
         let mut request = client.post(&self.url).timeout(self.timeout);
         request = match self.mode {
             HttpMode::Structured => request
@@ -124,7 +124,7 @@ fn httpdate_until(value: &str) -> Option<Duration> {
 }
 
 fn innermost(e: &reqwest::Error) -> String {
-    let reason = crate::client::innermost(e);
+    let reason = crate::http_client::innermost(e);
     if e.is_timeout() {
         format!("no answer in time ({reason})")
     } else {

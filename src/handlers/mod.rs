@@ -25,6 +25,7 @@ mod file;
 mod http;
 mod jq;
 mod row;
+mod spec;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,89 +41,11 @@ pub use file::FileAction;
 pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
 pub use jq::JqError;
 pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE};
+pub use spec::{HandlerSpec, SpecError};
 
 use crate::event::Event;
 use crate::stats::{self, Latency, Stats};
-use crate::topic::{Pattern, TopicError};
-
-/// One row of the table, as configured: which events, what to do, how.
-#[derive(Debug, Clone)]
-pub struct HandlerSpec {
-    /// Its name in logs and listings; when not given, `h1`, `h2`, … by its place in the
-    /// table (`lib1`, `lib2`, … for rows added through the library).
-    pub name: Option<String>,
-    /// Which topics the row takes.
-    pub pattern: Pattern,
-    /// Which event types it takes (same `*`/`**` syntax); all when `None`.
-    pub event_type: Option<Pattern>,
-    /// A jq expression over the event's CloudEvents JSON; the row takes the event only when
-    /// it yields `true` (any other output, or none, skips it).
-    pub filter: Option<String>,
-    /// A jq expression whose output the action gets instead of the event's JSON.
-    pub transform: Option<String>,
-    /// Concurrency, queue, retries, dead letters.
-    pub options: RowOptions,
-    /// What it does.
-    pub action: Action,
-}
-
-impl HandlerSpec {
-    /// A row with default options.
-    pub fn new(pattern: Pattern, action: Action) -> Self {
-        Self {
-            name: None,
-            pattern,
-            event_type: None,
-            filter: None,
-            transform: None,
-            options: RowOptions::default(),
-            action,
-        }
-    }
-}
-
-/// Why a `PATTERN=ACTION` row was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SpecError {
-    /// No `=`.
-    #[error("handler `{0}` has no `=`; expected PATTERN=ACTION, e.g. `orders.*=log`")]
-    NoEquals(String),
-    /// The pattern part is not a pattern.
-    #[error("handler `{spec}`: {source}")]
-    Pattern {
-        /// The whole row.
-        spec: String,
-        /// What is wrong with the pattern.
-        source: TopicError,
-    },
-    /// The action part is not an action.
-    #[error("handler `{spec}`: {source}")]
-    Action {
-        /// The whole row.
-        spec: String,
-        /// What is wrong with the action.
-        source: ActionError,
-    },
-}
-
-impl std::str::FromStr for HandlerSpec {
-    type Err = SpecError;
-    fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let (pattern, action) = spec
-            .split_once('=')
-            .ok_or_else(|| SpecError::NoEquals(spec.to_owned()))?;
-        let pattern = Pattern::new(pattern).map_err(|source| SpecError::Pattern {
-            spec: spec.to_owned(),
-            source,
-        })?;
-        let action = action.parse().map_err(|source| SpecError::Action {
-            spec: spec.to_owned(),
-            source,
-        })?;
-        Ok(Self::new(pattern, action))
-    }
-}
+use crate::topic::Pattern;
 
 /// Where a row came from: config rows are replaced by a reload, library rows stay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,9 +290,7 @@ impl Handlers {
                 Ok(()) => stats::bump(&self.stats.handler_dispatched),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     stats::bump(&self.stats.handler_queue_full);
-                    let dropped = row.counters.queue_full.fetch_add(1, Ordering::Relaxed) + 1;
-                    // Overload can drop many events a second: log the 1st, 2nd, 4th, 8th, …
-                    if dropped.is_power_of_two() {
+                    if let Some(dropped) = stats::bump_throttled(&row.counters.queue_full) {
                         warn!(handler = %row.name, event = %event.id, topic = %event.topic,
                             capacity = row.queue.max_capacity(), dropped_so_far = dropped,
                             "handler queue full; event dropped for this handler");

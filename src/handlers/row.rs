@@ -269,8 +269,8 @@ impl Worker {
     async fn finish(&self, event: &Arc<Event>, error: Option<String>, attempts: u32) {
         self.counters
             .latency
-            .record(crate::wire::age_micros(event.time));
-        let now = crate::wire::age_micros(std::time::UNIX_EPOCH);
+            .record(crate::clock::age_micros(event.time));
+        let now = crate::clock::unix_micros(std::time::SystemTime::now());
         self.counters.last_done.store(now, Ordering::Relaxed);
         let Some(error) = error else {
             stats::bump(&self.counters.succeeded);

@@ -8,23 +8,13 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{gossipsub, identify, mdns, noise, ping, tcp, yamux, Swarm, SwarmBuilder};
 
 use crate::config::MAX_MESSAGE_SIZE;
+use crate::proto::peers::{PING_INTERVAL, PROTOCOL_VERSION};
 
 use super::NodeError;
 
-/// Identify protocol version: peers that announce anything else are not meshbus peers and
-/// are disconnected.
-pub const PROTOCOL_VERSION: &str = "/meshbus/1";
-
-/// How often a connection is pinged (and how often silent connections are looked for).
-pub const PING_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A single ping unanswered this long counts as failed.
+/// A single ping unanswered this long counts as failed (the core's
+/// [`crate::proto::peers::DEAD_AFTER`] closes a silent connection sooner than libp2p would).
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A connection with no answered ping for this long is closed. A peer that was killed (its
-/// TCP connections reset at once, QUIC ones fall silent) or unplugged leaves `peers` within
-/// this plus [`PING_INTERVAL`]: about 5 s.
-pub const DEAD_AFTER: Duration = Duration::from_secs(4);
 
 /// mDNS record lifetime we announce; a peer that stops answering is forgotten after it.
 pub const MDNS_TTL: Duration = Duration::from_secs(60);
@@ -70,7 +60,9 @@ pub fn build_swarm(
     mdns_on: bool,
     agent: String,
 ) -> Result<Swarm<Behaviour>, NodeError> {
-    let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
+    let setup = |what: &'static str| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| NodeError::Setup { what, source: e }
+    };
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -78,7 +70,7 @@ pub fn build_swarm(
             noise::Config::new,
             yamux::Config::default,
         )
-        .map_err(|e| transport_err(&e))?
+        .map_err(|e| setup("tcp")(e.into()))?
         .with_quic()
         .with_behaviour(|key| {
             let gossip_config = gossipsub::ConfigBuilder::default()
@@ -126,7 +118,7 @@ pub fn build_swarm(
                 ping,
             })
         })
-        .map_err(|e| transport_err(&e))?
+        .map_err(|e| setup("protocols")(e.into()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
     Ok(swarm)

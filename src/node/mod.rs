@@ -8,101 +8,35 @@
 
 mod actor;
 mod behaviour;
+mod error;
+mod subscription;
 
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use futures::Stream;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tracing::Instrument as _;
 
-pub use behaviour::{DEAD_AFTER, PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION};
+pub use crate::proto::PeerInfo;
+pub use error::NodeError;
+pub use subscription::Subscription;
 
-use crate::config::{Config, ConfigError};
+use crate::config::file::ConfigFileError;
+use crate::config::Config;
 use crate::event::{self, Event, EventError, Payload};
 use crate::handlers::{Action, BoxError, HandlerInfo, HandlerSpec, Handlers};
-use crate::stats::{self, Counters, Stats};
+use crate::proto::Unstamped;
+use crate::stats::{Counters, Stats};
 use crate::topic::{Pattern, Topic};
-
-/// The one gossipsub topic every event travels on. Topic names are inside the envelope, so
-/// a handler for `orders.*` sees `orders.shipped` even if nobody had used that topic when its
-/// peer started, and a peer needs no subscription change to match new topics.
-pub const MESH_TOPIC: &str = "meshbus/events/1";
 
 /// Commands waiting for the actor. Publishers wait when it is full (backpressure).
 const COMMAND_CAPACITY: usize = 1024;
 
 /// How long [`Node::start`] waits for its listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a node could not start or a command failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum NodeError {
-    /// A setting out of range.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The event was refused before it left this peer.
-    #[error(transparent)]
-    Event(#[from] EventError),
-    /// Setting up transports or protocols failed.
-    #[error("cannot set up the network: {0}")]
-    Transport(String),
-    /// A listen address could not be used.
-    #[error("cannot listen on {addr}: {reason}")]
-    Listen {
-        /// The address.
-        addr: Multiaddr,
-        /// What went wrong.
-        reason: String,
-    },
-    /// A peer address could not be dialled.
-    #[error("cannot dial {addr}: {reason}")]
-    Dial {
-        /// The address.
-        addr: Multiaddr,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The HTTP API could not bind.
-    #[error("cannot serve the API on {addr}: {source} (is another peer running? choose another address with --api)")]
-    Api {
-        /// The address.
-        addr: SocketAddr,
-        /// The IO error.
-        source: std::io::Error,
-    },
-    /// gossipsub refused the message.
-    #[error("could not publish: {0}")]
-    Publish(String),
-    /// The actor is gone: the node was shut down.
-    #[error("the node has shut down")]
-    Stopped,
-    /// The handler table was refused.
-    #[error(transparent)]
-    Table(#[from] crate::handlers::TableError),
-    /// Reloading found a problem; the old table stays.
-    #[error("reload refused, the old handler table stays: {0}")]
-    Reload(String),
-    /// Nothing to reload from.
-    #[error("this node has no config to reload (it was not started with --config)")]
-    NoReloadSource,
-    /// One event of a batch was refused, so none was published.
-    #[error("event {index}: {error}")]
-    InBatch {
-        /// Its position in the batch, from 0.
-        index: usize,
-        /// Why.
-        error: Box<NodeError>,
-    },
-}
 
 /// What a publish did.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -113,23 +47,6 @@ pub struct Published {
     pub seq: u64,
     /// Peers the message was sent to directly (every connected meshbus peer).
     pub sent_to: usize,
-}
-
-/// A connected meshbus peer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PeerInfo {
-    /// Its peer id.
-    pub peer_id: String,
-    /// The name it was started with, if any.
-    pub name: Option<String>,
-    /// Its agent string (`meshbus/VERSION`).
-    pub agent: String,
-    /// Addresses we are connected to it on.
-    pub connected_addrs: Vec<String>,
-    /// Addresses it says it listens on.
-    pub listen_addrs: Vec<String>,
-    /// Last ping round trip, in milliseconds.
-    pub rtt_ms: Option<f64>,
 }
 
 /// The node's view of itself.
@@ -145,7 +62,8 @@ pub struct Status {
     pub uptime_secs: f64,
     /// Where we listen.
     pub listen_addrs: Vec<String>,
-    /// Where the HTTP API is, if served.
+    /// Where the HTTP API is: filled in by the API server that answers, since a node does
+    /// not know who serves it.
     pub api: Option<String>,
     /// Whether mDNS discovery is on.
     pub mdns: bool,
@@ -168,21 +86,19 @@ pub struct Status {
 /// Requests to the actor; each carries its reply channel.
 enum Command {
     Publish {
-        topic: Topic,
-        event_type: String,
-        payload: Payload,
+        event: Unstamped,
         reply: oneshot::Sender<Result<Published, NodeError>>,
     },
     /// Several events, published in this order and answered together.
     PublishMany {
-        events: Vec<(Topic, String, Payload)>,
+        events: Vec<Unstamped>,
         reply: oneshot::Sender<Result<Vec<Published>, NodeError>>,
     },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
     Status {
-        reply: oneshot::Sender<actor::SwarmStatus>,
+        reply: oneshot::Sender<SwarmStatus>,
     },
     Dial {
         addr: Multiaddr,
@@ -197,6 +113,13 @@ enum Command {
     },
 }
 
+/// What `status` needs from the swarm task.
+struct SwarmStatus {
+    listen_addrs: Vec<String>,
+    peers: usize,
+    mesh_peers: usize,
+}
+
 /// State shared by the actor, the handles and the API; none of it touches the swarm.
 struct Shared {
     peer_id: PeerId,
@@ -208,12 +131,11 @@ struct Shared {
     handlers: Handlers,
     /// Every event this peer sees (its own included), for `tail` subscribers.
     tail: broadcast::Sender<Arc<Event>>,
-    api: std::sync::OnceLock<SocketAddr>,
     /// Builds the handler table afresh for a reload.
     reload: std::sync::Mutex<Option<ReloadSource>>,
 }
 
-type ReloadSource = Box<dyn Fn() -> Result<Vec<HandlerSpec>, String> + Send + Sync>;
+type ReloadSource = Box<dyn Fn() -> Result<Vec<HandlerSpec>, ConfigFileError> + Send + Sync>;
 
 /// A cloneable handle to a running node.
 #[derive(Clone)]
@@ -226,13 +148,12 @@ pub struct NodeHandle {
 pub struct Node {
     handle: NodeHandle,
     actor: tokio::task::JoinHandle<()>,
-    api: Option<crate::api::ApiServer>,
     shutdown_grace: Duration,
 }
 
 impl Node {
-    /// Starts a node: listens, dials `config.peers`, starts discovery and the API.
-    /// Returns once every listener has its address and the API (if any) is bound.
+    /// Starts a node: listens, dials `config.peers`, starts discovery. Returns once every
+    /// listener has its address. The HTTP API is its owner's to serve ([`crate::api::serve`]).
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
         let keypair = config
@@ -240,17 +161,14 @@ impl Node {
             .clone()
             .unwrap_or_else(Keypair::generate_ed25519);
         let peer_id = keypair.public().to_peer_id();
-        let agent = match &config.name {
-            Some(name) => format!("meshbus/{} ({name})", env!("CARGO_PKG_VERSION")),
-            None => format!("meshbus/{}", env!("CARGO_PKG_VERSION")),
-        };
+        let agent = crate::proto::peers::agent(config.name.as_deref());
         let mut swarm = behaviour::build_swarm(keypair, config.mdns, agent)?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
-                .map_err(|e| NodeError::Listen {
+                .map_err(|source| NodeError::Listen {
                     addr: addr.clone(),
-                    reason: e.to_string(),
+                    source,
                 })?;
         }
         let stats = Arc::new(Stats::default());
@@ -263,7 +181,6 @@ impl Node {
             handlers: Handlers::new(stats.clone(), config.handler_queue, config.exec_timeout),
             stats,
             tail: broadcast::channel(config.tail_buffer).0,
-            api: std::sync::OnceLock::new(),
             reload: std::sync::Mutex::new(None),
         });
         let (commands, rx) = mpsc::channel(COMMAND_CAPACITY);
@@ -278,10 +195,9 @@ impl Node {
         let actor = tokio::spawn(actor.run().instrument(span));
         let handle = NodeHandle { commands, shared };
 
-        let mut node = Node {
+        let node = Node {
             handle: handle.clone(),
             actor,
-            api: None,
             shutdown_grace: config.shutdown_grace,
         };
         let listening = async {
@@ -291,25 +207,11 @@ impl Node {
         };
         let ready = match tokio::time::timeout(LISTEN_TIMEOUT, listening).await {
             Ok(result) => result,
-            Err(_) => Err(NodeError::Transport(format!(
-                "listeners did not report an address within {LISTEN_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(NodeError::ListenTimeout(LISTEN_TIMEOUT)),
         };
         if let Err(e) = ready {
             node.shutdown().await;
             return Err(e);
-        }
-        if let Some(addr) = config.api {
-            match crate::api::ApiServer::start(addr, handle.clone()).await {
-                Ok(api) => {
-                    let _ = handle.shared.api.set(api.local_addr());
-                    node.api = Some(api);
-                }
-                Err(e) => {
-                    node.shutdown().await;
-                    return Err(e);
-                }
-            }
         }
         Ok(node)
     }
@@ -319,17 +221,10 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Where the HTTP API listens, if it was started.
-    pub fn api_addr(&self) -> Option<SocketAddr> {
-        self.api.as_ref().map(|a| a.local_addr())
-    }
-
-    /// Stops the API, then the swarm task (closing every connection), then the handlers
-    /// (which get `shutdown_grace` to finish what is queued before being cancelled).
+    /// Stops the swarm task (closing every connection), then the handlers (which get
+    /// `shutdown_grace` to finish what is queued before being cancelled). Stop the API
+    /// first, if one serves this node.
     pub async fn shutdown(self) {
-        if let Some(api) = self.api {
-            api.shutdown().await;
-        }
         let (reply, rx) = oneshot::channel();
         if self
             .handle
@@ -369,30 +264,33 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)
     }
 
-    /// Checks an event against the topic rules and size limit without publishing it;
-    /// returns the parsed topic and the event type (defaulting to the topic).
+    /// The largest event this node accepts, in bytes.
+    pub fn max_event_size(&self) -> usize {
+        self.shared.max_event_size
+    }
+
+    /// Checks an event against the rules ([`event::validate`]) without publishing it;
+    /// the event type defaults to the topic.
     pub fn check(
         &self,
         topic: &str,
         event_type: Option<&str>,
-        payload: &Payload,
-    ) -> Result<(Topic, String), EventError> {
+        payload: Payload,
+    ) -> Result<Unstamped, EventError> {
         let topic = Topic::user(topic)?;
         let event_type = event_type.unwrap_or(topic.as_str()).to_owned();
-        event::check_labels(&event_type, &payload.content_type)?;
-        let size = event::event_size(
-            topic.as_str(),
+        event::validate(
+            &topic,
             &event_type,
             &payload.content_type,
             &payload.data,
-        );
-        if size > self.shared.max_event_size {
-            return Err(EventError::TooLarge {
-                size,
-                limit: self.shared.max_event_size,
-            });
-        }
-        Ok((topic, event_type))
+            self.shared.max_event_size,
+        )?;
+        Ok(Unstamped {
+            topic,
+            event_type,
+            payload,
+        })
     }
 
     /// Publishes an event to every peer; this peer's own handlers get it too.
@@ -403,15 +301,9 @@ impl NodeHandle {
         event_type: Option<&str>,
         payload: Payload,
     ) -> Result<Published, NodeError> {
-        let (topic, event_type) = self.check(topic, event_type, &payload)?;
+        let event = self.check(topic, event_type, payload)?;
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish {
-            topic,
-            event_type,
-            payload,
-            reply,
-        })
-        .await?;
+        self.send(Command::Publish { event, reply }).await?;
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
@@ -423,13 +315,13 @@ impl NodeHandle {
     ) -> Result<Vec<Published>, NodeError> {
         let mut checked = Vec::with_capacity(events.len());
         for (i, (topic, event_type, payload)) in events.into_iter().enumerate() {
-            let (topic, event_type) = self
-                .check(&topic, event_type.as_deref(), &payload)
+            let event = self
+                .check(&topic, event_type.as_deref(), payload)
                 .map_err(|error| NodeError::InBatch {
                     index: i,
                     error: Box::new(NodeError::Event(error)),
                 })?;
-            checked.push((topic, event_type, payload));
+            checked.push(event);
         }
         let (reply, rx) = oneshot::channel();
         self.send(Command::PublishMany {
@@ -446,7 +338,7 @@ impl NodeHandle {
         topic: &str,
         value: &T,
     ) -> Result<Published, NodeError> {
-        let payload = Payload::json(value).map_err(|e| NodeError::Publish(e.to_string()))?;
+        let payload = Payload::json(value)?;
         self.publish(topic, None, payload).await
     }
 
@@ -499,7 +391,7 @@ impl NodeHandle {
     /// Where [`NodeHandle::reload`] gets the table from (the CLI: the config file and `--on`).
     pub fn set_reload_source(
         &self,
-        source: impl Fn() -> Result<Vec<HandlerSpec>, String> + Send + Sync + 'static,
+        source: impl Fn() -> Result<Vec<HandlerSpec>, ConfigFileError> + Send + Sync + 'static,
     ) {
         *self.shared.reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(source));
     }
@@ -507,6 +399,9 @@ impl NodeHandle {
     /// Re-reads the handler table from the reload source and swaps it in; on any error the
     /// old table stays and the error says why.
     pub fn reload(&self) -> Result<Vec<String>, NodeError> {
+        if self.commands.is_closed() {
+            return Err(NodeError::Stopped);
+        }
         let specs = {
             let source = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
             let source = source.as_ref().ok_or(NodeError::NoReloadSource)?;
@@ -519,11 +414,11 @@ impl NodeHandle {
 
     /// A live stream of the events this peer sees whose topic matches `pattern`.
     pub fn subscribe(&self, pattern: Pattern) -> Subscription {
-        Subscription {
+        Subscription::new(
             pattern,
-            inner: BroadcastStream::new(self.shared.tail.subscribe()),
-            stats: self.shared.stats.clone(),
-        }
+            self.shared.tail.subscribe(),
+            self.shared.stats.clone(),
+        )
     }
 
     /// Connected meshbus peers.
@@ -552,7 +447,7 @@ impl NodeHandle {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: s.started.elapsed().as_secs_f64(),
             listen_addrs: swarm.listen_addrs,
-            api: s.api.get().map(|a| a.to_string()),
+            api: None,
             mdns: s.mdns,
             peers: swarm.peers,
             mesh_peers: swarm.mesh_peers,
@@ -568,56 +463,4 @@ impl NodeHandle {
     pub fn handlers(&self) -> Vec<HandlerInfo> {
         self.shared.handlers.list()
     }
-}
-
-/// What a [`Subscription`] yields.
-#[derive(Debug, Clone)]
-pub enum Tailed {
-    /// An event that matched.
-    Event(Arc<Event>),
-    /// The subscriber fell behind and this many events (of any topic) went by unseen.
-    Missed(u64),
-}
-
-/// Events matching a pattern, as they arrive. Dropping it unsubscribes.
-pub struct Subscription {
-    pattern: Pattern,
-    inner: BroadcastStream<Arc<Event>>,
-    stats: Arc<Stats>,
-}
-
-impl Stream for Subscription {
-    type Item = Tailed;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Tailed>> {
-        loop {
-            match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(event))) => {
-                    if self.pattern.matches(&event.topic) {
-                        return Poll::Ready(Some(Tailed::Event(event)));
-                    }
-                }
-                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
-                    stats::add(&self.stats.tail_missed, n);
-                    return Poll::Ready(Some(Tailed::Missed(n)));
-                }
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
-
-/// Stamps a locally made event (id, time) for the mesh's own `_mesh.…` topics.
-fn local_event(source: PeerId, topic: &str, data: serde_json::Value) -> Option<Event> {
-    let topic = Topic::new(topic).ok()?;
-    Some(Event {
-        id: event::EventId::new(),
-        event_type: topic.to_string(),
-        topic,
-        source,
-        seq: 0,
-        time: SystemTime::now(),
-        content_type: event::JSON.to_owned(),
-        data: serde_json::to_vec(&data).ok()?.into(),
-    })
 }

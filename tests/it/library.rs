@@ -19,7 +19,6 @@ fn local_config() -> Config {
     Config {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         mdns: false,
-        api: None,
         ..Config::default()
     }
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 use futures::{Stream, StreamExt as _};
 use serde::de::DeserializeOwned;
 
-use crate::api::{ApiError, PublishRequest};
-use crate::handlers::HandlerInfo;
-use crate::node::{PeerInfo, Published, Status};
+use super::types::{ApiError, HandlerInfo, PeerInfo, PublishRequest, Published, Status};
+use crate::event::Tailed;
+use crate::http_client::{self, innermost};
 
 /// Time to wait for a peer's answer to a request (not for event streams).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,15 +47,6 @@ pub enum ClientError {
     },
 }
 
-/// What an event stream yields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamItem {
-    /// An event, as its CloudEvents JSON.
-    Event(String),
-    /// This many events went by unseen because the reader was slow.
-    Missed(u64),
-}
-
 /// A connection to one peer's API.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -68,7 +59,7 @@ impl Client {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            http: http_client(),
+            http: http_client::build(),
         }
     }
 
@@ -132,7 +123,7 @@ impl Client {
         self.answer(response).await
     }
 
-    /// Publishes many events in one request (see [`crate::api::MAX_BATCH`]).
+    /// Publishes many events in one request (see [`super::MAX_BATCH`]).
     pub async fn publish_batch(
         &self,
         requests: &[PublishRequest],
@@ -177,7 +168,7 @@ impl Client {
     pub async fn events(
         &self,
         pattern: &str,
-    ) -> Result<impl Stream<Item = Result<StreamItem, ClientError>>, ClientError> {
+    ) -> Result<impl Stream<Item = Result<Tailed<String>, ClientError>>, ClientError> {
         let response = self
             .http
             .get(self.url("/v1/events"))
@@ -197,7 +188,7 @@ impl Client {
         let addr = self.addr;
         let mut parser = SseParser::default();
         let stream = response.bytes_stream().flat_map(move |chunk| {
-            let items: Vec<Result<StreamItem, ClientError>> = match chunk {
+            let items: Vec<Result<Tailed<String>, ClientError>> = match chunk {
                 Ok(bytes) => parser.push(&bytes),
                 Err(e) => vec![Err(ClientError::Http {
                     addr,
@@ -210,32 +201,6 @@ impl Client {
     }
 }
 
-/// The innermost cause of a request error: "Connection refused (os error 111)" says more
-/// than reqwest's "error sending request".
-pub(crate) fn innermost(e: &reqwest::Error) -> String {
-    let mut reason = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        reason = s.to_string();
-        source = s.source();
-    }
-    reason
-}
-
-/// An HTTP client (https through rustls with ring, the crypto libp2p already links). Never
-/// uses a proxy: meshbus talks to its own peers and to the webhooks it was told about.
-pub(crate) fn http_client() -> reqwest::Client {
-    // Fails only when a provider is installed already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    match reqwest::Client::builder().no_proxy().build() {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot configure the HTTP client; using the defaults");
-            reqwest::Client::new()
-        }
-    }
-}
-
 /// Splits a server-sent event stream into items; keeps at most one partial event.
 #[derive(Default)]
 struct SseParser {
@@ -243,7 +208,7 @@ struct SseParser {
 }
 
 impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<Result<StreamItem, ClientError>> {
+    fn push(&mut self, bytes: &[u8]) -> Vec<Result<Tailed<String>, ClientError>> {
         self.buf.extend_from_slice(bytes);
         let mut items = Vec::new();
         while let Some(end) = find(&self.buf, b"\n\n") {
@@ -265,13 +230,13 @@ impl SseParser {
                 continue; // keep-alive comment
             }
             items.push(Ok(match kind {
-                "missed" => StreamItem::Missed(data.trim().parse().unwrap_or(0)),
-                _ => StreamItem::Event(data),
+                "missed" => Tailed::Missed(data.trim().parse().unwrap_or(0)),
+                _ => Tailed::Event(data),
             }));
         }
         if self.buf.len() > MAX_SSE_EVENT {
             self.buf.clear();
-            items.push(Ok(StreamItem::Missed(1)));
+            items.push(Ok(Tailed::Missed(1)));
         }
         items
     }
@@ -293,9 +258,9 @@ mod tests {
         let items: Vec<_> = items.into_iter().map(Result::unwrap).collect();
         assert_eq!(
             items,
-            [StreamItem::Event("{\"a\":1}".into()), StreamItem::Missed(3)]
+            [Tailed::Event("{\"a\":1}".into()), Tailed::Missed(3)]
         );
         let items: Vec<_> = p.push(b"\n\n").into_iter().map(Result::unwrap).collect();
-        assert_eq!(items, [StreamItem::Event("x".into())]);
+        assert_eq!(items, [Tailed::Event("x".into())]);
     }
 }

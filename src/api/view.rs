@@ -1,0 +1,113 @@
+//! Plain-text views of the API's answers, as `meshbus peers`, `status` and `handlers` print
+//! them on a terminal.
+
+use std::fmt::Write as _;
+
+use super::types::{HandlerInfo, PeerInfo, Status};
+
+/// One line per peer: id, name, round trip, addresses.
+pub fn peers(peers: &[PeerInfo]) -> String {
+    if peers.is_empty() {
+        return "no peers connected\n".into();
+    }
+    let mut out = String::new();
+    for p in peers {
+        let rtt = p
+            .rtt_ms
+            .map(|r| format!("{r:.2} ms"))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<54} {:<12} {:<10} {}",
+            p.peer_id,
+            p.name.as_deref().unwrap_or("-"),
+            rtt,
+            p.connected_addrs.join(" ")
+        );
+    }
+    out
+}
+
+/// The peer, its mesh, and what it counted.
+pub fn status(s: &Status) -> String {
+    let c = &s.counters;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "peer        {} {}",
+        s.peer_id,
+        s.name.as_deref().unwrap_or("")
+    );
+    let _ = writeln!(
+        out,
+        "version     {}   uptime {:.0}s   mdns {}",
+        s.version,
+        s.uptime_secs,
+        if s.mdns { "on" } else { "off" }
+    );
+    let _ = writeln!(
+        out,
+        "peers       {} connected, {} in the gossip mesh",
+        s.peers, s.mesh_peers
+    );
+    for a in &s.listen_addrs {
+        let _ = writeln!(out, "listening   {a}");
+    }
+    let _ = writeln!(
+        out,
+        "events      {} published, {} received",
+        c.published, c.received
+    );
+    let _ = writeln!(
+        out,
+        "dropped     {} malformed messages, {} rejected events, {} handler queue full",
+        c.messages_malformed, c.events_rejected, c.handler_queue_full
+    );
+    let _ = writeln!(
+        out,
+        "handlers    {} rows, {} ok, {} failed",
+        s.handlers.len(),
+        c.handler_succeeded,
+        c.handler_failed
+    );
+    out
+}
+
+/// Widest action shown in the handler table before it is cut.
+const ACTION_WIDTH: usize = 28;
+
+/// The handler table: one row per handler with its counters.
+pub fn handlers(rows: &[HandlerInfo]) -> String {
+    let mut out = String::new();
+    let _ =
+        writeln!(
+        out,
+        "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8}  LAST ERROR",
+        "NAME", "PATTERN", "ACTION", "MATCHED", "OK", "FAILED", "RETRY", "DEAD", "BUSY", "QUEUE",
+        "DROP", "P99 ms"
+    );
+    for r in rows {
+        let mut action = r.action.clone();
+        if action.chars().count() > ACTION_WIDTH {
+            action = action.chars().take(ACTION_WIDTH - 1).collect::<String>() + "…";
+        }
+        let _ = writeln!(
+            out,
+            "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8.2}  {}",
+            r.name,
+            r.pattern,
+            action,
+            r.matched,
+            r.succeeded,
+            r.failed,
+            r.retried,
+            r.dead_lettered,
+            r.in_flight,
+            r.queue_depth,
+            r.queue_full,
+            r.latency.p99_us as f64 / 1000.0,
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}

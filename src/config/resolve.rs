@@ -1,0 +1,283 @@
+//! One place where the command line, the environment, the config file and the defaults become
+//! what a peer runs with, so a program that embeds meshbus can do exactly what `meshbus up`
+//! does. Precedence: a flag, then the environment (`MESHBUS_API`, `MESHBUS_DATA_DIR`), then
+//! the file's `[node]` section, then the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+
+use super::file::{ConfigFile, ConfigFileError};
+use super::{default_listen, Config, ConfigError, API_ENV, DATA_DIR_ENV, DEFAULT_API};
+use crate::handlers::{Action, HandlerSpec};
+use crate::identity::{self, Identity, IdentityError};
+use crate::topic::Pattern;
+
+/// What `meshbus up` was told on its command line; `None`, `false` and empty mean "not
+/// given", so the environment, the file or the default decide.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--listen` (repeatable).
+    pub listen: Vec<Multiaddr>,
+    /// `--peer` (repeatable); added to the file's `peers`.
+    pub peers: Vec<Multiaddr>,
+    /// `--no-mdns`.
+    pub no_mdns: bool,
+    /// `--api`.
+    pub api: Option<SocketAddr>,
+    /// `--config`: the file, re-read on every reload.
+    pub config: Option<PathBuf>,
+    /// `--on` rows, after the file's rows.
+    pub on: Vec<HandlerSpec>,
+    /// `--quiet`: no default `**=log` row.
+    pub quiet: bool,
+    /// `--max-event-size`.
+    pub max_event_size: Option<usize>,
+    /// `--exec-timeout`.
+    pub exec_timeout: Option<Duration>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Why the settings could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// The config file is unreadable or wrong.
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+    /// The data directory or its key.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A setting out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An environment variable that does not parse.
+    #[error("${name}: `{value}` is not a host:port address")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+    },
+}
+
+/// Everything a peer runs with.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The node's settings, its key included.
+    pub node: Config,
+    /// Where to serve the HTTP API.
+    pub api: SocketAddr,
+    /// The data directory, and the lock on it while this lives.
+    pub identity: Identity,
+    /// The handler table to start with.
+    pub handlers: Vec<HandlerSpec>,
+    /// How to build the table again on a reload.
+    pub table: TableSource,
+}
+
+/// Where the handler table comes from: the file's rows, then `--on` rows, then the default
+/// log row unless quiet. A reload builds it the same way from a fresh read of the file.
+#[derive(Debug, Clone)]
+pub struct TableSource {
+    path: Option<PathBuf>,
+    on: Vec<HandlerSpec>,
+    quiet: bool,
+}
+
+impl TableSource {
+    /// Reads the file again and builds the table.
+    pub fn load(&self) -> Result<Vec<HandlerSpec>, ConfigFileError> {
+        let file_rows = match &self.path {
+            Some(path) => ConfigFile::load(path)?.handlers,
+            None => Vec::new(),
+        };
+        Ok(self.assemble(file_rows))
+    }
+
+    fn assemble(&self, mut rows: Vec<HandlerSpec>) -> Vec<HandlerSpec> {
+        rows.extend(self.on.iter().cloned());
+        if !self.quiet {
+            rows.push(HandlerSpec::new(Pattern::all(), Action::Log));
+        }
+        rows
+    }
+}
+
+/// Resolves flags, environment, file and defaults (reading the file once), and opens the
+/// data directory's identity.
+pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
+    let file = match &flags.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let path = flags.config.clone().unwrap_or_default();
+    let n = &file.node;
+    let data_dir = match flags
+        .data_dir
+        .or_else(|| std::env::var_os(DATA_DIR_ENV).map(PathBuf::from))
+        .or(n.data_dir.clone())
+    {
+        Some(dir) => dir,
+        None => identity::default_data_dir()?,
+    };
+    let api = match flags.api {
+        Some(api) => api,
+        None => match std::env::var(API_ENV) {
+            Ok(value) => value.parse().map_err(|_| ResolveError::Env {
+                name: API_ENV,
+                value,
+            })?,
+            Err(_) => n.api.unwrap_or(DEFAULT_API),
+        },
+    };
+    let listen = match (flags.listen.is_empty(), &n.listen) {
+        (false, _) => flags.listen,
+        (true, Some(addrs)) => multiaddrs(&path, "listen", addrs)?,
+        (true, None) => default_listen(),
+    };
+    let mut peers = multiaddrs(&path, "peers", &n.peers)?;
+    peers.extend(flags.peers);
+    let identity = identity::load_or_create(&data_dir)?;
+    let node = Config {
+        name: flags.name.or(n.name.clone()),
+        keypair: Some(identity.keypair.clone()),
+        listen,
+        peers,
+        mdns: !flags.no_mdns && n.mdns.unwrap_or(true),
+        max_event_size: flags
+            .max_event_size
+            .or(n.max_event_size)
+            .unwrap_or(super::DEFAULT_MAX_EVENT_SIZE),
+        exec_timeout: flags
+            .exec_timeout
+            .or(n.exec_timeout)
+            .unwrap_or(super::DEFAULT_EXEC_TIMEOUT),
+        ..Config::default()
+    };
+    node.validate()?;
+    let table = TableSource {
+        path: flags.config,
+        on: flags.on,
+        quiet: flags.quiet || n.quiet.unwrap_or(false),
+    };
+    Ok(Resolved {
+        node,
+        api,
+        identity,
+        handlers: table.assemble(file.handlers),
+        table,
+    })
+}
+
+/// `[node] KEY` addresses, or an error naming the file and the key.
+fn multiaddrs(path: &Path, key: &str, addrs: &[String]) -> Result<Vec<Multiaddr>, ConfigFileError> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse().map_err(|e| ConfigFileError {
+                path: path.to_owned(),
+                line: 0,
+                message: format!("[node] {key}: `{a}` is not a multiaddr ({e})"),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags_in(dir: &Path) -> Flags {
+        Flags {
+            data_dir: Some(dir.join("data")),
+            api: Some("127.0.0.1:1".parse().unwrap()),
+            ..Flags::default()
+        }
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("meshbus.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[node]\nname = \"file\"\nmdns = false\nmax_event_size = 1000\n\
+             peers = [\"/ip4/127.0.0.1/tcp/9\"]\n",
+        );
+        let flags = Flags {
+            config: Some(path),
+            name: Some("flag".into()),
+            peers: vec!["/ip4/127.0.0.1/tcp/8".parse().unwrap()],
+            ..flags_in(dir.path())
+        };
+        let r = resolve(flags).unwrap();
+        assert_eq!(r.node.name.as_deref(), Some("flag"));
+        assert!(!r.node.mdns);
+        assert_eq!(r.node.max_event_size, 1000);
+        assert_eq!(r.node.peers.len(), 2, "file peers and flag peers together");
+        assert_eq!(r.node.listen, default_listen());
+    }
+
+    #[test]
+    fn the_table_is_file_rows_then_flag_rows_then_the_log_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[[handler]]\nname = \"first\"\npattern = \"a.*\"\n[handler.log]\n",
+        );
+        let flags = Flags {
+            config: Some(path.clone()),
+            on: vec!["b.*=log".parse().unwrap()],
+            ..flags_in(dir.path())
+        };
+        let r = resolve(flags).unwrap();
+        let patterns: Vec<String> = r.handlers.iter().map(|h| h.pattern.to_string()).collect();
+        assert_eq!(patterns, ["a.*", "b.*", "**"]);
+        write(
+            dir.path(),
+            "[node]\nquiet = true\n[[handler]]\npattern = \"c.*\"\n[handler.log]\n",
+        );
+        let again = r.table.load().unwrap();
+        assert_eq!(
+            again[0].pattern.to_string(),
+            "c.*",
+            "a reload reads the file anew"
+        );
+    }
+
+    #[test]
+    fn a_bad_address_in_the_file_names_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[node]\nlisten = [\"nonsense\"]\n");
+        let flags = Flags {
+            config: Some(path),
+            ..flags_in(dir.path())
+        };
+        let e = resolve(flags).unwrap_err().to_string();
+        assert!(
+            e.contains("meshbus.toml") && e.contains("[node] listen"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = Flags {
+            max_event_size: Some(0),
+            ..flags_in(dir.path())
+        };
+        assert!(matches!(resolve(flags), Err(ResolveError::Config(_))));
+    }
+}

@@ -1,0 +1,84 @@
+//! A row of the handler table as configured (`PATTERN=ACTION` on the command line, or a
+//! `[[handler]]` in the config file), before it runs.
+
+use super::{Action, ActionError, RowOptions};
+use crate::topic::{Pattern, TopicError};
+
+/// One row of the table, as configured: which events, what to do, how.
+#[derive(Debug, Clone)]
+pub struct HandlerSpec {
+    /// Its name in logs and listings; when not given, `h1`, `h2`, … by its place in the
+    /// table (`lib1`, `lib2`, … for rows added through the library).
+    pub name: Option<String>,
+    /// Which topics the row takes.
+    pub pattern: Pattern,
+    /// Which event types it takes (same `*`/`**` syntax); all when `None`.
+    pub event_type: Option<Pattern>,
+    /// A jq expression over the event's CloudEvents JSON; the row takes the event only when
+    /// it yields `true` (any other output, or none, skips it).
+    pub filter: Option<String>,
+    /// A jq expression whose output the action gets instead of the event's JSON.
+    pub transform: Option<String>,
+    /// Concurrency, queue, retries, dead letters.
+    pub options: RowOptions,
+    /// What it does.
+    pub action: Action,
+}
+
+impl HandlerSpec {
+    /// A row with default options.
+    pub fn new(pattern: Pattern, action: Action) -> Self {
+        Self {
+            name: None,
+            pattern,
+            event_type: None,
+            filter: None,
+            transform: None,
+            options: RowOptions::default(),
+            action,
+        }
+    }
+}
+
+/// Why a `PATTERN=ACTION` row was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// No `=`.
+    #[error("handler `{0}` has no `=`; expected PATTERN=ACTION, e.g. `orders.*=log`")]
+    NoEquals(String),
+    /// The pattern part is not a pattern.
+    #[error("handler `{spec}`: {source}")]
+    Pattern {
+        /// The whole row.
+        spec: String,
+        /// What is wrong with the pattern.
+        source: TopicError,
+    },
+    /// The action part is not an action.
+    #[error("handler `{spec}`: {source}")]
+    Action {
+        /// The whole row.
+        spec: String,
+        /// What is wrong with the action.
+        source: ActionError,
+    },
+}
+
+impl std::str::FromStr for HandlerSpec {
+    type Err = SpecError;
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let (pattern, action) = spec
+            .split_once('=')
+            .ok_or_else(|| SpecError::NoEquals(spec.to_owned()))?;
+        let pattern = Pattern::new(pattern).map_err(|source| SpecError::Pattern {
+            spec: spec.to_owned(),
+            source,
+        })?;
+        let action = action.parse().map_err(|source| SpecError::Action {
+            spec: spec.to_owned(),
+            source,
+        })?;
+        Ok(Self::new(pattern, action))
+    }
+}

@@ -1,0 +1,118 @@
+//! What can go wrong in a node, one variant per cause, so the API can map each to its HTTP
+//! status in one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+
+use crate::config::file::ConfigFileError;
+use crate::config::ConfigError;
+use crate::event::EventError;
+
+/// Why a node could not start or a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A setting out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The event was refused before it left this peer.
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// Setting up transports or protocols failed.
+    #[error("cannot set up the network ({what}): {source}")]
+    Setup {
+        /// Which part.
+        what: &'static str,
+        /// What went wrong.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The mesh topic could not be joined.
+    #[error("cannot subscribe to the mesh topic: {0}")]
+    Subscribe(#[from] libp2p::gossipsub::SubscriptionError),
+    /// A listen address could not be used.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// What went wrong.
+        source: libp2p::TransportError<std::io::Error>,
+    },
+    /// A listener failed while starting.
+    #[error("a listener failed: {0}")]
+    Listener(String),
+    /// The listeners did not report their addresses in time.
+    #[error("listeners did not report an address within {0:?}")]
+    ListenTimeout(Duration),
+    /// A peer address could not be dialled.
+    #[error("cannot dial {addr}: {source}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
+        /// What went wrong.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Every peer's send queue is full: the mesh is saturated.
+    #[error("could not publish: the send queues to all {peers} peers are full; the mesh is saturated, try again")]
+    Saturated {
+        /// Peers tried.
+        peers: usize,
+    },
+    /// gossipsub refused the message for another reason.
+    #[error("could not publish: gossipsub refused the message: {0}")]
+    Gossip(Arc<libp2p::gossipsub::PublishError>),
+    /// A batch failed midway: the first `published` events went out, in order.
+    #[error("{source}; the first {published} of the {total} events were published")]
+    Partly {
+        /// Events published.
+        published: usize,
+        /// Events in the batch.
+        total: usize,
+        /// Why the rest were not.
+        source: Box<NodeError>,
+    },
+    /// A value could not be encoded as JSON data.
+    #[error("cannot encode the data as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The actor is gone: the node was shut down.
+    #[error("the node has shut down")]
+    Stopped,
+    /// The handler table was refused.
+    #[error(transparent)]
+    Table(#[from] crate::handlers::TableError),
+    /// Reloading found a problem; the old table stays.
+    #[error("reload refused, the old handler table stays: {0}")]
+    Reload(#[source] ConfigFileError),
+    /// Nothing to reload from.
+    #[error("this node has no config to reload (it was not started with --config)")]
+    NoReloadSource,
+    /// One event of a batch was refused, so none was published.
+    #[error("event {index}: {error}")]
+    InBatch {
+        /// Its position in the batch, from 0.
+        index: usize,
+        /// Why.
+        error: Box<NodeError>,
+    },
+}
+
+impl From<libp2p::gossipsub::PublishError> for NodeError {
+    fn from(e: libp2p::gossipsub::PublishError) -> Self {
+        match e {
+            libp2p::gossipsub::PublishError::AllQueuesFull(peers) => Self::Saturated { peers },
+            other => Self::Gossip(Arc::new(other)),
+        }
+    }
+}
+
+impl NodeError {
+    /// The same failure again, for each of several requests that shared it.
+    pub(super) fn repeat(&self) -> Self {
+        match self {
+            Self::Saturated { peers } => Self::Saturated { peers: *peers },
+            Self::Gossip(e) => Self::Gossip(e.clone()),
+            _ => Self::Stopped,
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The mesh's rules as state machines without IO: no tokio, no sockets, no swarm, no files.
+//! Each is fed what happened, with the time passed in, and answers with what to do; the
+//! swarm task in [`crate::node`] carries that out. So every rule is tested here, without a
+//! network, and [`sim`](self) runs several peers through them on a simulated one.
+//!
+//! - [`publish`]: this peer's sequence numbers and how events are packed into messages.
+//! - [`receive`]: which events of a message from another peer are delivered.
+//! - [`peers`]: connections, liveness, discovery bookkeeping, redials and membership events.
+//! - [`listen`]: when a starting node is ready.
+
+pub mod listen;
+pub mod peers;
+pub mod publish;
+pub mod receive;
+
+#[cfg(test)]
+mod sim;
+
+pub use listen::Listening;
+pub use peers::{Membership, PeerAction, PeerInfo, Peers};
+pub use publish::{Publisher, Unstamped};
+pub use receive::{receive, MessageError};
+
+/// The one gossipsub topic every event travels on. Topic names are inside the envelope, so
+/// a handler for `orders.*` sees `orders.shipped` even if nobody had used that topic when its
+/// peer started, and a peer needs no subscription change to match new topics.
+pub const MESH_TOPIC: &str = "meshbus/events/1";

@@ -1,0 +1,470 @@
+//! Peers: who we are connected to, whether they are alive, whom to dial, and the membership
+//! events (`_mesh.peer.joined`, `_mesh.peer.left`) that follow.
+//!
+//! [`Peers`] is fed what the network said (a connection opened or closed, identify, a ping,
+//! an mDNS record) with the time it happened, and answers with [`PeerAction`]s for the swarm
+//! task to carry out. Timers are one deadline: [`Peers::poll_timeout`] says when to call
+//! [`Peers::handle_timeout`] next.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+/// Identify protocol version: peers that announce anything else are not meshbus peers and
+/// are disconnected.
+pub const PROTOCOL_VERSION: &str = "/meshbus/1";
+
+/// How often a connection is pinged, and how often silent connections are looked for.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection with no answered ping for this long is closed. A peer that was killed (its
+/// TCP connections reset at once, QUIC ones fall silent) or unplugged leaves `peers` within
+/// this plus [`PING_INTERVAL`]: about 5 s.
+pub const DEAD_AFTER: Duration = Duration::from_secs(4);
+
+/// How often known but disconnected peers (from mDNS or `--peer`) are dialled again.
+pub const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Most peers remembered from mDNS; more are ignored until some expire.
+pub const MAX_KNOWN_PEERS: usize = 1024;
+
+/// Most `--peer` (or dialled) addresses kept and redialled.
+pub const MAX_EXPLICIT_PEERS: usize = 256;
+
+/// Most addresses remembered or shown per peer.
+pub const MAX_ADDRS_PER_PEER: usize = 16;
+
+/// What the swarm task must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAction {
+    /// Dial a peer known by id at these addresses (unless connected or dialling already).
+    Dial {
+        /// The peer.
+        peer: PeerId,
+        /// Where it said it is.
+        addrs: Vec<Multiaddr>,
+    },
+    /// Dial an address whose peer we may not know; report back with
+    /// [`Peers::dial_started`] or [`Peers::dial_refused`].
+    DialAddress(Multiaddr),
+    /// Close one connection.
+    Close(ConnectionId),
+    /// Close every connection to a peer.
+    Disconnect(PeerId),
+    /// Tell the local handler table.
+    Membership(Membership),
+}
+
+/// A change in who is in the mesh, seen from this peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// A meshbus peer is connected and identified.
+    Joined {
+        /// The peer.
+        peer: PeerId,
+        /// The name it was started with, if any.
+        name: Option<String>,
+    },
+    /// Its last connection closed.
+    Left {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// A refused [`Peers::add_explicit`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this node already keeps {MAX_EXPLICIT_PEERS} peer addresses")]
+pub struct TooManyPeers;
+
+/// A connected meshbus peer, as `peers` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerInfo {
+    /// Its peer id.
+    pub peer_id: String,
+    /// The name it was started with, if any.
+    pub name: Option<String>,
+    /// Its agent string (`meshbus/VERSION`).
+    pub agent: String,
+    /// Addresses we are connected to it on.
+    pub connected_addrs: Vec<String>,
+    /// Addresses it says it listens on.
+    pub listen_addrs: Vec<String>,
+    /// Last ping round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// A connected peer.
+#[derive(Debug, Default)]
+struct Peer {
+    connections: HashMap<ConnectionId, Connection>,
+    /// Set once identify says it speaks meshbus; a peer is a member from then on.
+    identity: Option<Identity>,
+    rtt: Option<Duration>,
+}
+
+/// One connection to a peer.
+#[derive(Debug)]
+struct Connection {
+    addr: Multiaddr,
+    /// Last sign of life: established, or a ping answered. An unplugged peer sends no FIN,
+    /// so silence is how its connections are found dead.
+    alive_at: Instant,
+    /// The other side does not speak ping, so silence proves nothing.
+    no_ping: bool,
+}
+
+#[derive(Debug)]
+struct Identity {
+    agent: String,
+    name: Option<String>,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+/// A `--peer` address and what we know of it.
+#[derive(Debug)]
+struct Explicit {
+    addr: Multiaddr,
+    /// Learned on the first connection (or from `/p2p/…`), so a redial is skipped while it
+    /// is connected.
+    peer: Option<PeerId>,
+    /// The dial in flight, so redials do not pile up.
+    dialing: Option<ConnectionId>,
+}
+
+/// The peer table and its rules.
+#[derive(Debug)]
+pub struct Peers {
+    me: PeerId,
+    peers: HashMap<PeerId, Peer>,
+    /// Addresses learned by mDNS, for redialling peers whose connection dropped.
+    known: HashMap<PeerId, Vec<Multiaddr>>,
+    explicit: Vec<Explicit>,
+    next_liveness: Instant,
+    next_redial: Instant,
+    actions: VecDeque<PeerAction>,
+}
+
+impl Peers {
+    /// An empty table for peer `me`, its timers counted from `now`.
+    pub fn new(me: PeerId, now: Instant) -> Self {
+        Self {
+            me,
+            peers: HashMap::new(),
+            known: HashMap::new(),
+            explicit: Vec::new(),
+            next_liveness: now + PING_INTERVAL,
+            next_redial: now + REDIAL_INTERVAL,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next thing for the swarm task to do, oldest first.
+    pub fn poll_action(&mut self) -> Option<PeerAction> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Peers::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_liveness.min(self.next_redial)
+    }
+
+    /// Runs what is due at `now`: closes connections silent for [`DEAD_AFTER`] (libp2p's
+    /// ping reports only the second failure in a row and its timeouts stack up, so an
+    /// unplugged peer would otherwise linger for tens of seconds), and redials known peers
+    /// that are not connected.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_liveness {
+            self.next_liveness = now + PING_INTERVAL;
+            for (peer, p) in &self.peers {
+                for (id, c) in &p.connections {
+                    if !c.no_ping && now.saturating_duration_since(c.alive_at) > DEAD_AFTER {
+                        debug!(%peer, "no sign of life; closing the connection");
+                        self.actions.push_back(PeerAction::Close(*id));
+                    }
+                }
+            }
+        }
+        if now >= self.next_redial {
+            self.next_redial = now + REDIAL_INTERVAL;
+            let known: Vec<PeerId> = self.known.keys().copied().collect();
+            for peer in known {
+                self.dial_known(peer);
+            }
+            for i in 0..self.explicit.len() {
+                self.dial_explicit(i);
+            }
+        }
+    }
+
+    /// Whether any connection to `peer` is open.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|p| !p.connections.is_empty())
+    }
+
+    /// Connected peers that identified as meshbus peers.
+    pub fn members(&self) -> usize {
+        self.peers.values().filter(|p| p.identity.is_some()).count()
+    }
+
+    /// The members, sorted by peer id.
+    pub fn list(&self) -> Vec<PeerInfo> {
+        let mut list: Vec<PeerInfo> = self
+            .peers
+            .iter()
+            .filter_map(|(id, peer)| {
+                let identity = peer.identity.as_ref()?;
+                Some(PeerInfo {
+                    peer_id: id.to_string(),
+                    name: identity.name.clone(),
+                    agent: identity.agent.clone(),
+                    connected_addrs: peer
+                        .connections
+                        .values()
+                        .map(|c| c.addr.to_string())
+                        .collect(),
+                    listen_addrs: identity
+                        .listen_addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect(),
+                    rtt_ms: peer.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        list
+    }
+
+    /// A connection opened (either way). A dial of a `--peer` address learns its peer.
+    pub fn connected(&mut self, peer: PeerId, id: ConnectionId, addr: Multiaddr, now: Instant) {
+        debug!(%peer, %addr, "connected");
+        for explicit in &mut self.explicit {
+            if explicit.dialing == Some(id) {
+                explicit.dialing = None;
+                explicit.peer = Some(peer);
+            }
+        }
+        let connection = Connection {
+            addr,
+            alive_at: now,
+            no_ping: false,
+        };
+        let entry = self.peers.entry(peer).or_default();
+        entry.connections.insert(id, connection);
+    }
+
+    /// A connection closed. When it was the peer's last, a member has left.
+    pub fn closed(&mut self, peer: PeerId, id: ConnectionId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.connections.remove(&id);
+        if !p.connections.is_empty() {
+            return;
+        }
+        if let Some(p) = self.peers.remove(&peer) {
+            if p.identity.is_some() {
+                info!(%peer, "peer left");
+                self.actions
+                    .push_back(PeerAction::Membership(Membership::Left { peer }));
+            }
+        }
+    }
+
+    /// Identify told us who is on the other end. Anything but a meshbus peer is
+    /// disconnected and forgotten; a meshbus peer's first identify makes it a member.
+    pub fn identified(
+        &mut self,
+        peer: PeerId,
+        protocol_version: &str,
+        agent: String,
+        mut listen_addrs: Vec<Multiaddr>,
+    ) {
+        if protocol_version != PROTOCOL_VERSION {
+            info!(%peer, protocol = %protocol_version, "not a meshbus peer; disconnecting");
+            self.known.remove(&peer);
+            self.actions.push_back(PeerAction::Disconnect(peer));
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let joined = p.identity.is_none();
+        let name = name_from_agent(&agent);
+        listen_addrs.truncate(MAX_ADDRS_PER_PEER);
+        p.identity = Some(Identity {
+            agent,
+            name: name.clone(),
+            listen_addrs,
+        });
+        if joined {
+            info!(%peer, ?name, "peer joined");
+            self.actions
+                .push_back(PeerAction::Membership(Membership::Joined { peer, name }));
+        }
+    }
+
+    /// A ping on connection `id` came back after `rtt`.
+    pub fn ping_answered(&mut self, peer: PeerId, id: ConnectionId, rtt: Duration, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.rtt = Some(rtt);
+            if let Some(c) = p.connections.get_mut(&id) {
+                c.alive_at = now;
+            }
+        }
+    }
+
+    /// The other side does not speak ping: odd but not dead, so liveness on this connection
+    /// rests on TCP or QUIC alone.
+    pub fn ping_unsupported(&mut self, peer: PeerId, id: ConnectionId) {
+        if let Some(c) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.connections.get_mut(&id))
+        {
+            c.no_ping = true;
+        }
+    }
+
+    /// libp2p gave up pinging connection `id`: it is closed.
+    pub fn ping_failed(&mut self, peer: PeerId, id: ConnectionId, error: &str) {
+        debug!(%peer, %error, "ping failed; closing the connection");
+        self.actions.push_back(PeerAction::Close(id));
+    }
+
+    /// mDNS found peers at these addresses: remember them (within bounds) and dial those
+    /// not connected.
+    pub fn discovered(&mut self, found: impl IntoIterator<Item = (PeerId, Multiaddr)>) {
+        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in found {
+            if peer != self.me {
+                by_peer.entry(peer).or_default().push(addr);
+            }
+        }
+        for (peer, addrs) in by_peer {
+            debug!(%peer, ?addrs, "discovered by mDNS");
+            if !self.known.contains_key(&peer) && self.known.len() >= MAX_KNOWN_PEERS {
+                warn!(%peer, limit = MAX_KNOWN_PEERS, "too many peers known; ignoring this one");
+                continue;
+            }
+            let known = self.known.entry(peer).or_default();
+            for addr in addrs {
+                if !known.contains(&addr) && known.len() < MAX_ADDRS_PER_PEER {
+                    known.push(addr);
+                }
+            }
+            self.dial_known(peer);
+        }
+    }
+
+    /// mDNS records expired: those addresses are no longer redialled.
+    pub fn expired(&mut self, gone: impl IntoIterator<Item = (PeerId, Multiaddr)>) {
+        for (peer, addr) in gone {
+            if let Some(addrs) = self.known.get_mut(&peer) {
+                addrs.retain(|a| a != &addr);
+                if addrs.is_empty() {
+                    self.known.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// Remembers an address to dial now and redial whenever its peer is not connected.
+    /// Returns the address if it is to be dialled now (see [`PeerAction::DialAddress`]).
+    pub fn add_explicit(&mut self, addr: Multiaddr) -> Result<Option<Multiaddr>, TooManyPeers> {
+        let index = match self.explicit.iter().position(|e| e.addr == addr) {
+            Some(i) => i,
+            None => {
+                if self.explicit.len() >= MAX_EXPLICIT_PEERS {
+                    return Err(TooManyPeers);
+                }
+                let peer = addr.iter().find_map(|p| match p {
+                    Protocol::P2p(peer) => Some(peer),
+                    _ => None,
+                });
+                self.explicit.push(Explicit {
+                    addr,
+                    peer,
+                    dialing: None,
+                });
+                self.explicit.len() - 1
+            }
+        };
+        Ok(self
+            .should_dial_explicit(index)
+            .then(|| self.explicit[index].addr.clone()))
+    }
+
+    /// A dial of `addr` asked for by [`PeerAction::DialAddress`] is under way as `id`.
+    pub fn dial_started(&mut self, addr: &Multiaddr, id: ConnectionId) {
+        if let Some(e) = self.explicit.iter_mut().find(|e| &e.addr == addr) {
+            e.dialing = Some(id);
+        }
+    }
+
+    /// A dial of `addr` could not even start; it is tried again at the next redial.
+    pub fn dial_refused(&mut self, addr: &Multiaddr, error: &str) {
+        debug!(%addr, %error, "dial not started");
+    }
+
+    /// An outgoing connection attempt failed.
+    pub fn dial_failed(&mut self, id: ConnectionId, error: &str) {
+        for explicit in &mut self.explicit {
+            if explicit.dialing == Some(id) {
+                explicit.dialing = None;
+                warn!(addr = %explicit.addr, %error, "cannot reach peer; will retry");
+            }
+        }
+    }
+
+    fn dial_known(&mut self, peer: PeerId) {
+        if self.is_connected(&peer) {
+            return;
+        }
+        if let Some(addrs) = self.known.get(&peer) {
+            let addrs = addrs.clone();
+            self.actions.push_back(PeerAction::Dial { peer, addrs });
+        }
+    }
+
+    fn should_dial_explicit(&self, index: usize) -> bool {
+        let e = &self.explicit[index];
+        e.dialing.is_none() && !e.peer.is_some_and(|p| self.is_connected(&p))
+    }
+
+    fn dial_explicit(&mut self, index: usize) {
+        if self.should_dial_explicit(index) {
+            let addr = self.explicit[index].addr.clone();
+            self.actions.push_back(PeerAction::DialAddress(addr));
+        }
+    }
+}
+
+/// The name in an agent string `meshbus/VERSION (NAME)`.
+pub fn name_from_agent(agent: &str) -> Option<String> {
+    agent
+        .split_once(" (")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .map(str::to_owned)
+}
+
+/// The agent string a peer announces: `meshbus/VERSION`, with ` (NAME)` if it has one.
+pub fn agent(name: Option<&str>) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    match name {
+        Some(name) => format!("meshbus/{version} ({name})"),
+        None => format!("meshbus/{version}"),
+    }
+}
+
+#[cfg(test)]
+#[path = "peers_tests.rs"]
+mod tests;

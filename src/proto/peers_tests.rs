@@ -1,0 +1,308 @@
+//! The peer table's rules, one test each, with time passed in by hand.
+
+use super::*;
+
+fn conn(n: usize) -> ConnectionId {
+    ConnectionId::new_unchecked(n)
+}
+
+fn addr(port: u16) -> Multiaddr {
+    format!("/ip4/10.0.0.1/tcp/{port}").parse().unwrap()
+}
+
+fn drain(peers: &mut Peers) -> Vec<PeerAction> {
+    std::iter::from_fn(|| peers.poll_action()).collect()
+}
+
+/// A table with `peer` connected on connection 1 and identified as a meshbus peer.
+fn with_member(now: Instant) -> (Peers, PeerId) {
+    let mut peers = Peers::new(PeerId::random(), now);
+    let peer = PeerId::random();
+    peers.connected(peer, conn(1), addr(1), now);
+    peers.identified(peer, PROTOCOL_VERSION, agent(Some("h1")), vec![addr(7421)]);
+    drain(&mut peers);
+    (peers, peer)
+}
+
+#[test]
+fn a_meshbus_peer_joins_once_when_first_identified() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let peer = PeerId::random();
+    peers.connected(peer, conn(1), addr(1), now);
+    assert_eq!(peers.members(), 0, "not a member before identify");
+    peers.identified(peer, PROTOCOL_VERSION, agent(Some("h1")), vec![]);
+    peers.identified(peer, PROTOCOL_VERSION, agent(Some("h1")), vec![]);
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Joined {
+            peer,
+            name: Some("h1".into())
+        })]
+    );
+    assert_eq!(peers.members(), 1);
+}
+
+#[test]
+fn a_peer_of_another_protocol_is_disconnected_and_forgotten() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let stranger = PeerId::random();
+    peers.discovered([(stranger, addr(1))]);
+    drain(&mut peers);
+    peers.connected(stranger, conn(1), addr(1), now);
+    peers.identified(stranger, "/other/1", "other".into(), vec![]);
+    assert_eq!(drain(&mut peers), [PeerAction::Disconnect(stranger)]);
+    assert_eq!(peers.members(), 0);
+    peers.closed(stranger, conn(1));
+    peers.handle_timeout(now + REDIAL_INTERVAL);
+    assert!(drain(&mut peers).is_empty(), "a stranger is not redialled");
+}
+
+#[test]
+fn identify_for_a_peer_no_longer_connected_is_ignored() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    peers.identified(PeerId::random(), PROTOCOL_VERSION, agent(None), vec![]);
+    assert!(drain(&mut peers).is_empty());
+    assert!(peers.list().is_empty());
+}
+
+#[test]
+fn a_member_leaves_when_its_last_connection_closes() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    peers.connected(peer, conn(2), addr(2), now);
+    peers.closed(peer, conn(1));
+    assert!(drain(&mut peers).is_empty(), "one connection is still open");
+    assert!(peers.is_connected(&peer));
+    peers.closed(peer, conn(2));
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Left { peer })]
+    );
+    assert!(!peers.is_connected(&peer));
+    assert_eq!(peers.members(), 0);
+}
+
+#[test]
+fn a_peer_that_never_identified_leaves_without_an_event() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let peer = PeerId::random();
+    peers.connected(peer, conn(1), addr(1), now);
+    peers.closed(peer, conn(1));
+    assert!(drain(&mut peers).is_empty());
+}
+
+#[test]
+fn a_connection_silent_past_dead_after_is_closed() {
+    let now = Instant::now();
+    let (mut peers, _) = with_member(now);
+    peers.handle_timeout(now + DEAD_AFTER);
+    assert!(
+        drain(&mut peers).is_empty(),
+        "not yet: silent exactly DEAD_AFTER"
+    );
+    peers.handle_timeout(now + DEAD_AFTER + PING_INTERVAL);
+    assert_eq!(drain(&mut peers), [PeerAction::Close(conn(1))]);
+}
+
+#[test]
+fn answered_pings_keep_a_connection_open() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    let mut t = now;
+    for _ in 0..10 {
+        t += PING_INTERVAL;
+        peers.ping_answered(peer, conn(1), Duration::from_millis(2), t);
+        peers.handle_timeout(t);
+    }
+    assert!(drain(&mut peers).is_empty());
+    assert_eq!(peers.list()[0].rtt_ms, Some(2.0));
+}
+
+#[test]
+fn a_connection_without_ping_is_never_closed_for_silence() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    peers.ping_unsupported(peer, conn(1));
+    peers.handle_timeout(now + DEAD_AFTER * 10);
+    assert!(drain(&mut peers).is_empty());
+}
+
+#[test]
+fn a_failed_ping_closes_the_connection() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    peers.ping_failed(peer, conn(1), "timeout");
+    assert_eq!(drain(&mut peers), [PeerAction::Close(conn(1))]);
+}
+
+#[test]
+fn discovered_peers_are_dialled_with_all_their_addresses_but_not_ourselves() {
+    let now = Instant::now();
+    let me = PeerId::random();
+    let mut peers = Peers::new(me, now);
+    let peer = PeerId::random();
+    peers.discovered([(peer, addr(1)), (peer, addr(2)), (me, addr(3))]);
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Dial {
+            peer,
+            addrs: vec![addr(1), addr(2)]
+        }]
+    );
+}
+
+#[test]
+fn a_discovered_peer_already_connected_is_not_dialled() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    peers.discovered([(peer, addr(1))]);
+    assert!(drain(&mut peers).is_empty());
+}
+
+#[test]
+fn known_peers_and_their_addresses_are_bounded() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let many: Vec<(PeerId, Multiaddr)> = (0..MAX_KNOWN_PEERS + 10)
+        .map(|_| (PeerId::random(), addr(1)))
+        .collect();
+    peers.discovered(many);
+    assert_eq!(drain(&mut peers).len(), MAX_KNOWN_PEERS);
+    let one = PeerId::random();
+    let mut peers = Peers::new(PeerId::random(), now);
+    peers.discovered((0..40).map(|p| (one, addr(p))));
+    let Some(PeerAction::Dial { addrs, .. }) = peers.poll_action() else {
+        panic!("expected a dial");
+    };
+    assert_eq!(addrs.len(), MAX_ADDRS_PER_PEER);
+}
+
+#[test]
+fn disconnected_known_peers_are_redialled_every_redial_interval() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let peer = PeerId::random();
+    peers.discovered([(peer, addr(1))]);
+    drain(&mut peers);
+    peers.handle_timeout(now + REDIAL_INTERVAL / 2);
+    assert!(drain(&mut peers).is_empty(), "not due yet");
+    peers.handle_timeout(now + REDIAL_INTERVAL);
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Dial {
+            peer,
+            addrs: vec![addr(1)]
+        }]
+    );
+    peers.connected(peer, conn(1), addr(1), now + REDIAL_INTERVAL);
+    peers.handle_timeout(now + REDIAL_INTERVAL * 2);
+    assert!(
+        drain(&mut peers).is_empty(),
+        "connected peers are not redialled"
+    );
+}
+
+#[test]
+fn expired_addresses_are_not_redialled() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let peer = PeerId::random();
+    peers.discovered([(peer, addr(1)), (peer, addr(2))]);
+    drain(&mut peers);
+    peers.expired([(peer, addr(1))]);
+    peers.handle_timeout(now + REDIAL_INTERVAL);
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Dial {
+            peer,
+            addrs: vec![addr(2)]
+        }]
+    );
+    peers.expired([(peer, addr(2))]);
+    peers.handle_timeout(now + REDIAL_INTERVAL * 2);
+    assert!(drain(&mut peers).is_empty());
+}
+
+#[test]
+fn an_explicit_address_is_dialled_once_until_that_dial_ends() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    assert_eq!(peers.add_explicit(addr(1)), Ok(Some(addr(1))));
+    peers.dial_started(&addr(1), conn(7));
+    assert_eq!(peers.add_explicit(addr(1)), Ok(None), "a dial is in flight");
+    peers.handle_timeout(now + REDIAL_INTERVAL);
+    assert!(drain(&mut peers).is_empty());
+    peers.dial_failed(conn(7), "refused");
+    peers.handle_timeout(now + REDIAL_INTERVAL * 2);
+    assert_eq!(drain(&mut peers), [PeerAction::DialAddress(addr(1))]);
+}
+
+#[test]
+fn an_explicit_peer_is_learned_on_connect_and_redialled_only_when_gone() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let peer = PeerId::random();
+    peers.add_explicit(addr(1)).unwrap();
+    peers.dial_started(&addr(1), conn(3));
+    peers.connected(peer, conn(3), addr(1), now);
+    peers.handle_timeout(now + REDIAL_INTERVAL);
+    assert!(drain(&mut peers).is_empty(), "connected: no redial");
+    peers.closed(peer, conn(3));
+    peers.handle_timeout(now + REDIAL_INTERVAL * 2);
+    assert_eq!(drain(&mut peers), [PeerAction::DialAddress(addr(1))]);
+}
+
+#[test]
+fn an_explicit_address_with_a_peer_id_is_not_dialled_while_that_peer_is_connected() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    let with_id = addr(9).with(Protocol::P2p(peer));
+    assert_eq!(peers.add_explicit(with_id), Ok(None));
+}
+
+#[test]
+fn explicit_addresses_are_bounded() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    for port in 0..MAX_EXPLICIT_PEERS as u16 {
+        peers.add_explicit(addr(port)).unwrap();
+    }
+    assert_eq!(peers.add_explicit(addr(60000)), Err(TooManyPeers));
+    assert!(
+        peers.add_explicit(addr(0)).is_ok(),
+        "a known address is still fine"
+    );
+}
+
+#[test]
+fn the_list_shows_members_only_sorted_with_their_names_and_addresses() {
+    let now = Instant::now();
+    let (mut peers, member) = with_member(now);
+    peers.connected(PeerId::random(), conn(9), addr(9), now);
+    let list = peers.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].peer_id, member.to_string());
+    assert_eq!(list[0].name.as_deref(), Some("h1"));
+    assert_eq!(list[0].connected_addrs, [addr(1).to_string()]);
+    assert_eq!(list[0].listen_addrs, [addr(7421).to_string()]);
+}
+
+#[test]
+fn names_come_from_the_agent_suffix() {
+    assert_eq!(name_from_agent(&agent(Some("h 1"))).as_deref(), Some("h 1"));
+    assert_eq!(name_from_agent(&agent(None)), None);
+    assert_eq!(name_from_agent("meshbus/0.1.0 (unclosed"), None);
+}
+
+#[test]
+fn the_timeout_is_the_earliest_deadline() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    assert_eq!(peers.poll_timeout(), now + PING_INTERVAL);
+    peers.handle_timeout(now + PING_INTERVAL);
+    assert_eq!(peers.poll_timeout(), now + REDIAL_INTERVAL);
+}

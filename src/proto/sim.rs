@@ -1,0 +1,479 @@
+//! A deterministic simulation of several peers running the IO-free core over a simulated
+//! LAN: connections, identify, pings and event messages travel with seeded random delay,
+//! loss, duplication and reordering; hosts are cut off and plugged back in. Virtual time
+//! moves from one scheduled thing to the next. A failure names its seed;
+//! `MESHBUS_SIM_SEED=N cargo test sim` replays it exactly.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+
+use super::peers::{self, DEAD_AFTER, PING_INTERVAL, PROTOCOL_VERSION, REDIAL_INTERVAL};
+use super::{Membership, PeerAction, Peers, Publisher, Unstamped};
+use crate::event::Payload;
+use crate::topic::Topic;
+use crate::wire;
+
+/// How the simulated network treats event messages.
+#[derive(Clone, Copy)]
+struct Weather {
+    loss: f64,
+    duplicate: f64,
+    /// Largest one-way delay; each message draws its own, so later ones can overtake.
+    max_delay: Duration,
+}
+
+const CALM: Weather = Weather {
+    loss: 0.0,
+    duplicate: 0.0,
+    max_delay: Duration::from_micros(1),
+};
+
+const STORM: Weather = Weather {
+    loss: 0.2,
+    duplicate: 0.1,
+    max_delay: Duration::from_millis(30),
+};
+
+/// Something in flight, due at a virtual time.
+enum Msg {
+    /// A dial from `from` reaches node `to`.
+    Dial {
+        from: usize,
+        to: usize,
+        id: ConnectionId,
+    },
+    /// Identify from `from` arrives at `to` over `to`'s connection.
+    Identify { from: usize, to: usize },
+    /// The remote side of a connection learns it was closed.
+    Closed {
+        at: usize,
+        peer: usize,
+        id: ConnectionId,
+    },
+    /// An event message from `from` arrives at `to`.
+    Events {
+        from: usize,
+        to: usize,
+        payload: Vec<u8>,
+    },
+}
+
+struct Node {
+    id: PeerId,
+    peers: Peers,
+    publisher: Publisher,
+    /// Membership events in order, with when they came.
+    membership: Vec<(Duration, Membership)>,
+    /// Per source, the sequence numbers of events received, in arrival order.
+    received: BTreeMap<PeerId, Vec<u64>>,
+}
+
+struct Sim {
+    seed: u64,
+    rng: fastrand::Rng,
+    start: Instant,
+    now: Instant,
+    nodes: Vec<Node>,
+    /// Whether each host is plugged in.
+    up: Vec<bool>,
+    /// Each connection: (owner, remote node, remote's id for it).
+    conns: HashMap<ConnectionId, (usize, usize, ConnectionId)>,
+    next_conn: usize,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    msgs: HashMap<u64, Msg>,
+    next_msg: u64,
+    next_ping: Instant,
+    weather: Weather,
+}
+
+fn addr(i: usize) -> Multiaddr {
+    format!("/ip4/10.0.0.{}/tcp/7421", i + 1).parse().unwrap()
+}
+
+impl Sim {
+    fn new(seed: u64, n: usize) -> Sim {
+        let start = Instant::now();
+        let nodes: Vec<Node> = (0..n)
+            .map(|_| {
+                let id = PeerId::random();
+                Node {
+                    id,
+                    peers: Peers::new(id, start),
+                    publisher: Publisher::new(id),
+                    membership: Vec::new(),
+                    received: BTreeMap::new(),
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            seed,
+            rng: fastrand::Rng::with_seed(seed),
+            start,
+            now: start,
+            nodes,
+            up: vec![true; n],
+            conns: HashMap::new(),
+            next_conn: 0,
+            queue: BinaryHeap::new(),
+            msgs: HashMap::new(),
+            next_msg: 0,
+            next_ping: start + PING_INTERVAL,
+            weather: CALM,
+        };
+        // mDNS: everyone hears everyone at start.
+        let all: Vec<(PeerId, Multiaddr)> = (0..n).map(|i| (sim.nodes[i].id, addr(i))).collect();
+        for i in 0..n {
+            sim.nodes[i].peers.discovered(all.clone());
+            sim.carry_out(i);
+        }
+        sim
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn index_of(&self, peer: &PeerId) -> usize {
+        self.nodes.iter().position(|n| n.id == *peer).unwrap()
+    }
+
+    /// Link delay for control traffic: 0.1 to 2 ms.
+    fn control_delay(&mut self) -> Duration {
+        Duration::from_micros(self.rng.u64(100..2000))
+    }
+
+    fn send(&mut self, after: Duration, msg: Msg) {
+        let id = self.next_msg;
+        self.next_msg += 1;
+        self.msgs.insert(id, msg);
+        self.queue.push(Reverse((self.now + after, id)));
+    }
+
+    fn connection_id(&mut self) -> ConnectionId {
+        self.next_conn += 1;
+        ConnectionId::new_unchecked(self.next_conn)
+    }
+
+    fn carry_out(&mut self, i: usize) {
+        while let Some(action) = self.nodes[i].peers.poll_action() {
+            match action {
+                PeerAction::Dial { peer, .. } => {
+                    let to = self.index_of(&peer);
+                    let id = self.connection_id();
+                    let delay = self.control_delay();
+                    self.send(delay, Msg::Dial { from: i, to, id });
+                }
+                PeerAction::DialAddress(_) => unreachable!("the simulation uses mDNS only"),
+                PeerAction::Close(id) => self.close(i, id),
+                PeerAction::Disconnect(peer) => {
+                    let ids: Vec<ConnectionId> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, (owner, remote, _))| {
+                            *owner == i && self.nodes[*remote].id == peer
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in ids {
+                        self.close(i, id);
+                    }
+                }
+                PeerAction::Membership(m) => {
+                    let at = self.elapsed();
+                    self.nodes[i].membership.push((at, m));
+                }
+            }
+        }
+    }
+
+    /// Node `i` closes its connection `id`; the other side hears of it if the LAN lets it.
+    fn close(&mut self, i: usize, id: ConnectionId) {
+        let Some((_, remote, remote_id)) = self.conns.remove(&id) else {
+            return;
+        };
+        let peer = self.nodes[remote].id;
+        self.nodes[i].peers.closed(peer, id);
+        let delay = self.control_delay();
+        self.send(
+            delay,
+            Msg::Closed {
+                at: remote,
+                peer: i,
+                id: remote_id,
+            },
+        );
+        self.carry_out(i);
+    }
+
+    fn linked(&self, a: usize, b: usize) -> bool {
+        self.up[a] && self.up[b]
+    }
+
+    fn deliver(&mut self, msg: Msg) {
+        match msg {
+            Msg::Dial { from, to, id } => {
+                if !self.linked(from, to) {
+                    self.nodes[from].peers.dial_failed(id, "unreachable");
+                    return;
+                }
+                let remote_id = self.connection_id();
+                self.conns.insert(id, (from, to, remote_id));
+                self.conns.insert(remote_id, (to, from, id));
+                let (a, b) = (self.nodes[from].id, self.nodes[to].id);
+                self.nodes[from].peers.connected(b, id, addr(to), self.now);
+                self.nodes[to]
+                    .peers
+                    .connected(a, remote_id, addr(from), self.now);
+                for (x, y) in [(from, to), (to, from)] {
+                    let delay = self.control_delay();
+                    self.send(delay, Msg::Identify { from: x, to: y });
+                }
+            }
+            Msg::Identify { from, to } => {
+                if self.linked(from, to) {
+                    let peer = self.nodes[from].id;
+                    let agent = peers::agent(Some(&format!("h{from}")));
+                    self.nodes[to].peers.identified(
+                        peer,
+                        PROTOCOL_VERSION,
+                        agent,
+                        vec![addr(from)],
+                    );
+                    self.carry_out(to);
+                }
+            }
+            Msg::Closed { at, peer, id } => {
+                if self.linked(at, peer) && self.conns.remove(&id).is_some() {
+                    let peer = self.nodes[peer].id;
+                    self.nodes[at].peers.closed(peer, id);
+                    self.carry_out(at);
+                }
+            }
+            Msg::Events { from, to, payload } => {
+                if self.linked(from, to) {
+                    let source = self.nodes[from].id;
+                    let decoded = super::receive(Some(source), payload, 4096).unwrap();
+                    assert!(decoded.rejected.is_empty(), "seed {}", self.seed);
+                    let got = self.nodes[to].received.entry(source).or_default();
+                    got.extend(decoded.events.iter().map(|e| e.seq));
+                }
+            }
+        }
+    }
+
+    /// Every connection whose two ends can reach each other answers its pings.
+    fn pings(&mut self) {
+        let live: Vec<(ConnectionId, usize, usize)> = self
+            .conns
+            .iter()
+            .filter(|(_, (a, b, _))| self.linked(*a, *b))
+            .map(|(id, (a, b, _))| (*id, *a, *b))
+            .collect();
+        for (id, a, b) in live {
+            let peer = self.nodes[b].id;
+            let rtt = self.control_delay() * 2;
+            self.nodes[a].peers.ping_answered(peer, id, rtt, self.now);
+        }
+    }
+
+    /// Runs virtual time forward by `span`.
+    fn run(&mut self, span: Duration) {
+        let until = self.now + span;
+        loop {
+            let timers = self.nodes.iter().map(|n| n.peers.poll_timeout()).min();
+            let next_msg = self.queue.peek().map(|Reverse((at, _))| *at);
+            let next = [timers, next_msg, Some(self.next_ping)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap();
+            if next > until {
+                self.now = until;
+                return;
+            }
+            self.now = self.now.max(next);
+            if next_msg == Some(next) {
+                let Reverse((_, id)) = self.queue.pop().unwrap();
+                let msg = self.msgs.remove(&id).unwrap();
+                self.deliver(msg);
+            } else if self.next_ping == next {
+                self.next_ping = next + PING_INTERVAL;
+                self.pings();
+            } else {
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].peers.poll_timeout() <= self.now {
+                        self.nodes[i].peers.handle_timeout(self.now);
+                        self.carry_out(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Node `i` publishes `n` events, packed as its publisher decides, to every peer it is
+    /// connected to, through the weather.
+    fn publish(&mut self, i: usize, n: usize) {
+        let mut queue: VecDeque<Unstamped> = (0..n)
+            .map(|k| Unstamped {
+                topic: Topic::user(format!("sim.h{i}")).unwrap(),
+                event_type: "sim".into(),
+                // 2 KB each, so a round of events spans several messages.
+                payload: Payload::text(format!("{k:>2000}")),
+            })
+            .collect();
+        let targets: Vec<usize> = (0..self.nodes.len())
+            .filter(|j| *j != i && self.nodes[i].peers.is_connected(&self.nodes[*j].id))
+            .collect();
+        loop {
+            let message = self.nodes[i]
+                .publisher
+                .next_message(&mut queue, SystemTime::now());
+            if message.is_empty() {
+                return;
+            }
+            let payload = wire::encode_batch(message.iter().map(|e| e.as_ref()));
+            for &to in &targets {
+                let w = self.weather;
+                if self.rng.f64() < w.loss {
+                    continue;
+                }
+                let copies = if self.rng.f64() < w.duplicate { 2 } else { 1 };
+                for _ in 0..copies {
+                    let max = w.max_delay.as_micros() as u64;
+                    let delay = Duration::from_micros(self.rng.u64(1..=max.max(1)));
+                    let payload = payload.clone();
+                    self.send(
+                        delay,
+                        Msg::Events {
+                            from: i,
+                            to,
+                            payload,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asserts every node has every other as a member, with `why` and the seed on failure.
+    fn assert_full_mesh(&self, why: &str) {
+        let n = self.nodes.len();
+        for (i, node) in self.nodes.iter().enumerate() {
+            assert_eq!(
+                node.peers.members(),
+                n - 1,
+                "seed {}: h{i} after {why} at {:?}: {:?}",
+                self.seed,
+                self.elapsed(),
+                node.peers.list()
+            );
+        }
+    }
+
+    /// Per observer and peer, membership alternates joined, left, joined, …
+    fn assert_membership_alternates(&self) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let mut last: HashMap<PeerId, bool> = HashMap::new();
+            for (at, m) in &node.membership {
+                let (peer, joined) = match m {
+                    Membership::Joined { peer, .. } => (*peer, true),
+                    Membership::Left { peer } => (*peer, false),
+                };
+                let was = last.insert(peer, joined).unwrap_or(false);
+                assert_ne!(
+                    was, joined,
+                    "seed {}: h{i} at {at:?}: {m:?} twice in a row",
+                    self.seed
+                );
+            }
+        }
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("MESHBUS_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("MESHBUS_SIM_SEED is a number")],
+        Err(_) => (1..=24).collect(),
+    }
+}
+
+#[test]
+fn peers_converge_through_calm_storm_cut_and_heal() {
+    const N: usize = 5;
+    const EVENTS: usize = 300;
+    for seed in seeds() {
+        let mut sim = Sim::new(seed, N);
+        sim.run(Duration::from_secs(1));
+        sim.assert_full_mesh("start");
+        for node in &sim.nodes {
+            assert_eq!(
+                node.membership.len(),
+                N - 1,
+                "seed {seed}: one join per peer"
+            );
+        }
+
+        // Calm: every event reaches every peer once, in its publisher's order.
+        for i in 0..N {
+            sim.publish(i, EVENTS);
+        }
+        sim.run(Duration::from_millis(100));
+        for (j, node) in sim.nodes.iter().enumerate() {
+            for (i, source) in sim.nodes.iter().enumerate().filter(|(i, _)| *i != j) {
+                let got = node.received.get(&source.id).cloned().unwrap_or_default();
+                let want: Vec<u64> = (1..=EVENTS as u64).collect();
+                assert_eq!(got, want, "seed {seed}: h{j} from h{i}");
+            }
+        }
+
+        // Storm: loss, duplicates and reordering; nothing is invented or misattributed, and
+        // each publisher's numbers stay contiguous.
+        sim.weather = STORM;
+        for i in 0..N {
+            sim.publish(i, EVENTS);
+        }
+        sim.run(Duration::from_millis(200));
+        for node in &sim.nodes {
+            for (source, seqs) in &node.received {
+                let i = sim.index_of(source);
+                let top = sim.nodes[i].publisher.seq();
+                assert_eq!(top, 2 * EVENTS as u64, "seed {seed}: h{i}'s sequence");
+                assert!(seqs.iter().all(|s| (1..=top).contains(s)), "seed {seed}");
+            }
+        }
+        sim.weather = CALM;
+        sim.assert_full_mesh("the storm (pings are control traffic and got through)");
+
+        // Cut one host: within the liveness bound every side has let go of the other.
+        let cut = sim.rng.usize(0..N);
+        let cut_at = sim.elapsed();
+        sim.up[cut] = false;
+        sim.run(DEAD_AFTER + PING_INTERVAL * 2);
+        let bound = DEAD_AFTER + PING_INTERVAL * 2;
+        for (i, node) in sim.nodes.iter().enumerate() {
+            let expected = if i == cut { 0 } else { N - 2 };
+            assert_eq!(
+                node.peers.members(),
+                expected,
+                "seed {seed}: h{i} after cut h{cut}"
+            );
+            let lefts = node
+                .membership
+                .iter()
+                .filter(|(at, m)| *at >= cut_at && matches!(m, Membership::Left { .. }));
+            for (at, _) in lefts {
+                assert!(*at - cut_at <= bound, "seed {seed}: h{i} left late: {at:?}");
+            }
+        }
+
+        // Heal: mDNS addresses are redialled and the mesh is whole again.
+        sim.up[cut] = true;
+        sim.run(REDIAL_INTERVAL + Duration::from_millis(100));
+        sim.assert_full_mesh("heal");
+        sim.assert_membership_alternates();
+    }
+}
