@@ -165,17 +165,7 @@ impl Actor {
 
     /// Delivers a membership change locally as a `_mesh.peer.…` event; they never travel.
     fn membership(&self, change: Membership) {
-        let (topic, data) = match change {
-            Membership::Joined { peer, name } => (
-                "_mesh.peer.joined",
-                serde_json::json!({ "peer": peer.to_string(), "name": name }),
-            ),
-            Membership::Left { peer } => (
-                "_mesh.peer.left",
-                serde_json::json!({ "peer": peer.to_string() }),
-            ),
-        };
-        if let Some(event) = local_event(self.shared.peer_id, topic, data) {
+        if let Some(event) = local_event(self.shared.peer_id, change.topic(), change.data()) {
             self.deliver(Arc::new(event));
         }
     }

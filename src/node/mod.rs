@@ -153,7 +153,7 @@ pub struct Node {
 
 impl Node {
     /// Starts a node: listens, dials `config.peers`, starts discovery. Returns once every
-    /// listener has its address. The HTTP API is its owner's to serve ([`crate::api::serve`]).
+    /// listener has its address. The HTTP API is its owner's to serve (`meshbus::api::serve`).
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
         let keypair = config

@@ -77,6 +77,26 @@ pub enum Membership {
     },
 }
 
+impl Membership {
+    /// The reserved topic of its local event.
+    pub fn topic(&self) -> &'static str {
+        match self {
+            Membership::Joined { .. } => "_mesh.peer.joined",
+            Membership::Left { .. } => "_mesh.peer.left",
+        }
+    }
+
+    /// Its local event's JSON data: the peer, and its name when it joins.
+    pub fn data(&self) -> serde_json::Value {
+        match self {
+            Membership::Joined { peer, name } => {
+                serde_json::json!({ "peer": peer.to_string(), "name": name })
+            }
+            Membership::Left { peer } => serde_json::json!({ "peer": peer.to_string() }),
+        }
+    }
+}
+
 /// A refused [`Peers::add_explicit`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("this node already keeps {MAX_EXPLICIT_PEERS} peer addresses")]

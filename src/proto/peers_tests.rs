@@ -306,3 +306,19 @@ fn the_timeout_is_the_earliest_deadline() {
     peers.handle_timeout(now + PING_INTERVAL);
     assert_eq!(peers.poll_timeout(), now + REDIAL_INTERVAL);
 }
+
+#[test]
+fn membership_events_name_the_peer_on_reserved_topics() {
+    let peer = PeerId::random();
+    let joined = Membership::Joined {
+        peer,
+        name: Some("h1".into()),
+    };
+    assert_eq!(joined.topic(), "_mesh.peer.joined");
+    assert_eq!(joined.data()["peer"], peer.to_string());
+    assert_eq!(joined.data()["name"], "h1");
+    let left = Membership::Left { peer };
+    assert_eq!(left.topic(), "_mesh.peer.left");
+    assert_eq!(left.data()["peer"], peer.to_string());
+    assert!(crate::topic::Topic::new(left.topic()).unwrap().is_reserved());
+}

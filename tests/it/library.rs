@@ -157,3 +157,46 @@ async fn shutdown_lets_queued_handlers_finish_within_the_grace() {
         "queued events ran, in order, before shutdown returned"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_serves_the_api_on_port_0_and_errors_map_to_statuses() {
+    use meshbus::api::{Client, ClientError, PublishRequest, Server};
+    let node = Node::start(local_config()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = Server::spawn(listener, node.handle()).unwrap();
+    let client = Client::new(api.local_addr());
+
+    let status = client.status().await.unwrap();
+    assert_eq!(status.peer_id, node.peer_id().to_string());
+    assert_eq!(status.api, Some(api.local_addr().to_string()));
+
+    let mut events = node.subscribe(Pattern::new("orders.*").unwrap());
+    let payload = meshbus::Payload::guess(r#"{"id":7}"#);
+    let request = PublishRequest::new("orders.created".into(), None, Some(&payload)).unwrap();
+    let published = client.publish(&request).await.unwrap();
+    let Some(Tailed::Event(event)) = tokio::time::timeout(T, events.next()).await.unwrap() else {
+        panic!("the published event reaches a subscriber");
+    };
+    assert_eq!(event.id.to_string(), published.id);
+
+    let refused = |e: ClientError| match e {
+        ClientError::Refused { status, message } => (status, message),
+        other => panic!("expected a refusal, got {other}"),
+    };
+    let (code, message) = refused(client.reload().await.unwrap_err());
+    assert_eq!(code, 400, "nothing to reload is the caller's mistake: {message}");
+
+    let handle = node.handle();
+    node.shutdown().await;
+    let (code, _) = refused(client.status().await.unwrap_err());
+    assert_eq!(code, 503, "a stopped node cannot answer");
+    let (code, message) = refused(client.reload().await.unwrap_err());
+    assert_eq!(code, 503, "a reload on a stopped node: {message}");
+    assert!(matches!(handle.reload(), Err(NodeError::Stopped)));
+
+    api.shutdown().await;
+    assert!(matches!(
+        client.status().await,
+        Err(ClientError::NotRunning { .. })
+    ));
+}
