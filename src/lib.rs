@@ -29,8 +29,6 @@
 //! - [`config`]: settings, defaults and the TOML config file; [`stats`]: the counters `status`
 //!   shows.
 //! - [`identity`]: the peer's key in its data directory, so a restart keeps its peer id.
-//! - [`netns`]: a virtual LAN of network namespaces on one Linux machine, for tests and demos;
-//!   [`lab`]: a lasting LAN of running peers on it, with faults (kill, restart, cut, heal).
 
 #![deny(missing_docs)]
 
@@ -40,10 +38,6 @@ pub mod config;
 pub mod event;
 pub mod handlers;
 pub mod identity;
-#[cfg(target_os = "linux")]
-pub mod lab;
-#[cfg(target_os = "linux")]
-pub mod netns;
 pub mod node;
 pub mod stats;
 pub mod topic;
