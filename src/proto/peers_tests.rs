@@ -320,5 +320,7 @@ fn membership_events_name_the_peer_on_reserved_topics() {
     let left = Membership::Left { peer };
     assert_eq!(left.topic(), "_mesh.peer.left");
     assert_eq!(left.data()["peer"], peer.to_string());
-    assert!(crate::topic::Topic::new(left.topic()).unwrap().is_reserved());
+    assert!(crate::topic::Topic::new(left.topic())
+        .unwrap()
+        .is_reserved());
 }

@@ -1,9 +1,12 @@
 //! Integration tests, one binary: real `meshbus` processes, real sockets, real namespaces.
+//! Grouped by behaviour; the tests that drive `meshbus-lab` itself are in `lab/tests/`.
 
-mod bad_input;
+mod api;
 mod cli;
+mod config;
+mod delivery;
+mod faults;
 mod handlers;
-mod lab;
-mod lan;
 mod library;
+mod retries;
 mod support;

@@ -5,38 +5,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-/// How often conditions are re-checked while waiting.
-const POLL: Duration = Duration::from_millis(10);
+/// Waiting with a timeout, reading what file handlers wrote, and the namespace checks: shared
+/// with the lab's own tests.
+pub use meshbus_lab::testing::*;
 
 /// The binary under test: `MESHBUS_BIN` (e.g. a release build) or the one cargo built.
 pub fn bin() -> PathBuf {
     std::env::var_os("MESHBUS_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshbus")))
-}
-
-/// Waits until `check` returns `Some`, or panics naming `what` after `timeout`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
-/// Like [`wait_for`] for a plain condition.
-pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    wait_for(timeout, what, || check().then_some(()))
 }
 
 /// Lines a child wrote, collected by a reader thread.
@@ -206,17 +187,6 @@ impl Drop for Peer {
     }
 }
 
-/// The stdout of a command that must have succeeded.
-pub fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "command failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Peer ids in a `peers --json` answer.
 pub fn peer_ids(json: &str) -> Vec<String> {
     let peers: Vec<Value> = serde_json::from_str(json).unwrap();
@@ -224,31 +194,6 @@ pub fn peer_ids(json: &str) -> Vec<String> {
         .iter()
         .map(|p| p["peer_id"].as_str().unwrap().to_owned())
         .collect()
-}
-
-/// The CloudEvents a file handler wrote so far (none if the file does not exist yet). A last
-/// line without its newline is still being written and is left for the next look.
-pub fn events_in(path: &Path) -> Vec<Value> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-        .collect()
-}
-
-/// Waits until a file handler has written at least `n` events; returns them.
-pub fn wait_for_events(path: &Path, n: usize, timeout: Duration) -> Vec<Value> {
-    wait_for(
-        timeout,
-        &format!("{n} events in {}", path.display()),
-        || {
-            let events = events_in(path);
-            (events.len() >= n).then_some(events)
-        },
-    )
 }
 
 /// The handler row with this action in a `status --json`.
@@ -259,44 +204,6 @@ pub fn handler<'a>(status: &'a Value, action_prefix: &str) -> &'a Value {
         .iter()
         .find(|h| h["action"].as_str().unwrap().starts_with(action_prefix))
         .unwrap_or_else(|| panic!("no handler {action_prefix} in {status:#}"))
-}
-
-/// One lab at a time, so timings measure the mesh rather than a neighbour's load.
-static LAB: Mutex<()> = Mutex::new(());
-
-/// Holds the lab lock until dropped.
-pub fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    LAB.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Whether namespaces can be made here; panics if they cannot but must
-/// (`MESHBUS_REQUIRE_NETNS=1`), else says loudly that `test` is skipped.
-pub fn netns_or_skip(test: &str) -> bool {
-    match meshbus::netns::available() {
-        Ok(()) => true,
-        Err(reason) => {
-            assert!(
-                std::env::var("MESHBUS_REQUIRE_NETNS").as_deref() != Ok("1"),
-                "MESHBUS_REQUIRE_NETNS=1 but network namespaces are not available: {reason}"
-            );
-            eprintln!("\n*** SKIPPED {test}: network namespaces are not available ({reason}); run as root to test the LAN ***\n");
-            false
-        }
-    }
-}
-
-/// Waits until process `pid` has entered namespace `netns` (`ip netns exec` returns from
-/// spawn before it has switched).
-pub fn wait_in_netns(netns: &str, pid: u32) {
-    wait_until(
-        Duration::from_secs(10),
-        &format!("pid {pid} inside {netns}"),
-        || {
-            meshbus::netns::ip(&["netns", "pids", netns])
-                .map(|pids| pids.split_whitespace().any(|p| p == pid.to_string()))
-                .unwrap_or(false)
-        },
-    );
 }
 
 /// Runs `meshbus up --no-mdns --listen 127.0.0.1 ARGS…` with a data directory of its own,
@@ -331,7 +238,29 @@ pub fn group_alive(pgid: i32) -> bool {
             return false;
         };
         // Fields after the command: state, ppid, pgrp, …
-        meshbus::lab::stat_fields(pid)
+        meshbus_lab::process::stat_fields(pid)
             .is_some_and(|f| f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string())
     })
+}
+
+/// What a command said on stderr.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes a config file `name` in `dir`; returns its path.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The handler row named `name` in a `status --json`.
+pub fn row<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no handler {name}: {status:#}"))
 }

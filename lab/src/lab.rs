@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::netns::{self, NetnsError, VirtualLan};
+use crate::process::alive;
 
 /// Where labs keep their state unless `MESHBUS_LAB_DIR` says otherwise.
 pub const DEFAULT_ROOT: &str = "/run/meshbus-lab";
@@ -66,7 +67,7 @@ pub enum LabError {
     Timeout(Duration, String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
     move |source| LabError::Io {
         path: path.to_owned(),
         source,
@@ -243,7 +244,9 @@ impl Lab {
         self.dir.join(format!("{}.log", self.state.hosts[i].name))
     }
 
-    fn joined_file(&self, i: usize) -> PathBuf {
+    /// Host `i`'s `_mesh.peer.joined` events, as CloudEvents JSON lines: the lab gives every
+    /// peer a file handler for them.
+    pub fn joined_file(&self, i: usize) -> PathBuf {
         self.data_dir(i).join("joined.jsonl")
     }
 
@@ -367,7 +370,7 @@ impl Lab {
         let Ok(out) = self.cli(i, &["peers", "--json"]) else {
             return Vec::new();
         };
-        let Ok(peers) = serde_json::from_slice::<Vec<crate::node::PeerInfo>>(&out.stdout) else {
+        let Ok(peers) = serde_json::from_slice::<Vec<meshbus::node::PeerInfo>>(&out.stdout) else {
             return Vec::new();
         };
         peers.into_iter().map(|p| p.peer_id).collect()
@@ -423,7 +426,7 @@ impl Lab {
         let text = fs::read_to_string(self.joined_file(i)).unwrap_or_default();
         let mut firsts: Vec<(String, SystemTime)> = Vec::new();
         for line in text.lines() {
-            let Ok(event) = serde_json::from_str::<crate::CloudEvent>(line) else {
+            let Ok(event) = serde_json::from_str::<meshbus::CloudEvent>(line) else {
                 continue;
             };
             let Ok(at) = humantime::parse_rfc3339(&event.time) else {
@@ -444,30 +447,26 @@ impl Lab {
     }
 }
 
-/// The fields of `/proc/PID/stat` after the command name: state, ppid, pgrp, … (see
-/// proc(5), counting from field 3).
-pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-/// Whether a process runs (and is not a zombie).
-pub fn alive(pid: u32) -> bool {
-    stat_fields(pid)
-        .and_then(|f| f.first().cloned())
-        .is_some_and(|state| state != "Z" && state != "X")
+/// Calls `check` every `every` until it returns `Some`, and returns that; `None` once
+/// `timeout` has passed. The one polling loop of the lab and of the tests built on it.
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
 }
 
 fn wait(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<(), LabError> {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        if Instant::now() > deadline {
-            return Err(LabError::Timeout(timeout, what.to_owned()));
-        }
-        std::thread::sleep(POLL);
-    }
-    Ok(())
+    poll(timeout, POLL, || check().then_some(()))
+        .ok_or_else(|| LabError::Timeout(timeout, what.to_owned()))
 }
-
-pub mod bench;

@@ -1,12 +1,12 @@
 //! `meshbus-lab`: a whole LAN of meshbus peers on one Linux machine (root), and the means to
-//! break it. See `meshbus::lab`.
+//! break it. A thin CLI over the `meshbus_lab` library.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use meshbus::lab::{self, Lab};
+use meshbus_lab::{self as lab, Lab};
 
 #[derive(Parser)]
 #[command(
@@ -140,7 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             extra,
         } => {
-            meshbus::netns::available()
+            lab::netns::available()
                 .map_err(|reason| anyhow::anyhow!("cannot build a lab here: {reason}"))?;
             let (lab, formed) = Lab::up(
                 &root,
@@ -164,7 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         let h = &lab.state.hosts[i];
                         serde_json::json!({
                             "host": h.name, "netns": h.netns, "addr": h.addr,
-                            "pid": h.pid.filter(|p| lab::alive(*p)),
+                            "pid": h.pid.filter(|p| lab::process::alive(*p)),
                             "peer_id": h.peer_id, "cut": h.cut,
                             "sees": lab.peers_seen(i),
                         })
@@ -228,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             json,
         } => {
-            meshbus::netns::available()
+            lab::netns::available()
                 .map_err(|reason| anyhow::anyhow!("cannot build a lab here: {reason}"))?;
             anyhow::ensure!(
                 (1..=peers).contains(&publishers),
@@ -276,7 +276,7 @@ fn print_hosts(lab: &Lab) {
         "HOST", "ADDR", "PID", "STATE", "PEER ID"
     );
     for (i, h) in lab.state.hosts.iter().enumerate() {
-        let running = h.pid.is_some_and(lab::alive);
+        let running = h.pid.is_some_and(lab::process::alive);
         let state = match (running, h.cut) {
             (false, _) => "down",
             (true, true) => "cut",

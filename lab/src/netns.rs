@@ -86,15 +86,20 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// A lab prefix that no other lab on this machine uses while this process runs: the process
+/// id and a counter.
+pub fn unique_prefix() -> String {
+    format!(
+        "mb{}x{}",
+        std::process::id(),
+        NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl VirtualLan {
     /// Builds a lab of `hosts` hosts with a name unique to this process.
     pub fn create(hosts: usize) -> Result<Self, NetnsError> {
-        let prefix = format!(
-            "mb{}x{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
-        );
-        Self::with_prefix(&prefix, hosts)
+        Self::with_prefix(&unique_prefix(), hosts)
     }
 
     /// Builds a lab whose namespaces are named `{prefix}-br` and `{prefix}-h{i}`.

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Lab, LabError};
-use crate::handlers::HandlerInfo;
+use meshbus::handlers::HandlerInfo;
+
+use crate::{Lab, LabError};
 
 /// Events per HTTP request from a load generator.
 const CHUNK: usize = 500;
@@ -111,12 +112,12 @@ pub fn run(root: &Path, prefix: &str, config: &BenchConfig) -> Result<BenchRepor
         root,
         prefix,
         config.peers,
-        super::meshbus_bin(),
+        crate::meshbus_bin(),
         extra,
         Duration::from_secs(60),
     )?;
     let result = measure(&lab, formed, config);
-    super::down(root, prefix)?;
+    crate::down(root, prefix)?;
     result
 }
 
@@ -130,7 +131,7 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
 
     let loaders: Vec<std::process::Child> = (0..config.publishers)
         .map(|p| {
-            let exe = std::env::current_exe().map_err(super::io(Path::new("meshbus-lab")))?;
+            let exe = std::env::current_exe().map_err(crate::lab::io(Path::new("meshbus-lab")))?;
             let mut cmd = lab.command(p, exe);
             cmd.args(["bench-load", "--events", &per_publisher.to_string()])
                 .args(["--size", &config.size.to_string()])
@@ -140,12 +141,12 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
                 cmd.args(["--rate", &(rate / config.publishers as f64).to_string()]);
             }
             cmd.spawn()
-                .map_err(super::io(Path::new("meshbus-lab bench-load")))
+                .map_err(crate::lab::io(Path::new("meshbus-lab bench-load")))
         })
         .collect::<Result<_, _>>()?;
 
     // Follow every peer until it has everything or stops making progress.
-    let start_unix_us = crate::wire::age_micros(std::time::UNIX_EPOCH);
+    let start_unix_us = meshbus::clock::unix_micros(std::time::SystemTime::now());
     let done: Vec<Option<HandlerInfo>> = std::thread::scope(|s| {
         let watchers: Vec<_> = (0..n)
             .map(|i| s.spawn(move || follow(lab, i, expected)))
@@ -160,7 +161,7 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
     for loader in loaders {
         let out = loader
             .wait_with_output()
-            .map_err(super::io(Path::new("meshbus-lab bench-load")))?;
+            .map_err(crate::lab::io(Path::new("meshbus-lab bench-load")))?;
         if let Ok(report) = serde_json::from_slice::<LoadReport>(&out.stdout) {
             published += report.published;
             publish_secs = publish_secs.max(report.secs);
@@ -256,7 +257,7 @@ fn cpu_secs(pid: u32) -> f64 {
         .ok()
         .flatten()
         .unwrap_or(100) as f64;
-    super::stat_fields(pid)
+    crate::process::stat_fields(pid)
         .and_then(|fields| {
             // After the command: state(0) … utime(11) stime(12).
             let utime: f64 = fields.get(11)?.parse().ok()?;
@@ -274,9 +275,9 @@ pub async fn load(
     events: usize,
     size: usize,
     rate: Option<f64>,
-) -> Result<LoadReport, crate::client::ClientError> {
+) -> Result<LoadReport, meshbus::api::ClientError> {
     use futures::StreamExt as _;
-    let client = crate::client::Client::new(api);
+    let client = meshbus::api::Client::new(api);
     // A JSON string of exactly `size` bytes: quotes plus filler.
     let data = serde_json::value::RawValue::from_string(format!(
         "\"{}\"",
@@ -287,7 +288,7 @@ pub async fn load(
         Some(r) => ((r / 100.0).ceil() as usize).clamp(1, CHUNK),
         None => CHUNK,
     };
-    let request = crate::api::PublishRequest {
+    let request = meshbus::api::PublishRequest {
         topic: topic.to_owned(),
         data: Some(data),
         ..Default::default()

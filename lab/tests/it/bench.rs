@@ -1,0 +1,45 @@
+//! The benchmark end to end: a small load on a fresh lab, every event delivered, and the lab
+//! taken down after.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+#[test]
+fn the_bench_runs_a_small_load_and_reports_every_event_delivered() {
+    if !netns_or_skip("lab-bench") {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = lab_prefix();
+    let out = Command::new(LAB_BIN)
+        .args([
+            "--prefix",
+            &prefix,
+            "bench",
+            "--peers",
+            "3",
+            "--publishers",
+            "2",
+        ])
+        .args(["--events", "2000", "--size", "128", "--json"])
+        .env("MESHBUS_LAB_DIR", root.path())
+        .env("MESHBUS_BIN", bin())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(&ok(out)).unwrap();
+    let peers = report["per_peer"].as_array().unwrap();
+    assert_eq!(peers.len(), 3);
+    for p in peers {
+        assert_eq!(p["expected"], 2000, "{p}");
+        assert_eq!(p["delivered"], 2000, "{p}");
+        assert!(p["p99_ms"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["peak_rss_kib"].as_u64().unwrap() >= p["idle_rss_kib"].as_u64().unwrap());
+    }
+    assert!(report["publish_rate"].as_f64().unwrap() > 0.0);
+    let listed = meshbus_lab::netns::ip(&["netns", "list"]).unwrap();
+    assert!(!listed.contains(&prefix), "the bench took its lab down");
+}

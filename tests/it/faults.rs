@@ -1,0 +1,135 @@
+//! Peers that leave and peers that lie: a peer stopping on SIGTERM is noticed, and malformed
+//! or hostile messages from a hand-built libp2p peer are dropped and counted while the target
+//! carries on. (Killed, restarted and unplugged peers on a virtual LAN: `lab/tests/`.)
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use libp2p::gossipsub::{self, IdentTopic};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{noise, tcp, yamux, Multiaddr, SwarmBuilder};
+use meshbus::wire::{WireBatch, WireEvent, VERSION};
+use prost::Message as _;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_peer_stops_cleanly_on_sigterm_and_the_other_notices() {
+    let a = Peer::local(&[]);
+    let b = Peer::local(&["--peer", a.tcp_addr()]);
+    wait_until(T, "a and b connected", || a.peer_ids().len() == 1);
+    let status = b.stop();
+    assert!(status.success(), "exit status {status}");
+    wait_until(T, "a sees b gone", || a.peer_ids().is_empty());
+}
+
+fn wire_event(topic: &str, data: &[u8]) -> WireEvent {
+    WireEvent {
+        id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+        topic: topic.into(),
+        r#type: String::new(),
+        seq: 1,
+        time_unix_micros: 0,
+        content_type: String::new(),
+        data: data.to_vec().into(),
+    }
+}
+
+fn payload(events: Vec<WireEvent>) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    WireBatch { events }.encode(&mut out).unwrap();
+    out
+}
+
+/// A hand-built libp2p peer that speaks gossipsub and publishes whatever bytes it is given.
+async fn rogue_publish(target: Multiaddr, payloads: Vec<Vec<u8>>) {
+    let mut swarm = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|key| {
+            let config = gossipsub::ConfigBuilder::default().build().unwrap();
+            gossipsub::Behaviour::<
+                gossipsub::IdentityTransform,
+                gossipsub::AllowAllSubscriptionFilter,
+            >::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
+            .unwrap()
+        })
+        .unwrap()
+        .build();
+    let topic = IdentTopic::new(meshbus::proto::MESH_TOPIC);
+    swarm.behaviour_mut().subscribe(&topic).unwrap();
+    swarm.dial(target).unwrap();
+    tokio::time::timeout(T, async {
+        loop {
+            if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { .. }) =
+                swarm.select_next_some().await
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the target subscribes to the mesh topic");
+    for p in payloads {
+        swarm.behaviour_mut().publish(topic.clone(), p).unwrap();
+    }
+    // Keep the connection served while the messages go out; the test waits on the target.
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_from_the_network_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("target.jsonl");
+    let on = format!("**=file:{}", file.display());
+    let target = Peer::local(&["--max-event-size", "1024", "--on", &on]);
+    let addr: Multiaddr = target.tcp_addr().parse().unwrap();
+
+    let payloads = vec![
+        vec![0xff, 1, 2],                // unknown version
+        vec![VERSION, 0x0a, 0xff, 0xff], // not protobuf
+        payload(vec![
+            wire_event("orders..bad", b"1"),         // invalid topic
+            wire_event("orders.ok", b"1"),           // the one good event
+            wire_event("_mesh.peer.joined", b"{}"),  // spoofed mesh event
+            wire_event("orders.big", &[b'1'; 2000]), // over the target's limit
+        ]),
+    ];
+    rogue_publish(addr, payloads).await;
+
+    let counters = tokio::task::spawn_blocking(move || {
+        let counters = wait_for(T, "the target to count the bad input", || {
+            let c = target.status()["counters"].clone();
+            (c["messages_received"] == 3).then_some(c)
+        });
+        // The peer is not wedged: a normal peer's event still gets through.
+        let friend = Peer::local(&["--peer", target.tcp_addr()]);
+        wait_until(T, "friend connected", || {
+            target.peer_ids().contains(&friend.peer_id)
+        });
+        friend.cli_ok(&["publish", "orders.after", "1"]);
+        (counters, wait_for_events(&file, 2, T), target)
+    })
+    .await
+    .unwrap();
+    let (counters, events, _target) = counters;
+    assert_eq!(counters["messages_malformed"], 2, "{counters:#}");
+    assert_eq!(counters["events_rejected"], 3, "{counters:#}");
+    assert_eq!(counters["received"], 1, "{counters:#}");
+    let topics: Vec<&str> = events
+        .iter()
+        .map(|e| e["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(topics, ["orders.ok", "orders.after"]);
+}
