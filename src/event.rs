@@ -40,16 +40,6 @@ impl EventId {
     pub fn new() -> Self {
         Self(uuid::Uuid::now_v7())
     }
-
-    /// A fresh id for an event published at `time` (its first 48 bits are that time in
-    /// milliseconds, the rest random).
-    pub fn at(time: SystemTime) -> Self {
-        let since = time
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
-        Self(uuid::Uuid::new_v7(ts))
-    }
 }
 
 impl Default for EventId {

@@ -57,12 +57,14 @@ pub enum ResolveError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// An environment variable that does not parse.
-    #[error("${name}: `{value}` is not a host:port address")]
+    #[error("${name}: `{value}` is not {expected}")]
     Env {
         /// The variable.
         name: &'static str,
-        /// Its value.
+        /// Its value (lossy if it is not UTF-8).
         value: String,
+        /// What it should be.
+        expected: &'static str,
     },
 }
 
@@ -120,7 +122,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
     let n = &file.node;
     let data_dir = match flags
         .data_dir
-        .or_else(|| std::env::var_os(DATA_DIR_ENV).map(PathBuf::from))
+        .or(env(DATA_DIR_ENV)?.map(PathBuf::from))
         .or(n.data_dir.clone())
     {
         Some(dir) => dir,
@@ -128,12 +130,13 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
     };
     let api = match flags.api {
         Some(api) => api,
-        None => match std::env::var(API_ENV) {
-            Ok(value) => value.parse().map_err(|_| ResolveError::Env {
+        None => match env(API_ENV)? {
+            Some(value) => value.parse().map_err(|_| ResolveError::Env {
                 name: API_ENV,
                 value,
+                expected: "a host:port address",
             })?,
-            Err(_) => n.api.unwrap_or(DEFAULT_API),
+            None => n.api.unwrap_or(DEFAULT_API),
         },
     };
     let listen = match (flags.listen.is_empty(), &n.listen) {
@@ -173,6 +176,20 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
         handlers: table.assemble(file.handlers),
         table,
     })
+}
+
+/// An environment variable's value; unset and empty are both "not given".
+fn env(name: &'static str) -> Result<Option<String>, ResolveError> {
+    match std::env::var(name) {
+        Ok(value) if value.is_empty() => Ok(None),
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(value)) => Err(ResolveError::Env {
+            name,
+            value: value.to_string_lossy().into_owned(),
+            expected: "UTF-8 text",
+        }),
+    }
 }
 
 /// `[node] KEY` addresses, or an error naming the file and the key.
@@ -269,6 +286,41 @@ mod tests {
             e.contains("meshbus.toml") && e.contains("[node] listen"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_environment_counts_between_flags_and_the_file() {
+        // The only test that sets these variables; every other one passes both as flags.
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[node]\napi = \"127.0.0.1:3\"\n");
+        std::env::set_var(API_ENV, "127.0.0.1:2");
+        std::env::set_var(DATA_DIR_ENV, dir.path().join("env-data"));
+        let flags = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let r = resolve(flags.clone()).unwrap();
+        assert_eq!(r.api.port(), 2, "environment over file");
+        assert_eq!(r.identity.dir, dir.path().join("env-data"));
+        drop(r);
+        let r = resolve(Flags {
+            api: Some("127.0.0.1:1".parse().unwrap()),
+            ..flags.clone()
+        })
+        .unwrap();
+        assert_eq!(r.api.port(), 1, "flag over environment");
+        drop(r);
+        std::env::set_var(API_ENV, "");
+        assert_eq!(
+            resolve(flags.clone()).unwrap().api.port(),
+            3,
+            "empty is unset"
+        );
+        std::env::set_var(API_ENV, "nonsense");
+        let e = resolve(flags).unwrap_err().to_string();
+        std::env::remove_var(API_ENV);
+        std::env::remove_var(DATA_DIR_ENV);
+        assert!(e.contains("$MESHBUS_API") && e.contains("nonsense"), "{e}");
     }
 
     #[test]

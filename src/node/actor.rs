@@ -22,12 +22,17 @@ use crate::stats;
 
 type Reply = oneshot::Sender<Result<Published, NodeError>>;
 
+/// The time the core is told, from tokio's clock, which its timer runs on.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Why a message of events could not be published.
 struct Unpublished {
     /// Events of the batch published before the failure.
     published: Vec<Published>,
-    /// The failure.
-    error: NodeError,
+    /// The failure, shared by every publish the message carried.
+    error: Arc<PublishError>,
 }
 
 pub(super) struct Actor {
@@ -66,7 +71,7 @@ impl Actor {
             topic_hash: topic.hash(),
             topic,
             publisher: Publisher::new(me),
-            peers: Peers::new(me, Instant::now()),
+            peers: Peers::new(me, now()),
             listening: Listening::new(listen_expected),
             listen_waiters: Vec::new(),
             deferred: None,
@@ -78,12 +83,17 @@ impl Actor {
     }
 
     pub(super) async fn run(mut self) {
+        let timer = tokio::time::sleep_until(self.peers.poll_timeout().into());
+        tokio::pin!(timer);
         let shutdown_reply = loop {
             self.carry_out();
+            let deadline = self.peers.poll_timeout().into();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             let command = match self.deferred.take() {
                 Some(command) => command,
                 None => {
-                    let timeout = tokio::time::Instant::from_std(self.peers.poll_timeout());
                     tokio::select! {
                         event = self.swarm.select_next_some() => {
                             self.on_swarm_event(event);
@@ -93,8 +103,8 @@ impl Actor {
                             Some(command) => command,
                             None => break None,
                         },
-                        _ = tokio::time::sleep_until(timeout) => {
-                            self.peers.handle_timeout(Instant::now());
+                        _ = &mut timer => {
+                            self.peers.handle_timeout(now());
                             continue;
                         }
                     }
@@ -178,7 +188,7 @@ impl Actor {
                 let result = self.publish(events.into()).map_err(|u| NodeError::Partly {
                     published: u.published.len(),
                     total,
-                    source: Box::new(u.error),
+                    source: Box::new(NodeError::from(&u.error)),
                 });
                 let _ = reply.send(result);
             }
@@ -238,7 +248,7 @@ impl Actor {
         }
         if let Some(error) = error {
             for reply in replies {
-                let _ = reply.send(Err(error.repeat()));
+                let _ = reply.send(Err(NodeError::from(&error)));
             }
         }
     }
@@ -263,7 +273,7 @@ impl Actor {
                 Err(PublishError::NoPeersSubscribedToTopic) => 0,
                 Err(e) => {
                     self.publisher.unsent(&message);
-                    let error = NodeError::from(e);
+                    let error = Arc::new(e);
                     warn!(events = message.len(), %error, "publish failed");
                     return Err(Unpublished { published, error });
                 }
@@ -314,8 +324,7 @@ impl Actor {
                 ..
             } => {
                 let addr = endpoint.get_remote_address().clone();
-                self.peers
-                    .connected(peer_id, connection_id, addr, Instant::now());
+                self.peers.connected(peer_id, connection_id, addr, now());
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -360,7 +369,7 @@ impl Actor {
         match event.result {
             Ok(rtt) => self
                 .peers
-                .ping_answered(event.peer, event.connection, rtt, Instant::now()),
+                .ping_answered(event.peer, event.connection, rtt, now()),
             Err(ping::Failure::Unsupported) => {
                 self.peers.ping_unsupported(event.peer, event.connection)
             }

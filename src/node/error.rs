@@ -29,7 +29,7 @@ pub enum NodeError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The mesh topic could not be joined.
-    #[error("cannot subscribe to the mesh topic: {0}")]
+    #[error("cannot set up the network: cannot subscribe to the mesh topic: {0}")]
     Subscribe(#[from] libp2p::gossipsub::SubscriptionError),
     /// A listen address could not be used.
     #[error("cannot listen on {addr}: {source}")]
@@ -40,10 +40,10 @@ pub enum NodeError {
         source: libp2p::TransportError<std::io::Error>,
     },
     /// A listener failed while starting.
-    #[error("a listener failed: {0}")]
+    #[error("cannot set up the network: a listener failed: {0}")]
     Listener(String),
     /// The listeners did not report their addresses in time.
-    #[error("listeners did not report an address within {0:?}")]
+    #[error("cannot set up the network: listeners did not report an address within {0:?}")]
     ListenTimeout(Duration),
     /// A peer address could not be dialled.
     #[error("cannot dial {addr}: {source}")]
@@ -97,22 +97,12 @@ pub enum NodeError {
     },
 }
 
-impl From<libp2p::gossipsub::PublishError> for NodeError {
-    fn from(e: libp2p::gossipsub::PublishError) -> Self {
-        match e {
+impl From<&Arc<libp2p::gossipsub::PublishError>> for NodeError {
+    /// The error for each of the publishes a failed message carried.
+    fn from(e: &Arc<libp2p::gossipsub::PublishError>) -> Self {
+        match **e {
             libp2p::gossipsub::PublishError::AllQueuesFull(peers) => Self::Saturated { peers },
-            other => Self::Gossip(Arc::new(other)),
-        }
-    }
-}
-
-impl NodeError {
-    /// The same failure again, for each of several requests that shared it.
-    pub(super) fn repeat(&self) -> Self {
-        match self {
-            Self::Saturated { peers } => Self::Saturated { peers: *peers },
-            Self::Gossip(e) => Self::Gossip(e.clone()),
-            _ => Self::Stopped,
+            _ => Self::Gossip(e.clone()),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! task to carry out. Timers are one deadline: [`Peers::poll_timeout`] says when to call
 //! [`Peers::handle_timeout`] next.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
@@ -122,7 +122,7 @@ pub struct PeerInfo {
 /// A connected peer.
 #[derive(Debug, Default)]
 struct Peer {
-    connections: HashMap<ConnectionId, Connection>,
+    connections: BTreeMap<ConnectionId, Connection>,
     /// Set once identify says it speaks meshbus; a peer is a member from then on.
     identity: Option<Identity>,
     rtt: Option<Duration>,
@@ -157,13 +157,14 @@ struct Explicit {
     dialing: Option<ConnectionId>,
 }
 
-/// The peer table and its rules.
+/// The peer table and its rules. Its maps are ordered, so the same inputs give the same
+/// actions in the same order (a simulation replays exactly from its seed).
 #[derive(Debug)]
 pub struct Peers {
     me: PeerId,
-    peers: HashMap<PeerId, Peer>,
+    peers: BTreeMap<PeerId, Peer>,
     /// Addresses learned by mDNS, for redialling peers whose connection dropped.
-    known: HashMap<PeerId, Vec<Multiaddr>>,
+    known: BTreeMap<PeerId, Vec<Multiaddr>>,
     explicit: Vec<Explicit>,
     next_liveness: Instant,
     next_redial: Instant,
@@ -175,8 +176,8 @@ impl Peers {
     pub fn new(me: PeerId, now: Instant) -> Self {
         Self {
             me,
-            peers: HashMap::new(),
-            known: HashMap::new(),
+            peers: BTreeMap::new(),
+            known: BTreeMap::new(),
             explicit: Vec::new(),
             next_liveness: now + PING_INTERVAL,
             next_redial: now + REDIAL_INTERVAL,
@@ -363,7 +364,7 @@ impl Peers {
     /// mDNS found peers at these addresses: remember them (within bounds) and dial those
     /// not connected.
     pub fn discovered(&mut self, found: impl IntoIterator<Item = (PeerId, Multiaddr)>) {
-        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
         for (peer, addr) in found {
             if peer != self.me {
                 by_peer.entry(peer).or_default().push(addr);

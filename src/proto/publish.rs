@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
 
@@ -57,12 +57,18 @@ pub struct Publisher {
     me: PeerId,
     /// Sequence number of the last event stamped and not given back.
     seq: u64,
+    /// Keeps the ids this peer stamps in order within a millisecond, as they are in time.
+    ids: uuid::ContextV7,
 }
 
 impl Publisher {
     /// A publisher whose first event will be number 1.
     pub fn new(me: PeerId) -> Self {
-        Self { me, seq: 0 }
+        Self {
+            me,
+            seq: 0,
+            ids: uuid::ContextV7::new(),
+        }
     }
 
     /// Sequence number of the last event published.
@@ -95,7 +101,7 @@ impl Publisher {
             bytes += size;
             self.seq += 1;
             message.push(Arc::new(Event {
-                id: EventId::at(now),
+                id: self.id_at(now),
                 topic: item.topic,
                 event_type: item.event_type,
                 source: self.me,
@@ -106,6 +112,14 @@ impl Publisher {
             }));
         }
         message
+    }
+
+    /// A fresh id for an event published at `now`: a UUIDv7, its first 48 bits that time in
+    /// milliseconds, then a counter, so a peer's ids sort as it stamped them.
+    fn id_at(&self, now: SystemTime) -> EventId {
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let ts = uuid::Timestamp::from_unix(&self.ids, since.as_secs(), since.subsec_nanos());
+        EventId(uuid::Uuid::new_v7(ts))
     }
 
     /// The message holding `events` (the last one stamped) was not sent: their sequence
@@ -152,7 +166,11 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         let m = p.next_message(&mut queue(&[1, 1]), now);
         assert!(m.iter().all(|e| e.source == me && e.time == now));
-        assert_ne!(m[0].id, m[1].id);
+        let later = p.next_message(&mut queue(&[1]), now);
+        assert!(
+            m[0].id < m[1].id && m[1].id < later[0].id,
+            "ids are distinct and sort as stamped, even within one millisecond"
+        );
         assert_eq!(m[0].topic.as_str(), "orders.created");
     }
 
