@@ -6,10 +6,13 @@
 //! addresses, pids, data directories) is in `state.json` in the lab's directory,
 //! `$MESHBUS_LAB_DIR/PREFIX` (default `/run/meshbus-lab/PREFIX`); each host's data directory
 //! (its identity key, so a restart keeps its peer id) and log live beside it.
+//!
+//! Each peer serves its API on [`PEER_API`] inside its own namespace (each has its own
+//! loopback); the lab talks to it there by running the `meshbus` CLI inside the namespace.
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,8 +25,15 @@ use crate::process::alive;
 /// Where labs keep their state unless `MESHBUS_LAB_DIR` says otherwise.
 pub const DEFAULT_ROOT: &str = "/run/meshbus-lab";
 
-/// Time a peer gets to print its start banner.
+/// Where every peer serves its HTTP API, inside its host's namespace: each namespace has a
+/// loopback of its own, so every host can use the same address.
+pub const PEER_API: SocketAddr = meshbus::config::DEFAULT_API;
+
+/// Time a peer gets to answer on its API with its handler table in place.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The mesh's own event the lab records on every host, to time the mesh's formation.
+const JOINED_TOPIC: &str = "_mesh.peer.joined";
 
 /// How often a waiting lab re-checks.
 const POLL: Duration = Duration::from_millis(20);
@@ -250,7 +260,8 @@ impl Lab {
         self.data_dir(i).join("joined.jsonl")
     }
 
-    /// Starts host `i`'s peer (again), detached, and waits for its start banner.
+    /// Starts host `i`'s peer (again), detached, and waits until it answers on its API with
+    /// its handler table in place.
     pub fn start(&mut self, i: usize) -> Result<(), LabError> {
         let data_dir = self.data_dir(i);
         fs::create_dir_all(&data_dir).map_err(io(&data_dir))?;
@@ -260,15 +271,15 @@ impl Lab {
             .append(true)
             .open(&log_path)
             .map_err(io(&log_path))?;
-        let offset = log.metadata().map_err(io(&log_path))?.len();
         let err = log.try_clone().map_err(io(&log_path))?;
         let host = &self.state.hosts[i];
         let mut cmd = netns::exec(&host.netns, &self.state.bin);
         cmd.args(["up", "--name", &host.name, "--data-dir"])
             .arg(&data_dir)
+            .args(["--api", &PEER_API.to_string()])
             .arg("--on")
             .arg(format!(
-                "_mesh.peer.joined=file:{}",
+                "{JOINED_TOPIC}=file:{}",
                 self.joined_file(i).display()
             ))
             .args(self.state.extra_args.iter().map(|a| {
@@ -288,32 +299,32 @@ impl Lab {
         let pid = child.id();
         // The peer outlives this process; it is stopped by pid (kill, down).
         drop(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let peer_id = loop {
-            let text = fs::read(&log_path).map_err(io(&log_path))?;
-            let text = String::from_utf8_lossy(text.get(offset as usize..).unwrap_or_default());
-            let id = text
-                .lines()
-                .find_map(|l| l.strip_prefix("meshbus: peer "))
-                .and_then(|rest| rest.split_whitespace().next().map(str::to_owned));
-            if let (Some(id), true) = (id, text.contains("meshbus: data dir ")) {
-                break id;
-            }
-            if !alive(pid) {
-                return Err(LabError::Peer {
+        // Up means: its API answers and its handler table holds the lab's row (`up` installs
+        // the table after the API is served).
+        let started_up = poll(START_TIMEOUT, POLL, || {
+            let status = self
+                .status(i)
+                .filter(|s| s.handlers.iter().any(|h| h.pattern == JOINED_TOPIC));
+            match status {
+                Some(status) => Some(Ok(status.peer_id)),
+                None if !alive(pid) => Some(Err(LabError::Peer {
                     host: self.state.hosts[i].name.clone(),
                     reason: "exited at start".into(),
-                    log: log_path,
-                });
+                    log: log_path.clone(),
+                })),
+                None => None,
             }
-            if Instant::now() > deadline {
-                return Err(LabError::Timeout(
-                    START_TIMEOUT,
-                    format!("{} to start", self.state.hosts[i].name),
-                ));
-            }
-            std::thread::sleep(POLL);
-        };
+        });
+        let peer_id = started_up.unwrap_or_else(|| {
+            Err(LabError::Timeout(
+                START_TIMEOUT,
+                format!(
+                    "{} to answer on its API (log: {})",
+                    self.state.hosts[i].name,
+                    log_path.display()
+                ),
+            ))
+        })?;
         let host = &mut self.state.hosts[i];
         host.pid = Some(pid);
         host.peer_id = Some(peer_id);
@@ -353,9 +364,18 @@ impl Lab {
         self.save()
     }
 
-    /// A command that runs `program` inside host `i`.
+    /// A command that runs `program` inside host `i`, with `MESHBUS_API` naming that host's
+    /// peer (so `meshbus` commands talk to it whatever this process's environment says).
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        netns::exec(&self.state.hosts[i].netns, program)
+        let mut cmd = netns::exec(&self.state.hosts[i].netns, program);
+        cmd.env(meshbus::config::API_ENV, PEER_API.to_string());
+        cmd
+    }
+
+    /// Host `i`'s peer's `status`, if it answers.
+    pub fn status(&self, i: usize) -> Option<meshbus::node::Status> {
+        let out = self.cli(i, &["status", "--json"]).ok()?;
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     /// Runs `meshbus ARGS…` inside host `i` (it talks to that host's peer).

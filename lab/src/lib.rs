@@ -2,7 +2,8 @@
 //! it. Needs root and iproute2's `ip`.
 //!
 //! Every host is a network namespace joined by a veth pair to a bridge in a namespace of its
-//! own, so mDNS stays inside the lab; a `meshbus up` runs on each host. A [`Lab`] outlives the process that started it (its
+//! own, so mDNS stays inside the lab; a `meshbus up` runs on each host with its API on
+//! [`PEER_API`] inside the namespace. A [`Lab`] outlives the process that started it (its
 //! state is a file), so the `meshbus-lab` binary can start one, break it (kill, restart, cut,
 //! heal) and take it down in separate invocations. The tests of meshbus use the same pieces.
 //!
@@ -46,5 +47,7 @@ pub mod netns;
 pub mod process;
 pub mod testing;
 
-pub use lab::{down, meshbus_bin, poll, root, Lab, LabError, LabHost, LabState, DEFAULT_ROOT};
+pub use lab::{
+    down, meshbus_bin, poll, root, Lab, LabError, LabHost, LabState, DEFAULT_ROOT, PEER_API,
+};
 pub use netns::VirtualLan;

@@ -110,7 +110,7 @@ enum Cmd {
         topic: String,
         #[arg(long)]
         rate: Option<f64>,
-        #[arg(long, default_value_t = meshbus::config::DEFAULT_API)]
+        #[arg(long, default_value_t = lab::PEER_API)]
         api: std::net::SocketAddr,
     },
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 /// with meshbus's tests.
 pub use meshbus_lab::testing::*;
 
+/// How long the lab tests wait for an event or a view of the mesh.
 pub const T: Duration = Duration::from_secs(60);
 
 /// The lab binary under test.
