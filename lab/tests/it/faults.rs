@@ -3,14 +3,9 @@
 //! `VirtualLan` nor a crashed lab leaves namespaces or processes behind.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
-
-/// How long gossipsub on a meshbus peer keeps a message to offer to peers that (re)join:
-/// 5 heartbeats (its default history length) of 500 ms, doubled for heartbeats that run late
-/// on a loaded machine.
-const GOSSIP_MEMORY: Duration = Duration::from_secs(5);
 
 #[test]
 fn a_killed_peer_is_dropped_and_rejoins_with_the_same_id_after_restart() {
@@ -29,13 +24,9 @@ fn a_killed_peer_is_dropped_and_rejoins_with_the_same_id_after_restart() {
         );
     }
     let during = lab.publish("h0", "orders.during");
-    let published = Instant::now();
     for host in ["h0", "h1", "h2"] {
         wait_for_id(&lab.events_file(host), &during);
     }
-    // A peer that joins while an event is still in gossipsub's message cache is offered it
-    // and fetches it; h3 comes back only once `during` is out of that reach.
-    std::thread::sleep(GOSSIP_MEMORY.saturating_sub(published.elapsed()));
 
     let out = lab.ok(&["restart", "h3"]);
     assert!(out.contains(&victim), "same peer id after restart: {out}");
@@ -51,10 +42,9 @@ fn a_killed_peer_is_dropped_and_rejoins_with_the_same_id_after_restart() {
     for host in ["h0", "h1", "h2", "h3"] {
         wait_for_id(&lab.events_file(host), &after);
     }
-    assert!(
-        !ids_in(&lab.events_file("h3")).contains(&during),
-        "h3 was down for that one"
-    );
+    // Whether h3 gets `during`, published while it was down, is not asserted either way: the
+    // delivery promise says it must, and that needs the durable log and repair of the next
+    // issue; until then gossipsub offers it only if h3 is back within its message cache.
 }
 
 #[test]
