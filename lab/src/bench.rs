@@ -69,6 +69,23 @@ pub struct PeerReport {
     pub cpu_secs: f64,
     /// Events its handler row had no queue room for.
     pub queue_full: u64,
+    /// Connections on which its gossipsub gave up (see [`GOSSIP_LINK_LOST`]), from its log.
+    pub gossip_links_lost: usize,
+}
+
+/// What libp2p-gossipsub logs, and nothing else tells, when it stops using a connection for
+/// good: after five failed streams it disables itself there while the connection stays up.
+pub const GOSSIP_LINK_LOST: [&str; 2] = [
+    "maximum number of outbound substream attempts has been exceeded",
+    "maximum number of inbound substreams attempts has been exceeded",
+];
+
+/// Lines of host `i`'s log saying a gossip link was lost.
+fn gossip_links_lost(lab: &Lab, i: usize) -> usize {
+    let log = std::fs::read_to_string(lab.log(i)).unwrap_or_default();
+    log.lines()
+        .filter(|l| GOSSIP_LINK_LOST.iter().any(|m| l.contains(m)))
+        .count()
 }
 
 /// The whole run.
@@ -192,6 +209,7 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
                 idle_rss_kib: idle_rss[i],
                 peak_rss_kib: proc_status_kib(pids[i], "VmHWM"),
                 cpu_secs: cpu_secs(pids[i]) - cpu_before[i],
+                gossip_links_lost: gossip_links_lost(lab, i),
             }
         })
         .collect();
@@ -341,10 +359,10 @@ impl BenchReport {
             "mesh formed {:.1} ms after the last start; publishers achieved {:.0} events/s\n",
             self.mesh_formed_ms, self.publish_rate
         );
-        out += "host  delivered  complete  dropped   events/s   p50 ms   p90 ms   p99 ms   max ms  idle RSS  peak RSS  CPU s\n";
+        out += "host  delivered  complete  dropped   events/s   p50 ms   p90 ms   p99 ms   max ms  idle RSS  peak RSS  CPU s  links lost\n";
         for p in &self.per_peer {
             out += &format!(
-                "{:<5} {:>9} {:>8.2}% {:>8} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.1}M {:>8.1}M {:>6.2}\n",
+                "{:<5} {:>9} {:>8.2}% {:>8} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.1}M {:>8.1}M {:>6.2} {:>11}\n",
                 p.host,
                 p.delivered,
                 p.completeness * 100.0,
@@ -356,7 +374,8 @@ impl BenchReport {
                 p.max_ms,
                 p.idle_rss_kib as f64 / 1024.0,
                 p.peak_rss_kib as f64 / 1024.0,
-                p.cpu_secs
+                p.cpu_secs,
+                p.gossip_links_lost
             );
         }
         out

@@ -38,6 +38,22 @@ const MESH_N_LOW: usize = 1;
 /// Above this many it prunes.
 const MESH_N_HIGH: usize = 4;
 
+/// Largest control part of one gossipsub RPC a peer accepts (IHAVE, IWANT, IDONTWANT, GRAFT,
+/// PRUNE and subscriptions together). A stream that sends more is dropped as invalid, and after
+/// five such drops gossipsub gives up on the connection for good, without a word.
+pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
+
+/// Bound on one gossipsub message id on the wire: the author's base58 peer id (at most 52
+/// bytes for ed25519 keys) and a decimal u64 sequence number (at most 20), plus protobuf
+/// framing.
+const MESSAGE_ID_BYTES: usize = 80;
+
+/// Most message ids a peer puts in one IHAVE (and asks for in IWANTs per heartbeat), so that
+/// what one peer may send fits what the other accepts, [`MAX_CONTROL_BYTES`], with room for
+/// the rest of the RPC. gossipsub's default (5,000) with its default 16 KiB limit let a busy
+/// peer's IHAVE (400-odd ids) kill healthy links.
+const MAX_IHAVE_IDS: usize = (MAX_CONTROL_BYTES - 4 * 1024) / MESSAGE_ID_BYTES;
+
 /// gossipsub heartbeat: how often the mesh is repaired and gossip is sent.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
@@ -84,6 +100,8 @@ pub fn build_swarm(
                 .mesh_n_low(MESH_N_LOW)
                 .mesh_n_high(MESH_N_HIGH)
                 .mesh_outbound_min(1)
+                .max_control_message_size(MAX_CONTROL_BYTES)
+                .max_control_messages_sent(MAX_IHAVE_IDS)
                 .build()?;
             let gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
