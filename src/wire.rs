@@ -76,6 +76,9 @@ pub enum WireError {
     /// Zero bytes.
     #[error("empty payload; expected a version byte and a batch")]
     Empty,
+    /// A batch without events: no publisher sends one.
+    #[error("batch holds no events; expected at least one")]
+    NoEvents,
     /// A format version this build does not know.
     #[error("wire format version {0} is not supported; this peer reads version {VERSION}")]
     Version(u8),
@@ -153,6 +156,9 @@ pub fn decode_batch(
     // Decoding from `Bytes` lets each event's data share the payload's buffer, uncopied.
     let body = payload.into().slice(1..);
     let batch = WireBatch::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
+    if batch.events.is_empty() {
+        return Err(WireError::NoEvents);
+    }
     let mut decoded = Decoded::default();
     for wire in batch.events {
         match from_wire(wire, source, max_event_size) {
@@ -257,6 +263,11 @@ mod tests {
         assert_eq!(
             decode_batch(vec![9, 1, 2], me, 1024).unwrap_err(),
             WireError::Version(9)
+        );
+        assert_eq!(
+            decode_batch(vec![VERSION], me, 1024).unwrap_err(),
+            WireError::NoEvents,
+            "an empty batch is malformed, not silently nothing"
         );
         assert!(matches!(
             decode_batch(vec![VERSION, 0x0a, 0xff], me, 1024),

@@ -99,6 +99,7 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     let payloads = vec![
         vec![0xff, 1, 2],                // unknown version
         vec![VERSION, 0x0a, 0xff, 0xff], // not protobuf
+        payload(vec![]),                 // a batch of no events
         payload(vec![
             wire_event("orders..bad", b"1"),         // invalid topic
             wire_event("orders.ok", b"1"),           // the one good event
@@ -111,7 +112,7 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     let counters = tokio::task::spawn_blocking(move || {
         let counters = wait_for(T, "the target to count the bad input", || {
             let c = target.status()["counters"].clone();
-            (c["messages_received"] == 3).then_some(c)
+            (c["messages_received"] == 4).then_some(c)
         });
         // The peer is not wedged: a normal peer's event still gets through.
         let friend = Peer::local(&["--peer", target.tcp_addr()]);
@@ -124,7 +125,7 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     .await
     .unwrap();
     let (counters, events, _target) = counters;
-    assert_eq!(counters["messages_malformed"], 2, "{counters:#}");
+    assert_eq!(counters["messages_malformed"], 3, "{counters:#}");
     assert_eq!(counters["events_rejected"], 3, "{counters:#}");
     assert_eq!(counters["received"], 1, "{counters:#}");
     let topics: Vec<&str> = events
