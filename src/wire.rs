@@ -94,6 +94,13 @@ pub enum WireError {
     /// The event breaks one of the rules of [`crate::event::validate`].
     #[error(transparent)]
     Invalid(#[from] EventError),
+    /// Timed further ahead of the receiver's clock than its skew bound allows
+    /// ([`crate::proto::receive::MAX_CLOCK_SKEW`]).
+    #[error("event time is {ahead_ms} ms ahead of this peer's clock; at most 60 s is accepted")]
+    AheadOfClock {
+        /// How far ahead.
+        ahead_ms: u64,
+    },
     /// A publish time before 1970 or after 9999 (RFC 3339 cannot write it).
     #[error("event time {0} µs since 1970 is out of range; expected 0 to {MAX_TIME_MICROS}")]
     BadTime(i64),

@@ -385,7 +385,8 @@ impl Actor {
                 let stats = &self.shared.stats;
                 stats::bump(&stats.messages_received);
                 let source = message.source;
-                match proto::receive(source, message.data, self.shared.max_event_size) {
+                let max = self.shared.max_event_size;
+                match proto::receive(source, message.data, max, SystemTime::now()) {
                     Ok(decoded) => {
                         for error in decoded.rejected {
                             if let Some(n) = stats::bump_throttled(&stats.events_rejected) {

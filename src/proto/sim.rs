@@ -279,7 +279,8 @@ impl Sim {
             Msg::Events { from, to, payload } => {
                 if self.linked(from, to) {
                     let source = self.nodes[from].id;
-                    let decoded = super::receive(Some(source), payload, 4096).unwrap();
+                    let decoded =
+                        super::receive(Some(source), payload, 4096, SystemTime::now()).unwrap();
                     assert!(decoded.rejected.is_empty(), "seed {}", self.seed);
                     let got = self.nodes[to].received.entry(source).or_default();
                     got.extend(decoded.events.iter().map(|e| e.seq));

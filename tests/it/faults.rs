@@ -105,6 +105,10 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
             wire_event("orders.ok", b"1"),           // the one good event
             wire_event("_mesh.peer.joined", b"{}"),  // spoofed mesh event
             wire_event("orders.big", &[b'1'; 2000]), // over the target's limit
+            WireEvent {
+                time_unix_micros: 4_102_444_800_000_000, // 2100, far ahead of any clock
+                ..wire_event("orders.future", b"1")
+            },
         ]),
     ];
     rogue_publish(addr, payloads).await;
@@ -126,7 +130,7 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     .unwrap();
     let (counters, events, _target) = counters;
     assert_eq!(counters["messages_malformed"], 3, "{counters:#}");
-    assert_eq!(counters["events_rejected"], 3, "{counters:#}");
+    assert_eq!(counters["events_rejected"], 4, "{counters:#}");
     assert_eq!(counters["received"], 1, "{counters:#}");
     let topics: Vec<&str> = events
         .iter()
