@@ -7,30 +7,38 @@ use serde_json::Value;
 
 use crate::support::*;
 
+/// Runs `meshbus-lab bench ARGS… --json` on a lab of its own; returns the report and the
+/// lab's prefix.
+fn bench(args: &[&str]) -> (Value, String) {
+    let root = tempfile::tempdir().unwrap();
+    let prefix = lab_prefix();
+    let out = Command::new(LAB_BIN)
+        .args(["--prefix", &prefix, "bench"])
+        .args(args)
+        .arg("--json")
+        .env("MESHBUS_LAB_DIR", root.path())
+        .env("MESHBUS_BIN", bin())
+        .output()
+        .unwrap();
+    (serde_json::from_str(&ok(out)).unwrap(), prefix)
+}
+
 #[test]
 fn the_bench_runs_a_small_load_and_reports_every_event_delivered() {
     if !netns_or_skip("lab-bench") {
         return;
     }
     let _one = one_lab_at_a_time();
-    let root = tempfile::tempdir().unwrap();
-    let prefix = lab_prefix();
-    let out = Command::new(LAB_BIN)
-        .args([
-            "--prefix",
-            &prefix,
-            "bench",
-            "--peers",
-            "3",
-            "--publishers",
-            "2",
-        ])
-        .args(["--events", "2000", "--size", "128", "--json"])
-        .env("MESHBUS_LAB_DIR", root.path())
-        .env("MESHBUS_BIN", bin())
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_str(&ok(out)).unwrap();
+    let (report, prefix) = bench(&[
+        "--peers",
+        "3",
+        "--publishers",
+        "2",
+        "--events",
+        "2000",
+        "--size",
+        "128",
+    ]);
     let peers = report["per_peer"].as_array().unwrap();
     assert_eq!(peers.len(), 3);
     for p in peers {
@@ -54,17 +62,18 @@ fn busy_peers_keep_every_gossip_link() {
         return;
     }
     let _one = one_lab_at_a_time();
-    let root = tempfile::tempdir().unwrap();
-    let prefix = lab_prefix();
-    let out = Command::new(LAB_BIN)
-        .args(["--prefix", &prefix, "bench", "--peers", "5"])
-        .args(["--publishers", "3", "--events", "30000", "--rate", "3000"])
-        .args(["--size", "64", "--json"])
-        .env("MESHBUS_LAB_DIR", root.path())
-        .env("MESHBUS_BIN", bin())
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_str(&ok(out)).unwrap();
+    let (report, _) = bench(&[
+        "--peers",
+        "5",
+        "--publishers",
+        "3",
+        "--events",
+        "30000",
+        "--rate",
+        "3000",
+        "--size",
+        "64",
+    ]);
     for p in report["per_peer"].as_array().unwrap() {
         assert_eq!(p["gossip_links_lost"], 0, "{p}");
         assert_eq!(p["delivered"], p["expected"], "{p}");
