@@ -19,6 +19,7 @@ fn events(n: usize, size: usize) -> Vec<Event> {
             event_type: "orders.created".into(),
             source,
             seq: i as u64 + 1,
+            epoch: 1,
             time: SystemTime::now() - Duration::from_millis(1),
             content_type: JSON.into(),
             data: Bytes::from(format!("\"{}\"", "x".repeat(size - 2))),

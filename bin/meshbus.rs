@@ -78,11 +78,15 @@ struct UpArgs {
     /// Time limit of exec handlers, in seconds [default: 30].
     #[arg(long)]
     exec_timeout: Option<u64>,
-    /// Where the peer keeps its identity key (default $MESHBUS_DATA_DIR, else the file's,
-    /// else $XDG_DATA_HOME/meshbus or ~/.local/share/meshbus). The same directory gives the
-    /// same peer id after a restart.
+    /// Where the peer keeps its identity key and event log (default $MESHBUS_DATA_DIR, else
+    /// the file's, else $XDG_DATA_HOME/meshbus or ~/.local/share/meshbus). The same
+    /// directory gives the same peer id, and handlers go on where they stopped.
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// Run every handler row again over the events the log holds from this last stretch of
+    /// time (e.g. 10m, 1h), including ones handled before.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    replay: Option<std::time::Duration>,
 }
 
 #[derive(Args)]
@@ -193,6 +197,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         max_event_size: args.max_event_size,
         exec_timeout: args.exec_timeout.map(std::time::Duration::from_secs),
         data_dir: args.data_dir,
+        replay: args.replay,
     })?;
     let listener = tokio::net::TcpListener::bind(resolved.api)
         .await
@@ -205,10 +210,6 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let node = Node::start(resolved.node)
         .await
         .context("cannot start the peer")?;
-    if let Err(e) = node.set_handlers(resolved.handlers) {
-        node.shutdown().await;
-        return Err(e).context("cannot build the handler table");
-    }
     let table = resolved.table;
     node.set_reload_source(move || table.load());
     let api = meshbus::api::Server::spawn(listener, node.handle())?;

@@ -65,8 +65,13 @@ pub struct Event {
     pub event_type: String,
     /// The publishing peer, as authenticated by the gossipsub signature.
     pub source: PeerId,
-    /// The publisher's sequence number, 1 for its first event; lets receivers spot gaps.
+    /// The publisher's sequence number, 1 for its first event of an epoch; lets receivers
+    /// spot gaps. Local `_mesh.` events have 0.
     pub seq: u64,
+    /// The publisher's log epoch: when its event log was created, in microseconds since the
+    /// Unix epoch. A publisher whose log was wiped starts a new epoch, so its numbers never
+    /// repeat within one `(source, epoch)` stream.
+    pub epoch: u64,
     /// When the publisher published it.
     pub time: SystemTime,
     /// Media type of `data`: [`JSON`], [`TEXT`] or anything else (shown as base64).
@@ -204,6 +209,7 @@ pub fn local_event(source: PeerId, topic: &str, data: serde_json::Value) -> Opti
         topic,
         source,
         seq: 0,
+        epoch: 0,
         time: SystemTime::now(),
         content_type: JSON.to_owned(),
         data: serde_json::to_vec(&data).ok()?.into(),
@@ -373,6 +379,7 @@ mod tests {
             event_type: "orders.created".into(),
             source: PeerId::random(),
             seq: 7,
+            epoch: 1,
             time: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
             content_type: content_type.into(),
             data: Bytes::copy_from_slice(data),

@@ -23,12 +23,16 @@
 //! - [`event`]: the event envelope, the one validator of events, and their CloudEvents JSON
 //!   view (no IO).
 //! - [`wire`]: the versioned binary encoding between peers (no IO); see `docs/wire.md`.
-//! - [`proto`]: the mesh's rules as IO-free state machines (publishing, receiving, peers and
-//!   membership, start-up), unit-tested and simulated without a network.
+//! - [`proto`]: the mesh's rules as IO-free state machines (publishing, receiving, the inbox
+//!   that orders, de-duplicates and repairs each publisher's stream, peers and membership,
+//!   start-up), unit-tested and simulated without a network.
 //! - [`node`]: the task that owns the libp2p swarm and carries out what [`proto`] decides,
-//!   and the handle everything else uses.
-//! - [`handlers`]: the handler table, its rows (queues, workers, retries, dead letters) and
-//!   actions (log, file, exec, http, Rust), with jq filters and transforms.
+//!   the repair protocol, and the handle everything else uses.
+//! - [`store`]: the event log (redb): every event once, in order, bounded, persistent; and
+//!   the handler rows' cursors.
+//! - [`handlers`]: the handler table, its rows (cursors over the log, queues, workers,
+//!   retries, dead letters) and actions (log, file, exec, http, Rust), with jq filters and
+//!   transforms.
 //! - [`api`]: the HTTP control API ([`api::serve`]), its JSON types and its client.
 //! - [`config`]: settings and defaults, the TOML config file, and [`config::resolve`], which
 //!   turns flags, environment, file and defaults into what a peer runs with.
@@ -48,6 +52,7 @@ pub mod identity;
 pub mod node;
 pub mod proto;
 pub mod stats;
+pub mod store;
 pub mod topic;
 pub mod wire;
 

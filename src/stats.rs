@@ -19,10 +19,24 @@ pub struct Stats {
     pub messages_malformed: AtomicU64,
     /// Single events dropped from otherwise good messages (bad id, topic, size).
     pub events_rejected: AtomicU64,
+    /// Events that arrived again (same publisher, epoch and seq): not handled twice.
+    pub events_duplicate: AtomicU64,
+    /// Events too far ahead of a gap to hold; fetched again once it is filled.
+    pub events_deferred: AtomicU64,
+    /// Events no peer held any more when this one asked (announced as `_mesh.events.lost`).
+    pub events_lost: AtomicU64,
+    /// Events that came by repair rather than by gossip.
+    pub repaired: AtomicU64,
+    /// Fetches this peer asked of others.
+    pub repair_fetches: AtomicU64,
+    /// Repair requests that failed or timed out (asked again elsewhere).
+    pub repair_failed: AtomicU64,
+    /// Repair requests this peer answered.
+    pub repair_served: AtomicU64,
+    /// Own messages gossip did not take (stored, so peers fetch them).
+    pub gossip_failed: AtomicU64,
     /// Events handed to handler queues.
     pub handler_dispatched: AtomicU64,
-    /// Events a handler's queue had no room for.
-    pub handler_queue_full: AtomicU64,
     /// Handler runs that succeeded.
     pub handler_succeeded: AtomicU64,
     /// Handler runs that failed (error, non-zero exit, timeout).
@@ -60,8 +74,15 @@ pub struct Counters {
     pub messages_received: u64,
     pub messages_malformed: u64,
     pub events_rejected: u64,
+    pub events_duplicate: u64,
+    pub events_deferred: u64,
+    pub events_lost: u64,
+    pub repaired: u64,
+    pub repair_fetches: u64,
+    pub repair_failed: u64,
+    pub repair_served: u64,
+    pub gossip_failed: u64,
     pub handler_dispatched: u64,
-    pub handler_queue_full: u64,
     pub handler_succeeded: u64,
     pub handler_failed: u64,
     pub tail_missed: u64,
@@ -77,8 +98,15 @@ impl Stats {
             messages_received: r(&self.messages_received),
             messages_malformed: r(&self.messages_malformed),
             events_rejected: r(&self.events_rejected),
+            events_duplicate: r(&self.events_duplicate),
+            events_deferred: r(&self.events_deferred),
+            events_lost: r(&self.events_lost),
+            repaired: r(&self.repaired),
+            repair_fetches: r(&self.repair_fetches),
+            repair_failed: r(&self.repair_failed),
+            repair_served: r(&self.repair_served),
+            gossip_failed: r(&self.gossip_failed),
             handler_dispatched: r(&self.handler_dispatched),
-            handler_queue_full: r(&self.handler_queue_full),
             handler_succeeded: r(&self.handler_succeeded),
             handler_failed: r(&self.handler_failed),
             tail_missed: r(&self.tail_missed),

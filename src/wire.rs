@@ -59,6 +59,9 @@ pub struct WireEvent {
     /// Payload.
     #[prost(bytes = "bytes", tag = "7")]
     pub data: Bytes,
+    /// The publisher's log epoch; `seq` counts within it.
+    #[prost(uint64, tag = "8")]
+    pub epoch: u64,
 }
 
 /// Several events from one author (`meshbus.wire.v1.Batch`).
@@ -124,6 +127,7 @@ fn to_wire(event: &Event) -> WireEvent {
             event.content_type.clone()
         },
         data: event.data.clone(),
+        epoch: event.epoch,
     }
 }
 
@@ -139,6 +143,52 @@ pub fn encode_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> 
         .encode(&mut out)
         .expect("encoding into a Vec cannot run out of space");
     out
+}
+
+/// Encodes one event alone (a `meshbus.wire.v1.Event`, no version byte): how the log keeps
+/// events and how repair sends them.
+pub fn encode_event(event: &Event) -> Vec<u8> {
+    to_wire(event).encode_to_vec()
+}
+
+/// Decodes one event encoded by [`encode_event`] whose publisher is `source`, checking it
+/// like an event of a gossiped batch.
+pub fn decode_event(
+    bytes: &[u8],
+    source: PeerId,
+    max_event_size: usize,
+) -> Result<Event, WireError> {
+    let wire = WireEvent::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    from_wire(wire, source, max_event_size)
+}
+
+/// Decodes an event this peer stored itself ([`encode_event`]): its own `_mesh.` events
+/// included, so only the encoding is checked.
+pub fn decode_stored(bytes: &[u8], source: PeerId) -> Result<Event, WireError> {
+    let wire = WireEvent::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    let id = uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
+    let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
+    let micros = u64::try_from(wire.time_unix_micros)
+        .map_err(|_| WireError::BadTime(wire.time_unix_micros))?;
+    Ok(Event {
+        id: EventId(id),
+        event_type: if wire.r#type.is_empty() {
+            topic.as_str().to_owned()
+        } else {
+            wire.r#type
+        },
+        topic,
+        source,
+        seq: wire.seq,
+        epoch: wire.epoch,
+        time: UNIX_EPOCH + Duration::from_micros(micros),
+        content_type: if wire.content_type.is_empty() {
+            JSON.to_owned()
+        } else {
+            wire.content_type
+        },
+        data: wire.data,
+    })
 }
 
 /// The outcome of decoding one payload: the good events and why the others were dropped.
@@ -206,6 +256,7 @@ fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<E
         event_type,
         source,
         seq: wire.seq,
+        epoch: wire.epoch,
         time: UNIX_EPOCH + Duration::from_micros(micros),
         content_type,
         data: wire.data,
@@ -224,6 +275,7 @@ mod tests {
             event_type: ty.into(),
             source,
             seq,
+            epoch: 3,
             time: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             content_type: ct.into(),
             data: Bytes::copy_from_slice(data),
@@ -366,6 +418,7 @@ mod tests {
             event_type: "orders.created".into(),
             source: PeerId::random(),
             seq: 1,
+            epoch: 0,
             time: UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000),
             content_type: JSON.into(),
             data: Bytes::from_static(br#"{"id":42}"#),

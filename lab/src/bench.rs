@@ -67,8 +67,9 @@ pub struct PeerReport {
     pub peak_rss_kib: u64,
     /// CPU seconds (user + system) used during the load.
     pub cpu_secs: f64,
-    /// Events its handler row had no queue room for.
-    pub queue_full: u64,
+    /// Events its handler row never got: the log dropped them (retention) before it read
+    /// them.
+    pub dropped: u64,
     /// Connections on which its gossipsub gave up (see [`GOSSIP_LINK_LOST`]), from its log.
     pub gossip_links_lost: usize,
 }
@@ -201,7 +202,7 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
                 expected,
                 completeness: delivered as f64 / expected.max(1) as f64,
                 delivered_per_sec: delivered as f64 / took.max(1e-9),
-                queue_full: row.queue_full,
+                dropped: row.skipped,
                 p50_ms: ms(latency.p50_us),
                 p90_ms: ms(latency.p90_us),
                 p99_ms: ms(latency.p99_us),
@@ -366,7 +367,7 @@ impl BenchReport {
                 p.host,
                 p.delivered,
                 p.completeness * 100.0,
-                p.queue_full,
+                p.dropped,
                 p.delivered_per_sec,
                 p.p50_ms,
                 p.p90_ms,

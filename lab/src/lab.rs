@@ -334,12 +334,18 @@ impl Lab {
 
     /// SIGKILLs host `i`'s peer and waits until it is gone.
     pub fn kill(&mut self, i: usize) -> Result<(), LabError> {
+        self.signal(i, nix::sys::signal::Signal::SIGKILL)
+    }
+
+    /// Stops host `i`'s peer cleanly (SIGTERM) and waits until it is gone.
+    pub fn stop(&mut self, i: usize) -> Result<(), LabError> {
+        self.signal(i, nix::sys::signal::Signal::SIGTERM)
+    }
+
+    fn signal(&mut self, i: usize, signal: nix::sys::signal::Signal) -> Result<(), LabError> {
         if let Some(pid) = self.state.hosts[i].pid.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            wait(Duration::from_secs(10), "the peer to die", || !alive(pid))?;
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+            wait(Duration::from_secs(15), "the peer to end", || !alive(pid))?;
         }
         self.save()
     }

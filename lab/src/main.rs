@@ -61,6 +61,11 @@ enum Cmd {
         /// h0, h1, …
         host: String,
     },
+    /// Stop a host's peer cleanly (SIGTERM: it says goodbye) and wait until it is gone.
+    Stop {
+        /// h0, h1, …
+        host: String,
+    },
     /// Start a host's peer again, with the same identity and data.
     Restart {
         /// h0, h1, …
@@ -198,6 +203,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let i = lab.host(&host)?;
             lab.kill(i)?;
             println!("killed the peer on {host}");
+        }
+        Cmd::Stop { host } => {
+            let mut lab = Lab::open(&root, prefix)?;
+            let i = lab.host(&host)?;
+            lab.stop(i)?;
+            println!("stopped the peer on {host}");
         }
         Cmd::Restart { host } => {
             let mut lab = Lab::open(&root, prefix)?;

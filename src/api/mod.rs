@@ -88,6 +88,7 @@ fn status_of(e: &NodeError) -> StatusCode {
     match e {
         NodeError::Event(EventError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
         NodeError::InBatch { error, .. } => status_of(error),
+        NodeError::NotStored(_) => StatusCode::INSUFFICIENT_STORAGE,
         NodeError::Event(_)
         | NodeError::Dial { .. }
         | NodeError::Encode(_)

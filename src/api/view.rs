@@ -60,8 +60,13 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "dropped     {} malformed messages, {} rejected events, {} handler queue full",
-        c.messages_malformed, c.events_rejected, c.handler_queue_full
+        "dropped     {} malformed messages, {} rejected events, {} duplicates",
+        c.messages_malformed, c.events_rejected, c.events_duplicate
+    );
+    let _ = writeln!(
+        out,
+        "repair      {} events repaired, {} fetches ({} failed), {} served, {} lost",
+        c.repaired, c.repair_fetches, c.repair_failed, c.repair_served, c.events_lost
     );
     let _ = writeln!(
         out,
@@ -84,7 +89,7 @@ pub fn handlers(rows: &[HandlerInfo]) -> String {
         out,
         "{:<12} {:<16} {:<28} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>8}  LAST ERROR",
         "NAME", "PATTERN", "ACTION", "MATCHED", "OK", "FAILED", "RETRY", "DEAD", "BUSY", "QUEUE",
-        "DROP", "P99 ms"
+        "LAG", "P99 ms"
     );
     for r in rows {
         let mut action = r.action.clone();
@@ -104,7 +109,7 @@ pub fn handlers(rows: &[HandlerInfo]) -> String {
             r.dead_lettered,
             r.in_flight,
             r.queue_depth,
-            r.queue_full,
+            r.lag,
             r.latency.p99_us as f64 / 1000.0,
             r.last_error.as_deref().unwrap_or("-")
         );

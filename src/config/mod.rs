@@ -74,6 +74,17 @@ pub struct Config {
     pub tail_buffer: usize,
     /// Time handlers get to finish at shutdown; see [`DEFAULT_SHUTDOWN_GRACE`].
     pub shutdown_grace: Duration,
+    /// Where the event log lives (`log.redb` inside); in memory when `None`, so nothing
+    /// survives a restart.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// How much of the event log is kept.
+    pub retention: crate::store::Retention,
+    /// Run the rows of `handlers` again over the events of this last stretch of time in the
+    /// log, those they handled before included.
+    pub replay: Option<Duration>,
+    /// The handler table to start with: its rows are in place before the peer hears of any
+    /// event, so they miss none (not even the first `_mesh.peer.joined`).
+    pub handlers: Vec<crate::handlers::HandlerSpec>,
 }
 
 impl Default for Config {
@@ -89,6 +100,10 @@ impl Default for Config {
             exec_timeout: DEFAULT_EXEC_TIMEOUT,
             tail_buffer: DEFAULT_TAIL_BUFFER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            data_dir: None,
+            retention: crate::store::Retention::default(),
+            replay: None,
+            handlers: Vec::new(),
         }
     }
 }
@@ -133,6 +148,15 @@ impl Config {
         }
         if self.tail_buffer == 0 {
             return Err(ConfigError::Zero("tail_buffer"));
+        }
+        if self.retention.max_events == 0 {
+            return Err(ConfigError::Zero("log max_events"));
+        }
+        if self.retention.max_bytes == 0 {
+            return Err(ConfigError::Zero("log max_bytes"));
+        }
+        if self.retention.max_age.is_zero() {
+            return Err(ConfigError::Zero("log max_age"));
         }
         Ok(())
     }

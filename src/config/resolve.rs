@@ -41,6 +41,8 @@ pub struct Flags {
     pub exec_timeout: Option<Duration>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--replay`: handle again what the log holds from this last stretch of time.
+    pub replay: Option<Duration>,
 }
 
 /// Why the settings could not be resolved.
@@ -77,9 +79,7 @@ pub struct Resolved {
     pub api: SocketAddr,
     /// The data directory, and the lock on it while this lives.
     pub identity: Identity,
-    /// The handler table to start with.
-    pub handlers: Vec<HandlerSpec>,
-    /// How to build the table again on a reload.
+    /// How to build the table again on a reload (the table to start with is in `node`).
     pub table: TableSource,
 }
 
@@ -161,6 +161,8 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
             .exec_timeout
             .or(n.exec_timeout)
             .unwrap_or(super::DEFAULT_EXEC_TIMEOUT),
+        data_dir: Some(data_dir),
+        replay: flags.replay,
         ..Config::default()
     };
     node.validate()?;
@@ -169,11 +171,14 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
         on: flags.on,
         quiet: flags.quiet || n.quiet.unwrap_or(false),
     };
+    let node = Config {
+        handlers: table.assemble(file.handlers),
+        ..node
+    };
     Ok(Resolved {
         node,
         api,
         identity,
-        handlers: table.assemble(file.handlers),
         table,
     })
 }
@@ -259,7 +264,12 @@ mod tests {
             ..flags_in(dir.path())
         };
         let r = resolve(flags).unwrap();
-        let patterns: Vec<String> = r.handlers.iter().map(|h| h.pattern.to_string()).collect();
+        let patterns: Vec<String> = r
+            .node
+            .handlers
+            .iter()
+            .map(|h| h.pattern.to_string())
+            .collect();
         assert_eq!(patterns, ["a.*", "b.*", "**"]);
         write(
             dir.path(),

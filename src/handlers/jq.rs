@@ -236,6 +236,7 @@ mod tests {
             event_type: "orders.created".into(),
             source: libp2p::PeerId::random(),
             seq: 1,
+            epoch: 1,
             time: std::time::SystemTime::now(),
             content_type: JSON.into(),
             data: bytes::Bytes::copy_from_slice(data.as_bytes()),

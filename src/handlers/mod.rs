@@ -1,19 +1,21 @@
 //! The handler table: "pattern → action" rows that decide what happens to each event a peer
 //! receives, and the workers that run them.
 //!
-//! Every row has its own bounded queue and workers, so a slow, hung or failing handler only
-//! delays its own row: dispatch never waits. When a row's queue is full the *new* event is
-//! dropped for that row (others still get it), counted (`queue_full`) and logged. A row runs
-//! up to `concurrency` events at once; with 1 (the default) it runs them one at a time in
-//! arrival order, which for one publisher is that publisher's order. A failed run is retried
+//! Every row is a reader of the event log ([`crate::store`]) with its own cursor, bounded
+//! queue and workers, so a slow, hung or failing handler only delays its own row. When a
+//! row's queue is full it stops reading until there is room: it lags (`lag` in `handlers`),
+//! it never drops. Its cursor (everything up to it finished) is persisted, so after a restart
+//! the row goes on where it stopped; a new row starts at the end of the log. A row runs up to
+//! `concurrency` events at once; with 1 (the default) it runs them one at a time in log
+//! order, which for each publisher is that publisher's order. A failed run is retried
 //! `retries` times with exponential backoff (or the webhook's `Retry-After`); an event whose
 //! attempts are spent is counted `failed` and, if the row has one, written to its dead-letter
 //! file with its last error.
 //!
 //! The table can be swapped whole ([`Handlers::replace`], what `meshbus reload` does): events
-//! already queued finish under the row they matched, new events see the new table, and no event
-//! is dispatched to both. A row that keeps its name keeps its counters, and its new worker
-//! starts only when the old one has drained its queue, so order holds across a reload. Rows
+//! already queued finish under the row they matched. A row that keeps its name keeps its
+//! counters and its place in the log, and its new worker starts only when the old one has
+//! drained its queue, so order holds across a reload and no event is handled twice. Rows
 //! added through the library ([`Handlers::add`]) survive a reload.
 //!
 //! At shutdown the queues close; workers get [`crate::config::Config::shutdown_grace`] to
@@ -43,8 +45,8 @@ pub use jq::JqError;
 pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE};
 pub use spec::{HandlerSpec, SpecError};
 
-use crate::event::Event;
-use crate::stats::{self, Latency, Stats};
+use crate::stats::{Latency, Stats};
+use crate::store::{Store, StoreError};
 use crate::topic::Pattern;
 
 /// Where a row came from: config rows are replaced by a reload, library rows stay.
@@ -63,8 +65,8 @@ struct Row {
     /// The action as text, for listings.
     action: String,
     origin: Origin,
-    /// Front of the row's bounded queue.
-    queue: mpsc::Sender<Arc<Event>>,
+    /// Turned true to stop the row's feeder (its worker then drains the queue and ends).
+    stop: Arc<watch::Sender<bool>>,
     counters: Arc<row::RowCounters>,
     /// Turns true when the row's worker has finished (its queue closed and drained).
     done: watch::Receiver<bool>,
@@ -103,8 +105,12 @@ pub struct HandlerInfo {
     /// Events waiting in the row's queue.
     #[serde(default)]
     pub queue_depth: u64,
-    /// Events dropped because the row's queue was full.
-    pub queue_full: u64,
+    /// Events in the log this row has not finished yet (of any topic): how far it lags.
+    #[serde(default)]
+    pub lag: u64,
+    /// Events the log dropped (retention) before this row read them.
+    #[serde(default)]
+    pub skipped: u64,
     /// Time from publish to this row's action finished.
     pub latency: Latency,
     /// When the last run finished, microseconds since the Unix epoch (0: never).
@@ -123,6 +129,9 @@ pub struct Handlers {
     queue_capacity: usize,
     exec_timeout: Duration,
     next_id: AtomicU64,
+    store: Store,
+    /// A replay: rows built before [`Handlers::end_replay`] start no later than this offset.
+    replay_from: Mutex<Option<u64>>,
 }
 
 /// Why a table could not be built; nothing was changed.
@@ -140,12 +149,27 @@ pub enum TableError {
     /// Two rows with one name.
     #[error("two handlers are named `{0}`; names must be unique")]
     DuplicateName(String),
+    /// The row's cursor could not be read from the log.
+    #[error("handler `{name}`: {error}")]
+    Store {
+        /// The row.
+        name: String,
+        /// What failed.
+        error: StoreError,
+    },
 }
 
 impl Handlers {
-    /// An empty table whose rows get `exec_timeout`, and `queue_capacity` slots unless their
-    /// options say otherwise.
-    pub fn new(stats: Arc<Stats>, queue_capacity: usize, exec_timeout: Duration) -> Self {
+    /// An empty table over the log `store`, whose rows get `exec_timeout`, and
+    /// `queue_capacity` slots unless their options say otherwise. With `replay_from`, rows
+    /// built until [`Handlers::end_replay`] start reading no later than that offset.
+    pub fn new(
+        stats: Arc<Stats>,
+        queue_capacity: usize,
+        exec_timeout: Duration,
+        store: Store,
+        replay_from: Option<u64>,
+    ) -> Self {
         Self {
             rows: RwLock::new(Arc::new(Vec::new())),
             workers: Mutex::new(JoinSet::new()),
@@ -153,7 +177,29 @@ impl Handlers {
             queue_capacity,
             exec_timeout,
             next_id: AtomicU64::new(1),
+            store,
+            replay_from: Mutex::new(replay_from),
         }
+    }
+
+    /// Rows built from now on start where they stopped, or at the end of the log: the
+    /// replay was for the table a node starts with.
+    pub fn end_replay(&self) {
+        *lock(&self.replay_from) = None;
+    }
+
+    /// Where a new row named `name` starts: after its persisted cursor, or at the end of the
+    /// log if it never ran (either way no earlier than a replay asks).
+    fn start_cursor(&self, name: &str) -> Result<u64, TableError> {
+        let saved = self.store.cursor(name).map_err(|error| TableError::Store {
+            name: name.to_owned(),
+            error,
+        })?;
+        let cursor = saved.unwrap_or_else(|| self.store.last());
+        Ok(match *lock(&self.replay_from) {
+            Some(from) => cursor.min(from.saturating_sub(1)),
+            None => cursor,
+        })
     }
 
     /// Builds a row and starts its workers. Must be called inside a Tokio runtime. A row
@@ -179,26 +225,41 @@ impl Handlers {
             .unwrap_or(self.queue_capacity)
             .clamp(1, row::MAX_QUEUE);
         let (queue, rx) = mpsc::channel(capacity);
-        let counters = previous.map(|p| p.counters.clone()).unwrap_or_default();
+        let start = match previous {
+            Some(_) => None,
+            None => Some(self.start_cursor(&name)?),
+        };
+        let counters: Arc<row::RowCounters> =
+            previous.map(|p| p.counters.clone()).unwrap_or_default();
         let (done_tx, done) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
         let row = Row {
+            name: name.clone(),
+            pattern: spec.pattern.clone(),
+            event_type: spec.event_type.clone(),
+            action: spec.action.to_string(),
+            origin,
+            stop: Arc::new(stop),
+            counters: counters.clone(),
+            done,
+        };
+        let feeder = row::Feeder {
             name: name.clone(),
             pattern: spec.pattern,
             event_type: spec.event_type,
-            action: spec.action.to_string(),
-            origin,
-            queue,
             counters: counters.clone(),
-            done,
+            stats: self.stats.clone(),
+            store: self.store.clone(),
         };
         let worker = row::Worker {
             name: name.clone(),
             action: spec.action,
             options,
             exec_timeout: self.exec_timeout,
-            counters,
+            counters: counters.clone(),
             stats: self.stats.clone(),
             jq,
+            store: self.store.clone(),
         };
         let previous = previous.map(|p| p.done.clone());
         let span = tracing::info_span!("handler", name = %name);
@@ -207,7 +268,10 @@ impl Handlers {
                 // An error means that worker is gone already: nothing to wait for.
                 let _ = previous.wait_for(|done| *done).await;
             }
-            worker.run(rx).await;
+            if let Some(start) = start {
+                counters.progress().fed = start;
+            }
+            tokio::join!(feeder.run(queue, stop_rx), worker.run(rx));
             let _ = done_tx.send(true);
         };
         let mut workers = lock(&self.workers);
@@ -261,51 +325,28 @@ impl Handlers {
                 .find(|r| r.origin == Origin::Config && r.name == name);
             new_rows.push(self.start_row(spec, name, Origin::Config, previous)?);
         }
-        let names = new_rows.iter().map(|r| r.name.clone()).collect();
+        let names: Vec<String> = new_rows.iter().map(|r| r.name.clone()).collect();
         let mut rows = write(&self.rows);
         let mut next: Vec<Row> = rows
             .iter()
             .filter(|r| r.origin == Origin::Library)
             .cloned()
             .collect();
+        for old in rows.iter().filter(|r| r.origin == Origin::Config) {
+            let _ = old.stop.send(true);
+            if !names.contains(&old.name) {
+                self.store.remove_cursor(&old.name);
+            }
+        }
         next.extend(new_rows);
         *rows = Arc::new(next);
         Ok(names)
     }
 
-    /// Queues `event` for every row whose pattern matches. Never waits.
-    pub fn dispatch(&self, event: &Arc<Event>) {
-        let rows = read(&self.rows).clone();
-        for row in rows.iter() {
-            if !row.pattern.matches(&event.topic) {
-                continue;
-            }
-            if let Some(t) = &row.event_type {
-                if !t.matches_str(&event.event_type) {
-                    continue;
-                }
-            }
-            stats::bump(&row.counters.matched);
-            match row.queue.try_send(event.clone()) {
-                Ok(()) => stats::bump(&self.stats.handler_dispatched),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    stats::bump(&self.stats.handler_queue_full);
-                    if let Some(dropped) = stats::bump_throttled(&row.counters.queue_full) {
-                        warn!(handler = %row.name, event = %event.id, topic = %event.topic,
-                            capacity = row.queue.max_capacity(), dropped_so_far = dropped,
-                            "handler queue full; event dropped for this handler");
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    warn!(handler = %row.name, event = %event.id, "handler stopped; event dropped");
-                }
-            }
-        }
-    }
-
     /// The rows and their counters.
     pub fn list(&self) -> Vec<HandlerInfo> {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let head = self.store.last();
         read(&self.rows)
             .iter()
             .map(|row| HandlerInfo {
@@ -320,8 +361,9 @@ impl Handlers {
                 retried: r(&row.counters.retried),
                 dead_lettered: r(&row.counters.dead_lettered),
                 in_flight: r(&row.counters.in_flight),
-                queue_depth: (row.queue.max_capacity() - row.queue.capacity()) as u64,
-                queue_full: r(&row.counters.queue_full),
+                queue_depth: r(&row.counters.queued),
+                lag: head.saturating_sub(row.counters.progress().done()),
+                skipped: r(&row.counters.skipped),
                 latency: row.counters.latency.summary(),
                 last_done_unix_us: r(&row.counters.last_done),
                 last_error: row
@@ -334,9 +376,13 @@ impl Handlers {
             .collect()
     }
 
-    /// Closes every queue, lets workers finish for up to `grace`, then cancels the rest.
+    /// Stops every row reading the log, lets workers finish what is queued for up to
+    /// `grace`, then cancels the rest (their cursors stay before what they did not finish).
     pub async fn shutdown(&self, grace: Duration) {
-        *write(&self.rows) = Arc::new(Vec::new());
+        let rows = std::mem::take(&mut *write(&self.rows));
+        for row in rows.iter() {
+            let _ = row.stop.send(true);
+        }
         let mut workers = std::mem::take(&mut *lock(&self.workers));
         let drained = tokio::time::timeout(grace, async {
             while workers.join_next().await.is_some() {}
@@ -366,7 +412,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventId;
+    use crate::event::{Event, EventId};
     use crate::topic::Topic;
 
     fn event(topic: &str) -> Arc<Event> {
@@ -376,16 +422,34 @@ mod tests {
             event_type: topic.into(),
             source: libp2p::PeerId::random(),
             seq: 1,
+            epoch: 1,
             time: std::time::SystemTime::now(),
             content_type: crate::event::JSON.into(),
             data: bytes::Bytes::from_static(b"1"),
         })
     }
 
-    #[tokio::test]
-    async fn dispatch_selects_the_rows_whose_pattern_matches() {
+    /// A table over a fresh in-memory log.
+    fn table(queue: usize) -> (Handlers, Store, Arc<Stats>) {
         let stats = Arc::new(Stats::default());
-        let handlers = Handlers::new(stats.clone(), 16, Duration::from_secs(1));
+        let (store, _) = Store::open(None, libp2p::PeerId::random(), Default::default()).unwrap();
+        let handlers = Handlers::new(
+            stats.clone(),
+            queue,
+            Duration::from_secs(1),
+            store.clone(),
+            None,
+        );
+        (handlers, store, stats)
+    }
+
+    async fn append(store: &Store, events: Vec<Arc<Event>>) {
+        store.append(events, false).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn rows_get_the_events_whose_pattern_matches() {
+        let (handlers, store, stats) = table(16);
         let (tx, mut rx) = mpsc::channel(64);
         for pattern in ["orders.*", "orders.**", "users.created", "**", "_mesh.**"] {
             let tx = tx.clone();
@@ -401,19 +465,18 @@ mod tests {
                 .unwrap();
         }
         drop(tx);
-        for topic in [
+        let topics = [
             "orders.created",
             "orders.created.eu",
             "users.created",
             "_mesh.peer.left",
-        ] {
-            handlers.dispatch(&event(topic));
+        ];
+        append(&store, topics.iter().map(|t| event(t)).collect()).await;
+        let mut got = Vec::new();
+        while got.len() < 8 {
+            got.push(rx.recv().await.unwrap());
         }
         handlers.shutdown(Duration::from_secs(5)).await;
-        let mut got = Vec::new();
-        while let Some(pair) = rx.recv().await {
-            got.push(pair);
-        }
         got.sort();
         let expected: Vec<(&str, String)> = [
             ("**", "orders.created"),
@@ -433,9 +496,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_queue_drops_for_that_row_only() {
-        let stats = Arc::new(Stats::default());
-        let handlers = Handlers::new(stats.clone(), 2, Duration::from_secs(1));
+    async fn a_slow_row_lags_and_catches_up_without_dropping() {
+        let (handlers, store, _) = table(2);
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (started_tx, mut started) = mpsc::channel(16);
         let blocked = gate.clone();
@@ -445,7 +507,7 @@ mod tests {
                 let (gate, started) = (blocked.clone(), started_tx.clone());
                 Box::pin(async move {
                     started.send(()).await?;
-                    let _permit = gate.acquire().await?;
+                    gate.acquire().await?.forget();
                     Ok(())
                 })
             })),
@@ -461,23 +523,70 @@ mod tests {
                 })
             })),
         );
-        handlers.dispatch(&event("a.b"));
+        let events: Vec<Arc<Event>> = (0..10).map(|_| event("a.b")).collect();
+        append(&store, events.clone()).await;
         started.recv().await.unwrap(); // the slow row holds its first event
-        rx.recv().await.unwrap();
-        for _ in 1..10 {
-            handlers.dispatch(&event("a.b"));
-            rx.recv().await.unwrap(); // the fast row keeps up
+        for e in &events {
+            assert_eq!(
+                rx.recv().await.unwrap(),
+                e.id,
+                "the fast row keeps up, in order"
+            );
         }
         let rows = handlers.list();
-        assert_eq!(rows[0].matched, 10);
-        assert_eq!(
-            rows[0].queue_full, 7,
-            "one in hand, two queued, seven dropped"
-        );
-        assert_eq!(rows[1].queue_full, 0);
-        assert_eq!(rows[1].succeeded, 10);
-        gate.add_permits(100);
+        assert_eq!(rows[0].lag, 10, "nothing finished, nothing dropped");
+        assert_eq!(rows[1].lag, 0);
+        gate.add_permits(10);
+        for _ in 1..10 {
+            started.recv().await.unwrap();
+        }
         handlers.shutdown(Duration::from_secs(5)).await;
+        assert!(handlers.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_row_resumes_after_its_persisted_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = libp2p::PeerId::random();
+        let first: Vec<Arc<Event>> = (0..3).map(|_| event("a.b")).collect();
+        let second: Vec<Arc<Event>> = (0..2).map(|_| event("a.b")).collect();
+        let run = || {
+            let (store, _) = Store::open(Some(dir.path()), me, Default::default()).unwrap();
+            let stats = Arc::new(Stats::default());
+            let handlers = Handlers::new(stats, 16, Duration::from_secs(1), store.clone(), None);
+            let (tx, rx) = mpsc::channel(64);
+            let mut spec = HandlerSpec::new(
+                Pattern::all(),
+                Action::Rust(Arc::new(move |e: Arc<Event>| {
+                    let tx = tx.clone();
+                    Box::pin(async move {
+                        tx.send(e.id).await?;
+                        Ok(())
+                    })
+                })),
+            );
+            spec.name = Some("keeper".into());
+            handlers.add(spec).unwrap();
+            (store, handlers, rx)
+        };
+        // First run: the row starts at the end of an empty log and handles three events.
+        let (store, handlers, mut rx) = run();
+        append(&store, first.clone()).await;
+        for e in &first {
+            assert_eq!(rx.recv().await.unwrap(), e.id);
+        }
+        handlers.shutdown(Duration::from_secs(5)).await;
+        append(&store, second.clone()).await; // arrives while the row is down
+        store.close().await;
+        drop((store, handlers));
+        // Second run: it goes on with what it missed, and nothing again.
+        let (store, handlers, mut rx) = run();
+        for e in &second {
+            assert_eq!(rx.recv().await.unwrap(), e.id);
+        }
+        handlers.shutdown(Duration::from_secs(5)).await;
+        assert!(rx.try_recv().is_err(), "no event is handled twice");
+        store.close().await;
     }
 
     fn add(handlers: &Handlers, action: Action) {

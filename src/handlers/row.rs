@@ -1,11 +1,12 @@
 //! One row of the table at work: its queue, its workers, retries and the dead-letter file.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::warn;
 
@@ -13,6 +14,11 @@ use super::action::{self, Action, ActionError};
 use super::file::FileAction;
 use crate::event::Event;
 use crate::stats::{self, Histogram, Stats};
+use crate::store::Store;
+use crate::topic::Pattern;
+
+/// Events the feeder reads from the log at once.
+const FEED_BATCH: usize = 256;
 
 /// Most events a worker takes off its queue at once (lets `file` and `log` write them in one
 /// go).
@@ -25,8 +31,7 @@ pub struct RowOptions {
     /// one publisher is its publish order.
     pub concurrency: usize,
     /// Events waiting in front of the row (the node's `handler_queue` when `None`); when
-    /// full, new events are dropped for this row and counted (`queue_full`): the newest is
-    /// dropped, what is queued keeps its place.
+    /// full, the row stops reading the log until there is room: it lags, it never drops.
     pub queue: Option<usize>,
     /// Further attempts after a failed one.
     pub retries: u32,
@@ -77,13 +82,126 @@ pub(super) struct RowCounters {
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub in_flight: AtomicU64,
-    pub queue_full: AtomicU64,
+    pub queued: AtomicU64,
+    /// Events the log dropped (retention) before this row read them.
+    pub skipped: AtomicU64,
     pub filtered_out: AtomicU64,
+    /// How far the row has read and which of those are unfinished.
+    pub progress: Mutex<Progress>,
     /// Publish (the publisher's clock) to this row's action finished.
     pub latency: Histogram,
     /// When the last run finished, microseconds since the Unix epoch (0: never).
     pub last_done: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// A row's place in the log: the last offset read, and the matching ones read but not yet
+/// finished. Everything up to [`Progress::done`] is finished: that is the persisted cursor.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    pub fed: u64,
+    pub pending: BTreeSet<u64>,
+}
+
+impl Progress {
+    pub fn done(&self) -> u64 {
+        self.pending.first().map_or(self.fed, |first| first - 1)
+    }
+}
+
+impl RowCounters {
+    pub(super) fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reads the log from the row's cursor and queues the events that match. It waits when the
+/// queue is full, so a slow row lags behind the log instead of dropping events.
+pub(super) struct Feeder {
+    pub name: String,
+    pub pattern: Pattern,
+    pub event_type: Option<Pattern>,
+    pub counters: Arc<RowCounters>,
+    pub stats: Arc<Stats>,
+    pub store: Store,
+}
+
+impl Feeder {
+    fn matches(&self, event: &Event) -> bool {
+        self.pattern.matches(&event.topic)
+            && self
+                .event_type
+                .as_ref()
+                .is_none_or(|t| t.matches_str(&event.event_type))
+    }
+
+    /// Feeds until `stop` turns true; what it read and did not queue is read again by the
+    /// row's next feeder (after a reload).
+    pub(super) async fn run(
+        self,
+        queue: mpsc::Sender<(u64, Arc<Event>)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut head = self.store.head();
+        loop {
+            if *stop.borrow_and_update() {
+                return;
+            }
+            head.borrow_and_update();
+            let fed = self.counters.progress().fed;
+            let batch = match self.store.read_after(fed, FEED_BATCH) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    crate::store::warn_log_failed(&self.name, &error);
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::store::FLUSH_EVERY * 10) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            let Some(&(first, _)) = batch.first() else {
+                tokio::select! {
+                    changed = head.changed() => if changed.is_err() { return },
+                    _ = stop.changed() => {}
+                }
+                continue;
+            };
+            if first > fed + 1 {
+                let n = first - fed - 1;
+                stats::add(&self.counters.skipped, n);
+                warn!(handler = %self.name, events = n, from = fed + 1, to = first - 1,
+                    "the log dropped events (retention) before this handler read them");
+            }
+            for (offset, event) in batch {
+                if !self.matches(&event) {
+                    self.counters.progress().fed = offset;
+                    continue;
+                }
+                stats::bump(&self.counters.matched);
+                {
+                    let mut p = self.counters.progress();
+                    p.fed = offset;
+                    p.pending.insert(offset);
+                }
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                let sent = tokio::select! {
+                    sent = queue.send((offset, event)) => sent.is_ok(),
+                    _ = stop.changed() => false,
+                };
+                if !sent {
+                    // Not queued: the next feeder of this row starts with it.
+                    self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                    let mut p = self.counters.progress();
+                    p.pending.remove(&offset);
+                    p.fed = offset - 1;
+                    return;
+                }
+                stats::bump(&self.stats.handler_dispatched);
+            }
+            let done = self.counters.progress().done();
+            self.store.set_cursor(&self.name, done);
+        }
+    }
 }
 
 /// What a worker needs besides its queue.
@@ -95,10 +213,11 @@ pub(super) struct Worker {
     pub counters: Arc<RowCounters>,
     pub stats: Arc<Stats>,
     pub jq: Option<Arc<super::jq::RowJq>>,
+    pub store: Store,
 }
 
 impl Worker {
-    pub(super) async fn run(self, mut rx: mpsc::Receiver<Arc<Event>>) {
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<(u64, Arc<Event>)>) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(
             this.options.concurrency.clamp(1, MAX_CONCURRENCY),
@@ -115,18 +234,43 @@ impl Worker {
             if rx.recv_many(&mut batch, limit).await == 0 {
                 break;
             }
-            let events = this.select(std::mem::take(&mut batch)).await;
+            let (offsets, events): (Vec<u64>, Vec<Arc<Event>>) = batch.drain(..).unzip();
+            this.counters
+                .queued
+                .fetch_sub(offsets.len() as u64, Ordering::Relaxed);
+            let events = this.select(events).await;
             if events.is_empty() {
+                this.finished(&offsets).await;
                 continue;
             }
             let worker = this.clone();
             running.spawn(async move {
                 worker.attempt_all(events).await;
+                worker.finished(&offsets).await;
                 drop(permit);
             });
             while running.try_join_next().is_some() {}
         }
         while running.join_next().await.is_some() {}
+    }
+
+    /// These events are done with (handled, failed or filtered out): the row's cursor moves
+    /// past them once everything before them is done too, and is on disk before the row
+    /// takes more, so a crash repeats at most what was in flight.
+    async fn finished(&self, offsets: &[u64]) {
+        let done = {
+            let mut p = self.counters.progress();
+            for o in offsets {
+                p.pending.remove(o);
+            }
+            p.done()
+        };
+        self.store.set_cursor(&self.name, done);
+        match self.store.flush().await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => crate::store::warn_log_failed(&self.name, &error),
+            Err(_) => {} // the log is closing; its last commit writes the cursor
+        }
     }
 
     /// `file` and `log` write a batch at once; the others run event by event.

@@ -1,13 +1,27 @@
 //! The task that owns the swarm. It feeds the IO-free core ([`crate::proto`]) what the
 //! network and the handles say, and carries out what the core decides. It never waits on
-//! handlers or subscribers: delivery to them is a non-blocking hand-off into bounded queues.
+//! handlers or subscribers: they read the event log ([`crate::store`]), which this task
+//! appends to.
+//!
+//! Publishing: a publish waits for the next *round*. A round stamps every publish waiting,
+//! stores them in the log (fsynced), and only then gossips them and answers, so an event
+//! that was answered is on disk and an event that was sent is never numbered again. While a
+//! round is on its way to the disk, the next publishes gather for the next one (group
+//! commit).
+//!
+//! Receiving: gossiped events go through the [`Inbox`], which passes each publisher's events
+//! on once and in order; what is ready is appended to the log. Gaps, new members and an
+//! anti-entropy round every [`ANTI_ENTROPY`] fetch what is missing ([`repairing`]).
 
-use std::collections::VecDeque;
+mod repairing;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
 use libp2p::gossipsub::{self, IdentTopic, PublishError, TopicHash};
+use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
@@ -15,24 +29,79 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
+use super::repair::{self, Request};
 use super::{Command, NodeError, Published, Shared, SwarmStatus};
 use crate::event::{local_event, Event};
-use crate::proto::{self, Listening, Membership, PeerAction, Peers, Publisher, Unstamped};
+use crate::proto::{
+    self, Fetch, Inbox, Listening, Membership, PeerAction, Peers, Publisher, StreamId, Unstamped,
+};
 use crate::stats;
+use crate::store::{Opened, Store, StoreError};
 
-type Reply = oneshot::Sender<Result<Published, NodeError>>;
+/// How often every member is asked for its marks (what it holds of every stream).
+pub const ANTI_ENTROPY: Duration = Duration::from_secs(1);
+
+/// How long a stopping peer waits for its goodbyes to be heard.
+const GOODBYE_WAIT: Duration = Duration::from_millis(500);
+
+/// Most events stamped into one round (a larger single batch still goes whole).
+const MAX_ROUND_EVENTS: usize = 64 * 1024;
+
+/// Most events waiting for the next round; past this, commands wait in their channel.
+const MAX_WAITING_EVENTS: usize = 256 * 1024;
 
 /// The time the core is told, from tokio's clock, which its timer runs on.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Why a message of events could not be published.
-struct Unpublished {
-    /// Events of the batch published before the failure.
-    published: Vec<Published>,
-    /// The failure, shared by every publish the message carried.
-    error: Arc<PublishError>,
+/// Who waits for a publish.
+enum Replier {
+    One(oneshot::Sender<Result<Published, NodeError>>),
+    Many(oneshot::Sender<Result<Vec<Published>, NodeError>>),
+}
+
+impl Replier {
+    fn fail(self, error: NodeError) {
+        match self {
+            Replier::One(reply) => drop(reply.send(Err(error))),
+            Replier::Many(reply) => drop(reply.send(Err(error))),
+        }
+    }
+
+    fn succeed(self, published: Vec<Published>) {
+        match self {
+            Replier::One(reply) => {
+                if let Some(p) = published.into_iter().next() {
+                    let _ = reply.send(Ok(p));
+                }
+            }
+            Replier::Many(reply) => drop(reply.send(Ok(published))),
+        }
+    }
+}
+
+/// Publishes being stored: their messages, and who waits for how many of their events.
+struct Round {
+    messages: Vec<Vec<Arc<Event>>>,
+    waiters: Vec<(Replier, usize)>,
+}
+
+/// A repair request of ours in flight.
+enum Asked {
+    Marks,
+    Fetch(Fetch),
+    Goodbye,
+}
+
+type Storing = oneshot::Receiver<Result<(), StoreError>>;
+
+/// Waits for the round being stored, if any.
+async fn stored(storing: &mut Option<Storing>) -> Result<(), StoreError> {
+    match storing {
+        Some(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
+        None => std::future::pending().await,
+    }
 }
 
 pub(super) struct Actor {
@@ -42,11 +111,21 @@ pub(super) struct Actor {
     topic: IdentTopic,
     topic_hash: TopicHash,
     publisher: Publisher,
+    /// This peer's own stream.
+    own: StreamId,
     peers: Peers,
+    inbox: Inbox,
+    store: Store,
     listening: Listening,
     listen_waiters: Vec<oneshot::Sender<Result<Vec<Multiaddr>, NodeError>>>,
-    /// A command taken off the queue while gathering a batch, handled next.
-    deferred: Option<Command>,
+    /// Publishes waiting for the next round, and how many events they hold.
+    waiting: VecDeque<(Vec<Unstamped>, Replier)>,
+    waiting_events: usize,
+    /// The round on its way to the disk.
+    round: Option<Round>,
+    storing: Option<Storing>,
+    asked: HashMap<OutboundRequestId, Asked>,
+    next_anti_entropy: Instant,
 }
 
 impl Actor {
@@ -54,6 +133,7 @@ impl Actor {
         mut swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
         shared: Arc<Shared>,
+        opened: &Opened,
         peers: Vec<Multiaddr>,
         listen_expected: usize,
     ) -> Result<Self, NodeError> {
@@ -64,17 +144,35 @@ impl Actor {
             .subscribe(&topic)
             .map_err(NodeError::Subscribe)?;
         let me = shared.peer_id;
+        let start = now();
+        let mut inbox = Inbox::new(me);
+        for (stream, high) in &opened.streams {
+            inbox.restore(*stream, *high, start);
+        }
+        let own = StreamId {
+            source: me,
+            epoch: opened.epoch,
+        };
+        inbox.published(own, opened.own_seq, start);
         let mut actor = Self {
             swarm,
             commands,
-            shared,
             topic_hash: topic.hash(),
             topic,
-            publisher: Publisher::new(me),
-            peers: Peers::new(me, now()),
+            publisher: Publisher::new(me, opened.epoch, opened.own_seq),
+            own,
+            peers: Peers::new(me, start),
+            inbox,
+            store: shared.store.clone(),
+            shared,
             listening: Listening::new(listen_expected),
             listen_waiters: Vec::new(),
-            deferred: None,
+            waiting: VecDeque::new(),
+            waiting_events: 0,
+            round: None,
+            storing: None,
+            asked: HashMap::new(),
+            next_anti_entropy: start + ANTI_ENTROPY,
         };
         for addr in peers {
             actor.add_explicit(addr)?;
@@ -82,32 +180,39 @@ impl Actor {
         Ok(actor)
     }
 
+    /// When the core's next timer is due.
+    fn deadline(&self) -> Instant {
+        let at = self.peers.poll_timeout().min(self.next_anti_entropy);
+        self.inbox.poll_timeout().map_or(at, |fetch| at.min(fetch))
+    }
+
     pub(super) async fn run(mut self) {
-        let timer = tokio::time::sleep_until(self.peers.poll_timeout().into());
+        let timer = tokio::time::sleep_until(self.deadline().into());
         tokio::pin!(timer);
         let shutdown_reply = loop {
             self.carry_out();
-            let deadline = self.peers.poll_timeout().into();
+            let deadline = self.deadline().into();
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
-            let command = match self.deferred.take() {
-                Some(command) => command,
-                None => {
-                    tokio::select! {
-                        event = self.swarm.select_next_some() => {
-                            self.on_swarm_event(event);
-                            continue;
-                        }
-                        command = self.commands.recv() => match command {
-                            Some(command) => command,
-                            None => break None,
-                        },
-                        _ = &mut timer => {
-                            self.peers.handle_timeout(now());
-                            continue;
-                        }
-                    }
+            let room = self.waiting_events < MAX_WAITING_EVENTS;
+            let command = tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    self.on_swarm_event(event);
+                    continue;
+                }
+                result = stored(&mut self.storing) => {
+                    self.storing = None;
+                    self.on_stored(result);
+                    continue;
+                }
+                command = self.commands.recv(), if room => match command {
+                    Some(command) => command,
+                    None => break None,
+                },
+                _ = &mut timer => {
+                    self.on_timer(now());
+                    continue;
                 }
             };
             if let Command::Shutdown { reply } = command {
@@ -116,10 +221,23 @@ impl Actor {
             self.on_command(command);
         };
         info!("shutting down");
+        self.finish_round().await;
+        self.say_goodbye().await;
         drop(self.swarm);
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
         }
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        self.peers.handle_timeout(now);
+        if now >= self.next_anti_entropy {
+            self.next_anti_entropy = now + ANTI_ENTROPY;
+            for peer in self.peers.member_ids() {
+                self.ask(peer, Asked::Marks);
+            }
+        }
+        self.fetch_due(now);
     }
 
     /// Carries out what the peer table decided.
@@ -174,24 +292,25 @@ impl Actor {
     }
 
     /// Delivers a membership change locally as a `_mesh.peer.…` event; they never travel.
-    fn membership(&self, change: Membership) {
-        if let Some(event) = local_event(self.shared.peer_id, change.topic(), change.data()) {
-            self.deliver(Arc::new(event));
+    /// A peer that joins is asked at once what it holds, so what we missed is fetched now.
+    fn membership(&mut self, change: Membership) {
+        if let Membership::Joined { peer, .. } = &change {
+            self.ask(*peer, Asked::Marks);
+        }
+        self.local(change.topic(), change.data());
+    }
+
+    /// Appends a `_mesh.` event of this peer's own to its log (never sent).
+    fn local(&self, topic: &str, data: serde_json::Value) {
+        if let Some(event) = local_event(self.shared.peer_id, topic, data) {
+            drop(self.store.append(vec![Arc::new(event)], false));
         }
     }
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Publish { event, reply } => self.publish_queued(event, reply),
-            Command::PublishMany { events, reply } => {
-                let total = events.len();
-                let result = self.publish(events.into()).map_err(|u| NodeError::Partly {
-                    published: u.published.len(),
-                    total,
-                    source: Box::new(NodeError::from(&u.error)),
-                });
-                let _ = reply.send(result);
-            }
+            Command::Publish { event, reply } => self.enqueue(vec![event], Replier::One(reply)),
+            Command::PublishMany { events, reply } => self.enqueue(events, Replier::Many(reply)),
             Command::Peers { reply } => {
                 let _ = reply.send(self.peers.list());
             }
@@ -205,6 +324,8 @@ impl Actor {
                         .gossipsub
                         .mesh_peers(&self.topic_hash)
                         .count(),
+                    streams: self.inbox.len(),
+                    buffered: self.inbox.buffered(),
                 });
             }
             Command::Dial { addr, reply } => {
@@ -218,83 +339,182 @@ impl Actor {
         }
     }
 
-    /// Publishes this command's event and any other single publishes already queued, so
-    /// that they share messages, then answers each.
-    fn publish_queued(&mut self, first: Unstamped, reply: Reply) {
-        let mut bytes = first.wire_size();
-        let mut items = VecDeque::from([first]);
-        let mut replies = vec![reply];
-        while !Publisher::batch_full(bytes) {
-            match self.commands.try_recv() {
-                Ok(Command::Publish { event, reply }) => {
-                    bytes += event.wire_size();
-                    items.push_back(event);
-                    replies.push(reply);
-                }
-                Ok(other) => {
-                    self.deferred = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
+    /// Queues publishes for the next round, and starts it if none is being stored.
+    fn enqueue(&mut self, events: Vec<Unstamped>, replier: Replier) {
+        if events.is_empty() {
+            replier.succeed(Vec::new());
+            return;
         }
-        let (published, error) = match self.publish(items) {
-            Ok(published) => (published, None),
-            Err(u) => (u.published, Some(u.error)),
-        };
-        let mut replies = replies.into_iter();
-        for (p, reply) in published.into_iter().zip(replies.by_ref()) {
-            let _ = reply.send(Ok(p));
-        }
-        if let Some(error) = error {
-            for reply in replies {
-                let _ = reply.send(Err(NodeError::from(&error)));
-            }
+        self.waiting_events += events.len();
+        self.waiting.push_back((events, replier));
+        if self.storing.is_none() {
+            self.start_round();
         }
     }
 
-    /// Stamps and publishes events in as few messages as fit, and delivers them locally, in
-    /// order. If a message fails, its events and those after it are not published, and their
-    /// sequence numbers are given back so receivers see no gap.
-    fn publish(&mut self, mut items: VecDeque<Unstamped>) -> Result<Vec<Published>, Unpublished> {
-        let mut published = Vec::with_capacity(items.len());
+    /// Stamps what is waiting (up to [`MAX_ROUND_EVENTS`], whole publishes only) into
+    /// messages and hands them to the log; they are gossiped once stored.
+    fn start_round(&mut self) {
+        let mut items = VecDeque::new();
+        let mut waiters = Vec::new();
+        while let Some((events, _)) = self.waiting.front() {
+            if !items.is_empty() && items.len() + events.len() > MAX_ROUND_EVENTS {
+                break;
+            }
+            let Some((events, replier)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.waiting_events -= events.len();
+            waiters.push((replier, events.len()));
+            items.extend(events);
+        }
+        let mut messages = Vec::new();
         loop {
             let message = self.publisher.next_message(&mut items, SystemTime::now());
             if message.is_empty() {
-                return Ok(published);
+                break;
             }
-            let payload = crate::wire::encode_batch(message.iter().map(|e| e.as_ref()));
-            let gossip = &mut self.swarm.behaviour_mut().gossipsub;
-            let sent_to = match gossip.publish(self.topic.clone(), payload) {
-                Ok(_) => gossip
-                    .all_peers()
-                    .filter(|(_, topics)| topics.contains(&&self.topic_hash))
-                    .count(),
-                Err(PublishError::NoPeersSubscribedToTopic) => 0,
-                Err(e) => {
-                    self.publisher.unsent(&message);
-                    let error = Arc::new(e);
-                    warn!(events = message.len(), %error, "publish failed");
-                    return Err(Unpublished { published, error });
+            messages.push(message);
+        }
+        if messages.is_empty() {
+            return;
+        }
+        let all: Vec<Arc<Event>> = messages.iter().flatten().cloned().collect();
+        self.storing = Some(self.store.append(all, true));
+        self.round = Some(Round { messages, waiters });
+    }
+
+    /// The round is stored (or not): gossip it and answer, then start the next.
+    fn on_stored(&mut self, result: Result<(), StoreError>) {
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        match result {
+            Err(error) => {
+                let all: Vec<Arc<Event>> = round.messages.iter().flatten().cloned().collect();
+                self.publisher.unsent(&all);
+                warn!(events = all.len(), %error, "publish failed: the events could not be stored");
+                let error = Arc::new(error);
+                for (replier, _) in round.waiters {
+                    replier.fail(NodeError::NotStored(error.clone()));
                 }
-            };
-            stats::add(&self.shared.stats.published, message.len() as u64);
-            for event in message {
-                debug!(event = %event.id, topic = %event.topic, seq = event.seq, sent_to, "published");
-                published.push(Published {
-                    id: event.id.to_string(),
-                    seq: event.seq,
-                    sent_to,
-                });
-                self.deliver(event);
+            }
+            Ok(()) => {
+                let mut published = VecDeque::new();
+                for message in round.messages {
+                    let sent_to = self.gossip(&message);
+                    stats::add(&self.shared.stats.published, message.len() as u64);
+                    if let Some(last) = message.last() {
+                        self.inbox.published(self.own, last.seq, now());
+                    }
+                    for event in message {
+                        debug!(event = %event.id, topic = %event.topic, seq = event.seq, sent_to, "published");
+                        published.push_back(Published {
+                            id: event.id.to_string(),
+                            seq: event.seq,
+                            sent_to,
+                        });
+                    }
+                }
+                for (replier, n) in round.waiters {
+                    replier.succeed(published.drain(..n.min(published.len())).collect());
+                }
+            }
+        }
+        if !self.waiting.is_empty() {
+            self.start_round();
+        }
+    }
+
+    /// Gossips a stored message; returns the peers it went to directly. A message gossip
+    /// does not take is counted, not lost: it is in the log, and peers fetch it.
+    fn gossip(&mut self, message: &[Arc<Event>]) -> usize {
+        let payload = crate::wire::encode_batch(message.iter().map(|e| e.as_ref()));
+        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+        match gossip.publish(self.topic.clone(), payload) {
+            Ok(_) => gossip
+                .all_peers()
+                .filter(|(_, topics)| topics.contains(&&self.topic_hash))
+                .count(),
+            Err(PublishError::NoPeersSubscribedToTopic) => 0,
+            Err(error) => {
+                if let Some(n) = stats::bump_throttled(&self.shared.stats.gossip_failed) {
+                    warn!(events = message.len(), %error, failed_so_far = n,
+                        "gossip did not take a stored message; peers will fetch it");
+                }
+                0
             }
         }
     }
 
-    /// Hands an event to the local handler table and `tail` subscribers. Never waits.
-    fn deliver(&self, event: Arc<Event>) {
-        self.shared.handlers.dispatch(&event);
-        let _ = self.shared.tail.send(event);
+    /// Lets the round on its way to the disk finish and answers its publishers; those
+    /// still waiting are told the node stopped.
+    async fn finish_round(&mut self) {
+        if self.storing.is_some() {
+            let result = stored(&mut self.storing).await;
+            self.storing = None;
+            let waiting = std::mem::take(&mut self.waiting);
+            self.on_stored(result);
+            self.waiting = waiting;
+        }
+        for (_, replier) in self.waiting.drain(..) {
+            replier.fail(NodeError::Stopped);
+        }
+    }
+
+    /// Tells every member this peer is leaving and waits (at most [`GOODBYE_WAIT`]) for them
+    /// to hear it, so they report `_mesh.peer.left` rather than `_mesh.peer.failed`.
+    async fn say_goodbye(&mut self) {
+        self.asked.clear();
+        for peer in self.peers.member_ids() {
+            self.ask(peer, Asked::Goodbye);
+        }
+        let deadline = tokio::time::sleep(GOODBYE_WAIT);
+        tokio::pin!(deadline);
+        while !self.asked.is_empty() {
+            tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    if let SwarmEvent::Behaviour(BehaviourEvent::Repair(
+                        request_response::Event::Message {
+                            message: request_response::Message::Response { request_id, .. },
+                            ..
+                        }
+                        | request_response::Event::OutboundFailure { request_id, .. },
+                    )) = event
+                    {
+                        self.asked.remove(&request_id);
+                    }
+                }
+                _ = &mut deadline => break,
+            }
+        }
+    }
+
+    /// Sends a repair request.
+    fn ask(&mut self, peer: PeerId, what: Asked) {
+        let request = match &what {
+            Asked::Marks => Request {
+                kind: repair::MARKS,
+                ..Request::default()
+            },
+            Asked::Fetch(f) => Request {
+                kind: repair::FETCH,
+                source: f.stream.source.to_bytes(),
+                epoch: f.stream.epoch,
+                from: f.from,
+                to: f.to,
+            },
+            Asked::Goodbye => Request {
+                kind: repair::GOODBYE,
+                ..Request::default()
+            },
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .repair
+            .send_request(&peer, request);
+        self.asked.insert(id, what);
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -317,6 +537,7 @@ impl Actor {
                 );
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(event)) => self.on_ping(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Repair(event)) => self.on_repair(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -381,8 +602,12 @@ impl Actor {
 
     fn on_gossip(&mut self, event: gossipsub::Event) {
         match event {
-            gossipsub::Event::Message { message, .. } => {
-                let stats = &self.shared.stats;
+            gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            } => {
+                let stats = self.shared.stats.clone();
                 stats::bump(&stats.messages_received);
                 let source = message.source;
                 let max = self.shared.max_event_size;
@@ -393,13 +618,15 @@ impl Actor {
                                 warn!(peer = ?source, %error, rejected_so_far = n, "dropped an event");
                             }
                         }
-                        stats::add(&stats.received, decoded.events.len() as u64);
+                        let now = now();
                         for event in decoded.events {
-                            stats
-                                .receive_latency
-                                .record(crate::clock::age_micros(event.time));
-                            self.deliver(Arc::new(event));
+                            let time = event.time;
+                            if self.take(event, propagation_source, now) {
+                                stats::bump(&stats.received);
+                                stats.receive_latency.record(crate::clock::age_micros(time));
+                            }
                         }
+                        self.flush_inbox();
                     }
                     Err(error) => {
                         if let Some(n) = stats::bump_throttled(&stats.messages_malformed) {

@@ -5,12 +5,14 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, mdns, noise, ping, tcp, yamux, Swarm, SwarmBuilder};
+use libp2p::{
+    gossipsub, identify, mdns, noise, ping, request_response, tcp, yamux, Swarm, SwarmBuilder,
+};
 
 use crate::config::MAX_MESSAGE_SIZE;
 use crate::proto::peers::{PING_INTERVAL, PROTOCOL_VERSION};
 
-use super::NodeError;
+use super::{repair, NodeError};
 
 /// A single ping unanswered this long counts as failed (the core's
 /// [`crate::proto::peers::DEAD_AFTER`] closes a silent connection sooner than libp2p would).
@@ -58,6 +60,12 @@ const MAX_IHAVE_IDS: usize = (MAX_CONTROL_BYTES - 4 * 1024) / MESSAGE_ID_BYTES;
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// The protocols every meshbus peer runs.
+/// How long a repair request may take before it counts as failed and is asked elsewhere.
+pub const REPAIR_TIMEOUT: Duration = crate::proto::inbox::ASK_TIMEOUT;
+
+/// Repair streams open at once per connection, each way.
+const REPAIR_STREAMS: usize = 16;
+
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// Event broadcast.
@@ -68,6 +76,8 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     /// Liveness and round-trip times.
     pub ping: ping::Behaviour,
+    /// Marks, fetches and goodbyes ([`repair`]).
+    pub repair: request_response::Behaviour<repair::Codec>,
 }
 
 /// Builds the swarm: TCP (noise, yamux) and QUIC, strictly signed gossipsub.
@@ -129,11 +139,19 @@ pub fn build_swarm(
                     .with_interval(PING_INTERVAL)
                     .with_timeout(PING_TIMEOUT),
             );
+            let repair = request_response::Behaviour::with_codec(
+                repair::Codec,
+                [(repair::PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(REPAIR_TIMEOUT)
+                    .with_max_concurrent_streams(REPAIR_STREAMS),
+            );
             Ok(Behaviour {
                 gossipsub,
                 mdns: mdns.into(),
                 identify,
                 ping,
+                repair,
             })
         })
         .map_err(|e| setup("protocols")(e.into()))?

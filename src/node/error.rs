@@ -53,25 +53,12 @@ pub enum NodeError {
         /// What went wrong.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// Every peer's send queue is full: the mesh is saturated.
-    #[error("could not publish: the send queues to all {peers} peers are full; the mesh is saturated, try again")]
-    Saturated {
-        /// Peers tried.
-        peers: usize,
-    },
-    /// gossipsub refused the message for another reason.
-    #[error("could not publish: gossipsub refused the message: {0}")]
-    Gossip(Arc<libp2p::gossipsub::PublishError>),
-    /// A batch failed midway: the first `published` events went out, in order.
-    #[error("{source}; the first {published} of the {total} events were published")]
-    Partly {
-        /// Events published.
-        published: usize,
-        /// Events in the batch.
-        total: usize,
-        /// Why the rest were not.
-        source: Box<NodeError>,
-    },
+    /// The event could not be stored in this peer's log, so it was not sent either.
+    #[error("could not publish: the event was not stored: {0}")]
+    NotStored(Arc<crate::store::StoreError>),
+    /// The event log could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A value could not be encoded as JSON data.
     #[error("cannot encode the data as JSON: {0}")]
     Encode(#[from] serde_json::Error),
@@ -95,14 +82,4 @@ pub enum NodeError {
         /// Why.
         error: Box<NodeError>,
     },
-}
-
-impl From<&Arc<libp2p::gossipsub::PublishError>> for NodeError {
-    /// The error for each of the publishes a failed message carried.
-    fn from(e: &Arc<libp2p::gossipsub::PublishError>) -> Self {
-        match **e {
-            libp2p::gossipsub::PublishError::AllQueuesFull(peers) => Self::Saturated { peers },
-            _ => Self::Gossip(e.clone()),
-        }
-    }
 }

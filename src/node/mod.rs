@@ -9,6 +9,7 @@
 mod actor;
 mod behaviour;
 mod error;
+pub mod repair;
 mod subscription;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::event::{self, Event, EventError, Payload};
 use crate::handlers::{Action, BoxError, HandlerInfo, HandlerSpec, Handlers};
 use crate::proto::Unstamped;
 use crate::stats::{Counters, Stats};
+use crate::store::{LogStatus, Store};
 use crate::topic::{Pattern, Topic};
 
 /// Commands waiting for the actor. Publishers wait when it is full (backpressure).
@@ -45,7 +47,8 @@ pub struct Published {
     pub id: String,
     /// Its sequence number from this peer.
     pub seq: u64,
-    /// Peers the message was sent to directly (every connected meshbus peer).
+    /// Peers the message was sent to directly (every connected meshbus peer). With none,
+    /// peers fetch it from this peer's log when they connect.
     pub sent_to: usize,
 }
 
@@ -77,6 +80,12 @@ pub struct Status {
     pub counters: Counters,
     /// Publish-to-arrival time of events from other peers.
     pub receive_latency: crate::stats::Latency,
+    /// The event log.
+    pub log: LogStatus,
+    /// Publishers (streams) followed, and events held waiting for a gap before them.
+    pub streams: usize,
+    /// Events held waiting for a gap before them to be filled.
+    pub buffered: usize,
     /// The handler table.
     pub handlers: Vec<HandlerInfo>,
     /// Open `tail` subscriptions.
@@ -118,6 +127,8 @@ struct SwarmStatus {
     listen_addrs: Vec<String>,
     peers: usize,
     mesh_peers: usize,
+    streams: usize,
+    buffered: usize,
 }
 
 /// State shared by the actor, the handles and the API; none of it touches the swarm.
@@ -129,6 +140,7 @@ struct Shared {
     max_event_size: usize,
     stats: Arc<Stats>,
     handlers: Handlers,
+    store: Store,
     /// Every event this peer sees (its own included), for `tail` subscribers.
     tail: broadcast::Sender<Arc<Event>>,
     /// Builds the handler table afresh for a reload.
@@ -136,6 +148,33 @@ struct Shared {
 }
 
 type ReloadSource = Box<dyn Fn() -> Result<Vec<HandlerSpec>, ConfigFileError> + Send + Sync>;
+
+/// Hands every event the log takes in, from the end of the log at start, to `tail`
+/// subscribers (who see events once they are stored, in log order).
+async fn feed_tail(store: Store, tail: broadcast::Sender<Arc<Event>>) {
+    let mut after = store.last();
+    let mut head = store.head();
+    loop {
+        head.borrow_and_update();
+        let batch = match store.read_after(after, 1024) {
+            Ok(batch) => batch,
+            Err(error) => {
+                crate::store::warn_log_failed("tail", &error);
+                return;
+            }
+        };
+        if batch.is_empty() {
+            if head.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        for (offset, event) in batch {
+            after = offset;
+            let _ = tail.send(event);
+        }
+    }
+}
 
 /// A cloneable handle to a running node.
 #[derive(Clone)]
@@ -148,6 +187,7 @@ pub struct NodeHandle {
 pub struct Node {
     handle: NodeHandle,
     actor: tokio::task::JoinHandle<()>,
+    tail: tokio::task::JoinHandle<()>,
     shutdown_grace: Duration,
 }
 
@@ -171,15 +211,35 @@ impl Node {
                     source,
                 })?;
         }
+        let (store, opened) = Store::open(config.data_dir.as_deref(), peer_id, config.retention)?;
+        let replay_from = match config.replay {
+            Some(span) => {
+                let since = std::time::SystemTime::now()
+                    .checked_sub(span)
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                Some(store.offset_since(since)?)
+            }
+            None => None,
+        };
         let stats = Arc::new(Stats::default());
+        let handlers = Handlers::new(
+            stats.clone(),
+            config.handler_queue,
+            config.exec_timeout,
+            store.clone(),
+            replay_from,
+        );
+        handlers.replace(config.handlers.clone())?;
+        handlers.end_replay();
         let shared = Arc::new(Shared {
             peer_id,
             name: config.name.clone(),
             started: std::time::Instant::now(),
             mdns: config.mdns,
             max_event_size: config.max_event_size,
-            handlers: Handlers::new(stats.clone(), config.handler_queue, config.exec_timeout),
+            handlers,
             stats,
+            store: store.clone(),
             tail: broadcast::channel(config.tail_buffer).0,
             reload: std::sync::Mutex::new(None),
         });
@@ -188,16 +248,19 @@ impl Node {
             swarm,
             rx,
             shared.clone(),
+            &opened,
             config.peers.clone(),
             config.listen.len(),
         )?;
         let span = tracing::info_span!("node", peer = %peer_id);
-        let actor = tokio::spawn(actor.run().instrument(span));
+        let actor = tokio::spawn(actor.run().instrument(span.clone()));
+        let tail = tokio::spawn(feed_tail(store, shared.tail.clone()).instrument(span));
         let handle = NodeHandle { commands, shared };
 
         let node = Node {
             handle: handle.clone(),
             actor,
+            tail,
             shutdown_grace: config.shutdown_grace,
         };
         let listening = async {
@@ -221,9 +284,10 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Stops the swarm task (closing every connection), then the handlers (which get
-    /// `shutdown_grace` to finish what is queued before being cancelled). Stop the API
-    /// first, if one serves this node.
+    /// Stops the swarm task (saying goodbye to every peer and closing every connection),
+    /// then the handlers (which get `shutdown_grace` to finish what is queued before being
+    /// cancelled), then the log (writing the handlers' cursors). Stop the API first, if one
+    /// serves this node.
     pub async fn shutdown(self) {
         let (reply, rx) = oneshot::channel();
         if self
@@ -236,11 +300,10 @@ impl Node {
             let _ = rx.await;
         }
         let _ = self.actor.await;
-        self.handle
-            .shared
-            .handlers
-            .shutdown(self.shutdown_grace)
-            .await;
+        let shared = &self.handle.shared;
+        shared.handlers.shutdown(self.shutdown_grace).await;
+        self.tail.abort();
+        shared.store.close().await;
     }
 }
 
@@ -454,6 +517,9 @@ impl NodeHandle {
             max_event_size: s.max_event_size,
             counters: s.stats.snapshot(),
             receive_latency: s.stats.receive_latency.summary(),
+            log: s.store.status(),
+            streams: swarm.streams,
+            buffered: swarm.buffered,
             handlers: s.handlers.list(),
             subscribers: s.tail.receiver_count(),
         })

@@ -4,10 +4,12 @@
 //! network, and [`sim`](self) runs several peers through them on a simulated one.
 //!
 //! - [`publish`]: this peer's sequence numbers and how events are packed into messages.
-//! - [`receive`]: which events of a message from another peer are delivered.
+//! - [`receive`]: which events of a message from another peer are accepted.
+//! - [`inbox`]: every publisher's events once and in order; gaps and what to fetch.
 //! - [`peers`]: connections, liveness, discovery bookkeeping, redials and membership events.
 //! - [`listen`]: when a starting node is ready.
 
+pub mod inbox;
 pub mod listen;
 pub mod peers;
 pub mod publish;
@@ -16,6 +18,7 @@ pub mod receive;
 #[cfg(test)]
 mod sim;
 
+pub use inbox::{Fetch, Inbox, Lost, Received, StreamId};
 pub use listen::Listening;
 pub use peers::{Membership, PeerAction, PeerInfo, Peers};
 pub use publish::{Publisher, Unstamped};

@@ -70,8 +70,14 @@ pub enum Membership {
         /// The name it was started with, if any.
         name: Option<String>,
     },
-    /// Its last connection closed.
+    /// It said goodbye (a clean shutdown), and its last connection closed.
     Left {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Its last connection closed without a goodbye: it crashed, was killed or cut off
+    /// (found by a reset connection at once, or by [`DEAD_AFTER`] of silence).
+    Failed {
         /// The peer.
         peer: PeerId,
     },
@@ -83,6 +89,7 @@ impl Membership {
         match self {
             Membership::Joined { .. } => "_mesh.peer.joined",
             Membership::Left { .. } => "_mesh.peer.left",
+            Membership::Failed { .. } => "_mesh.peer.failed",
         }
     }
 
@@ -92,7 +99,9 @@ impl Membership {
             Membership::Joined { peer, name } => {
                 serde_json::json!({ "peer": peer.to_string(), "name": name })
             }
-            Membership::Left { peer } => serde_json::json!({ "peer": peer.to_string() }),
+            Membership::Left { peer } | Membership::Failed { peer } => {
+                serde_json::json!({ "peer": peer.to_string() })
+            }
         }
     }
 }
@@ -126,6 +135,8 @@ struct Peer {
     /// Set once identify says it speaks meshbus; a peer is a member from then on.
     identity: Option<Identity>,
     rtt: Option<Duration>,
+    /// It said goodbye: when its connections close, it left rather than failed.
+    leaving: bool,
 }
 
 /// One connection to a peer.
@@ -235,6 +246,22 @@ impl Peers {
         self.peers.values().filter(|p| p.identity.is_some()).count()
     }
 
+    /// The members' ids, sorted.
+    pub fn member_ids(&self) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.identity.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// `peer` said goodbye: it is shutting down cleanly.
+    pub fn goodbye(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.leaving = true;
+        }
+    }
+
     /// The members, sorted by peer id.
     pub fn list(&self) -> Vec<PeerInfo> {
         let mut list: Vec<PeerInfo> = self
@@ -293,9 +320,14 @@ impl Peers {
         }
         if let Some(p) = self.peers.remove(&peer) {
             if p.identity.is_some() {
-                info!(%peer, "peer left");
-                self.actions
-                    .push_back(PeerAction::Membership(Membership::Left { peer }));
+                let change = if p.leaving {
+                    info!(%peer, "peer left");
+                    Membership::Left { peer }
+                } else {
+                    warn!(%peer, "peer failed: lost without a goodbye");
+                    Membership::Failed { peer }
+                };
+                self.actions.push_back(PeerAction::Membership(change));
             }
         }
     }

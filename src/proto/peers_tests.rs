@@ -69,7 +69,7 @@ fn identify_for_a_peer_no_longer_connected_is_ignored() {
 }
 
 #[test]
-fn a_member_leaves_when_its_last_connection_closes() {
+fn a_member_fails_when_its_last_connection_closes_without_a_goodbye() {
     let now = Instant::now();
     let (mut peers, peer) = with_member(now);
     peers.connected(peer, conn(2), addr(2), now);
@@ -77,6 +77,21 @@ fn a_member_leaves_when_its_last_connection_closes() {
     assert!(drain(&mut peers).is_empty(), "one connection is still open");
     assert!(peers.is_connected(&peer));
     peers.closed(peer, conn(2));
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Failed { peer })]
+    );
+    assert!(!peers.is_connected(&peer));
+    assert_eq!(peers.members(), 0);
+}
+
+#[test]
+fn a_member_that_said_goodbye_leaves() {
+    let now = Instant::now();
+    let (mut peers, peer) = with_member(now);
+    assert_eq!(peers.member_ids(), [peer]);
+    peers.goodbye(peer);
+    peers.closed(peer, conn(1));
     assert_eq!(
         drain(&mut peers),
         [PeerAction::Membership(Membership::Left { peer })]
@@ -323,4 +338,7 @@ fn membership_events_name_the_peer_on_reserved_topics() {
     assert!(crate::topic::Topic::new(left.topic())
         .unwrap()
         .is_reserved());
+    let failed = Membership::Failed { peer };
+    assert_eq!(failed.topic(), "_mesh.peer.failed");
+    assert_eq!(failed.data()["peer"], peer.to_string());
 }

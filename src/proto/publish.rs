@@ -1,9 +1,9 @@
 //! Publishing: stamping events with this peer's sequence numbers and packing them into
 //! gossipsub messages.
 //!
-//! Sequence numbers are contiguous from 1 for everything that left this peer: when a message
-//! could not be sent, its numbers are given back, so receivers never see a gap that is not a
-//! loss.
+//! Sequence numbers are contiguous from 1 within a log epoch and go on across restarts: a
+//! message is stored in this peer's log before it is sent, and when it cannot be stored its
+//! numbers are given back, so receivers never see a gap that is not a loss.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -55,6 +55,8 @@ impl Unstamped {
 pub struct Publisher {
     /// Stamped on every event as its `source`.
     me: PeerId,
+    /// This peer's log epoch, stamped on every event.
+    epoch: u64,
     /// Sequence number of the last event stamped and not given back.
     seq: u64,
     /// Keeps the ids this peer stamps in order within a millisecond, as they are in time.
@@ -62,11 +64,13 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher whose first event will be number 1.
-    pub fn new(me: PeerId) -> Self {
+    /// A publisher whose next event will be number `last + 1` of `epoch` (its log says
+    /// where it stopped).
+    pub fn new(me: PeerId, epoch: u64, last: u64) -> Self {
         Self {
             me,
-            seq: 0,
+            epoch,
+            seq: last,
             ids: uuid::ContextV7::new(),
         }
     }
@@ -106,6 +110,7 @@ impl Publisher {
                 event_type: item.event_type,
                 source: self.me,
                 seq: self.seq,
+                epoch: self.epoch,
                 time: now,
                 content_type: item.payload.content_type,
                 data: item.payload.data,
@@ -122,8 +127,8 @@ impl Publisher {
         EventId(uuid::Uuid::new_v7(ts))
     }
 
-    /// The message holding `events` (the last one stamped) was not sent: their sequence
-    /// numbers are given back and will be stamped again on the next events.
+    /// The message holding `events` (the last one stamped) could not be stored: their
+    /// sequence numbers are given back and will be stamped again on the next events.
     pub fn unsent(&mut self, events: &[Arc<Event>]) {
         debug_assert!(events.last().is_none_or(|e| e.seq == self.seq));
         self.seq -= events.len() as u64;
@@ -148,7 +153,7 @@ mod tests {
 
     #[test]
     fn sequence_numbers_start_at_one_and_run_on_across_messages() {
-        let mut p = Publisher::new(PeerId::random());
+        let mut p = Publisher::new(PeerId::random(), 1, 0);
         let now = SystemTime::now();
         let mut q = queue(&[10, 10, 10]);
         let first = p.next_message(&mut q, now);
@@ -162,7 +167,7 @@ mod tests {
     #[test]
     fn events_are_stamped_with_this_peer_the_given_time_and_distinct_ids() {
         let me = PeerId::random();
-        let mut p = Publisher::new(me);
+        let mut p = Publisher::new(me, 1, 0);
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         let m = p.next_message(&mut queue(&[1, 1]), now);
         assert!(m.iter().all(|e| e.source == me && e.time == now));
@@ -176,7 +181,7 @@ mod tests {
 
     #[test]
     fn a_message_takes_events_until_the_batch_is_full() {
-        let mut p = Publisher::new(PeerId::random());
+        let mut p = Publisher::new(PeerId::random(), 1, 0);
         // Each event is 100 KiB: the batch passes BATCH_BYTES with the third.
         let mut q = queue(&[100 * 1024; 5]);
         let m = p.next_message(&mut q, SystemTime::now());
@@ -190,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_message_never_exceeds_gossipsubs_limit() {
-        let mut p = Publisher::new(PeerId::random());
+        let mut p = Publisher::new(PeerId::random(), 1, 0);
         // 200 KiB, then 900 KiB: together over the message limit, so two messages.
         let mut q = queue(&[200 * 1024, 900 * 1024]);
         let m = p.next_message(&mut q, SystemTime::now());
@@ -202,20 +207,27 @@ mod tests {
 
     #[test]
     fn an_event_alone_always_makes_a_message() {
-        let mut p = Publisher::new(PeerId::random());
+        let mut p = Publisher::new(PeerId::random(), 1, 0);
         let mut q = queue(&[BATCH_BYTES * 2]);
         assert_eq!(p.next_message(&mut q, SystemTime::now()).len(), 1);
     }
 
     #[test]
     fn numbers_of_an_unsent_message_are_given_back() {
-        let mut p = Publisher::new(PeerId::random());
+        let mut p = Publisher::new(PeerId::random(), 1, 0);
         let sent = p.next_message(&mut queue(&[1]), SystemTime::now());
         let failed = p.next_message(&mut queue(&[1, 1]), SystemTime::now());
         p.unsent(&failed);
         assert_eq!(p.seq(), sent[0].seq);
         let again = p.next_message(&mut queue(&[1]), SystemTime::now());
         assert_eq!(again[0].seq, 2, "no gap after a failed send");
+    }
+
+    #[test]
+    fn numbering_goes_on_from_where_the_log_stopped() {
+        let mut p = Publisher::new(PeerId::random(), 42, 1000);
+        let m = p.next_message(&mut queue(&[1]), SystemTime::now());
+        assert_eq!((m[0].epoch, m[0].seq), (42, 1001));
     }
 
     #[test]

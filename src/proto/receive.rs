@@ -67,6 +67,7 @@ mod tests {
             event_type: topic.into(),
             source,
             seq: 1,
+            epoch: 1,
             time: std::time::SystemTime::now(),
             content_type: JSON.into(),
             data: Bytes::from_static(b"1"),

@@ -1,6 +1,7 @@
 //! A deterministic simulation of several peers running the IO-free core over a simulated
-//! LAN: connections, identify, pings and event messages travel with seeded random delay,
-//! loss, duplication and reordering; hosts are cut off and plugged back in. Virtual time
+//! LAN: connections, identify, pings, event messages and repair (marks and fetches) travel
+//! with seeded random delay, loss, duplication and reordering; hosts are cut off and plugged
+//! back in. Each peer's inbox decides what goes into its log. Virtual time
 //! moves from one scheduled thing to the next. A failure names its seed;
 //! `MESHBUS_SIM_SEED=N cargo test sim` replays it exactly.
 
@@ -13,9 +14,10 @@ use std::time::{Duration, Instant, SystemTime};
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 
+use super::inbox::FETCH_MAX_EVENTS;
 use super::peers::{self, DEAD_AFTER, PING_INTERVAL, PROTOCOL_VERSION, REDIAL_INTERVAL};
-use super::{Membership, PeerAction, Peers, Publisher, Unstamped};
-use crate::event::Payload;
+use super::{Fetch, Inbox, Membership, PeerAction, Peers, Publisher, StreamId, Unstamped};
+use crate::event::{Event, Payload};
 use crate::topic::Topic;
 use crate::wire;
 
@@ -31,7 +33,7 @@ struct Weather {
     /// Share of pings that go unanswered.
     ping_loss: f64,
     /// Share of messages the publisher's send queues refuse (gossipsub's "all queues full"):
-    /// that message and the rest of its batch are not sent.
+    /// that message is stored but not sent; peers must fetch it.
     refused: f64,
 }
 
@@ -73,7 +75,31 @@ enum Msg {
         to: usize,
         payload: Vec<u8>,
     },
+    /// `from`'s marks (an anti-entropy answer) arrive at `to`.
+    Marks {
+        from: usize,
+        to: usize,
+        marks: Vec<(StreamId, u64)>,
+    },
+    /// A fetch from `from` arrives at `to`.
+    Fetch {
+        from: usize,
+        to: usize,
+        fetch: Fetch,
+    },
+    /// The answer to a fetch arrives back at `to` from `from`.
+    Fetched {
+        from: usize,
+        to: usize,
+        stream: StreamId,
+        first: u64,
+        events: Vec<Event>,
+        asked_to: u64,
+    },
 }
+
+/// How often each peer tells its members its marks.
+const ANTI_ENTROPY: Duration = Duration::from_secs(1);
 
 struct Node {
     id: PeerId,
@@ -85,6 +111,11 @@ struct Node {
     received: BTreeMap<PeerId, Vec<u64>>,
     /// The sequence numbers of the events this node's messages carried onto the network.
     sent: Vec<u64>,
+    inbox: Inbox,
+    /// Its log: per source, the sequence numbers the inbox passed on, in order.
+    log: BTreeMap<PeerId, Vec<u64>>,
+    /// What it can answer fetches from: its own events and those in its log.
+    held: BTreeMap<StreamId, BTreeMap<u64, Event>>,
 }
 
 struct Sim {
@@ -102,6 +133,7 @@ struct Sim {
     msgs: HashMap<u64, Msg>,
     next_msg: u64,
     next_ping: Instant,
+    next_marks: Instant,
     weather: Weather,
 }
 
@@ -125,10 +157,13 @@ impl Sim {
                 Node {
                     id,
                     peers: Peers::new(id, start),
-                    publisher: Publisher::new(id),
+                    publisher: Publisher::new(id, 1, 0),
                     membership: Vec::new(),
                     received: BTreeMap::new(),
                     sent: Vec::new(),
+                    inbox: Inbox::new(id),
+                    log: BTreeMap::new(),
+                    held: BTreeMap::new(),
                 }
             })
             .collect();
@@ -145,6 +180,7 @@ impl Sim {
             msgs: HashMap::new(),
             next_msg: 0,
             next_ping: start + PING_INTERVAL,
+            next_marks: start + ANTI_ENTROPY,
             weather: CALM,
         };
         // mDNS: everyone hears everyone at start.
@@ -284,6 +320,123 @@ impl Sim {
                     assert!(decoded.rejected.is_empty(), "seed {}", self.seed);
                     let got = self.nodes[to].received.entry(source).or_default();
                     got.extend(decoded.events.iter().map(|e| e.seq));
+                    for event in decoded.events {
+                        self.nodes[to].inbox.receive(event, source, self.now);
+                    }
+                    self.take_ready(to);
+                }
+            }
+            Msg::Marks { from, to, marks } => {
+                if self.linked(from, to) {
+                    let peer = self.nodes[from].id;
+                    for (stream, high) in marks {
+                        self.nodes[to].inbox.learn(stream, high, peer, self.now);
+                    }
+                    self.fetches(to);
+                }
+            }
+            Msg::Fetch { from, to, fetch } => {
+                if self.linked(from, to) {
+                    let held = self.nodes[to].held.get(&fetch.stream);
+                    let first = held.and_then(|h| h.keys().next().copied()).unwrap_or(0);
+                    let events = held
+                        .map(|h| {
+                            h.range(fetch.from..=fetch.to)
+                                .take(FETCH_MAX_EVENTS as usize)
+                                .map(|(_, e)| e.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let delay = self.link_delay();
+                    if self.rng.f64() >= self.weather.loss {
+                        let answer = Msg::Fetched {
+                            from: to,
+                            to: from,
+                            stream: fetch.stream,
+                            first,
+                            events,
+                            asked_to: fetch.to,
+                        };
+                        self.send(delay, answer);
+                    }
+                }
+            }
+            Msg::Fetched {
+                from,
+                to,
+                stream,
+                first,
+                events,
+                asked_to,
+            } => {
+                if self.linked(from, to) {
+                    let peer = self.nodes[from].id;
+                    let more = events.last().is_some_and(|e| e.seq < asked_to);
+                    self.nodes[to]
+                        .inbox
+                        .fetched(stream, peer, first, events, more, self.now);
+                    self.take_ready(to);
+                    self.fetches(to);
+                }
+            }
+        }
+    }
+
+    /// Event-message delay under the current weather.
+    fn link_delay(&mut self) -> Duration {
+        let max = self.weather.max_delay.as_micros() as u64;
+        Duration::from_micros(self.rng.u64(1..=max.max(1)))
+    }
+
+    /// Moves what node `i`'s inbox has ready into its log.
+    fn take_ready(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        while let Some(event) = node.inbox.poll_ready() {
+            node.log.entry(event.source).or_default().push(event.seq);
+            let stream = StreamId::of(&event);
+            node.held
+                .entry(stream)
+                .or_default()
+                .insert(event.seq, event);
+        }
+        assert!(
+            node.inbox.poll_lost().is_none(),
+            "seed {}: nothing is ever lost here",
+            self.seed
+        );
+    }
+
+    /// Sends the fetches node `i`'s inbox wants now, through the weather.
+    fn fetches(&mut self, i: usize) {
+        let connected: Vec<PeerId> = self
+            .nodes
+            .iter()
+            .map(|n| n.id)
+            .filter(|p| self.nodes[i].peers.is_connected(p))
+            .collect();
+        let wanted = self.nodes[i]
+            .inbox
+            .poll_fetch(self.now, |p| connected.contains(p));
+        for fetch in wanted {
+            let to = self.index_of(&fetch.peer);
+            if self.rng.f64() < self.weather.loss {
+                continue; // lost: asked again after the timeout
+            }
+            let delay = self.link_delay();
+            self.send(delay, Msg::Fetch { from: i, to, fetch });
+        }
+    }
+
+    /// Every node tells each member its marks.
+    fn anti_entropy(&mut self) {
+        for i in 0..self.nodes.len() {
+            let marks: Vec<(StreamId, u64)> = self.nodes[i].inbox.marks().collect();
+            for to in 0..self.nodes.len() {
+                let peer = self.nodes[to].id;
+                if to != i && self.nodes[i].peers.is_connected(&peer) {
+                    let delay = self.control_delay();
+                    let marks = marks.clone();
+                    self.send(delay, Msg::Marks { from: i, to, marks });
                 }
             }
         }
@@ -312,12 +465,23 @@ impl Sim {
         let until = self.now + span;
         loop {
             let timers = self.nodes.iter().map(|n| n.peers.poll_timeout()).min();
+            let fetches = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.inbox.poll_timeout())
+                .min();
             let next_msg = self.queue.peek().map(|Reverse((at, _))| *at);
-            let next = [timers, next_msg, Some(self.next_ping)]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap();
+            let next = [
+                timers,
+                fetches,
+                next_msg,
+                Some(self.next_ping),
+                Some(self.next_marks),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap();
             if next > until {
                 self.now = until;
                 return;
@@ -330,6 +494,19 @@ impl Sim {
             } else if self.next_ping == next {
                 self.next_ping = next + PING_INTERVAL;
                 self.pings();
+            } else if self.next_marks == next {
+                self.next_marks = next + ANTI_ENTROPY;
+                self.anti_entropy();
+            } else if fetches == Some(next) {
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i]
+                        .inbox
+                        .poll_timeout()
+                        .is_some_and(|t| t <= self.now)
+                    {
+                        self.fetches(i);
+                    }
+                }
             } else {
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].peers.poll_timeout() <= self.now {
@@ -362,9 +539,18 @@ impl Sim {
             if message.is_empty() {
                 return;
             }
+            // Stored first, as a node does: then it may be gossiped.
+            let node = &mut self.nodes[i];
+            for event in &message {
+                let stream = StreamId::of(event);
+                node.held
+                    .entry(stream)
+                    .or_default()
+                    .insert(event.seq, (**event).clone());
+                node.inbox.published(stream, event.seq, self.now);
+            }
             if self.rng.f64() < self.weather.refused {
-                self.nodes[i].publisher.unsent(&message);
-                return;
+                continue;
             }
             self.nodes[i].sent.extend(message.iter().map(|e| e.seq));
             let payload = wire::encode_batch(message.iter().map(|e| e.as_ref()));
@@ -375,8 +561,7 @@ impl Sim {
                 }
                 let copies = if self.rng.f64() < w.duplicate { 2 } else { 1 };
                 for _ in 0..copies {
-                    let max = w.max_delay.as_micros() as u64;
-                    let delay = Duration::from_micros(self.rng.u64(1..=max.max(1)));
+                    let delay = self.link_delay();
                     let payload = payload.clone();
                     self.send(
                         delay,
@@ -406,6 +591,24 @@ impl Sim {
         }
     }
 
+    /// Every node's log holds every other node's events exactly once, in order.
+    fn assert_full_logs(&self, why: &str) {
+        for (j, node) in self.nodes.iter().enumerate() {
+            for (i, source) in self.nodes.iter().enumerate().filter(|(i, _)| *i != j) {
+                let got = node.log.get(&source.id).cloned().unwrap_or_default();
+                let want: Vec<u64> = (1..=source.publisher.seq()).collect();
+                assert!(
+                    got == want,
+                    "seed {}: h{j}'s log of h{i} after {why}: {} of {} events, first wrong at {:?}",
+                    self.seed,
+                    got.len(),
+                    want.len(),
+                    got.iter().zip(&want).position(|(a, b)| a != b)
+                );
+            }
+        }
+    }
+
     /// Per observer and peer, membership alternates joined, left, joined, …
     fn assert_membership_alternates(&self) {
         for (i, node) in self.nodes.iter().enumerate() {
@@ -413,7 +616,7 @@ impl Sim {
             for (at, m) in &node.membership {
                 let (peer, joined) = match m {
                     Membership::Joined { peer, .. } => (*peer, true),
-                    Membership::Left { peer } => (*peer, false),
+                    Membership::Left { peer } | Membership::Failed { peer } => (*peer, false),
                 };
                 let was = last.insert(peer, joined).unwrap_or(false);
                 assert_ne!(

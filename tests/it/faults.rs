@@ -31,6 +31,7 @@ fn wire_event(topic: &str, data: &[u8]) -> WireEvent {
         topic: topic.into(),
         r#type: String::new(),
         seq: 1,
+        epoch: 1,
         time_unix_micros: 0,
         content_type: String::new(),
         data: data.to_vec().into(),

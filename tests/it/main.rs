@@ -8,5 +8,6 @@ mod delivery;
 mod faults;
 mod handlers;
 mod library;
+mod log;
 mod retries;
 mod support;

@@ -4,5 +4,6 @@
 
 mod bench;
 mod delivery;
+mod durability;
 mod faults;
 mod support;

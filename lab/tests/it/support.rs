@@ -57,12 +57,17 @@ pub struct LabRun {
 impl LabRun {
     /// `meshbus-lab up --peers n` with a file handler for `orders.**` on every host.
     pub fn up(n: usize) -> LabRun {
+        Self::up_with(n, &[])
+    }
+
+    /// Like [`LabRun::up`], with more `meshbus up` arguments for every peer.
+    pub fn up_with(n: usize, extra: &[&str]) -> LabRun {
         let lab = LabRun {
             prefix: lab_prefix(),
             root: tempfile::tempdir().unwrap(),
         };
         let n = n.to_string();
-        let out = lab.run(&[
+        let mut args = vec![
             "up",
             "--peers",
             &n,
@@ -70,7 +75,9 @@ impl LabRun {
             "--quiet",
             "--on",
             "orders.**=file:{data}/orders.jsonl",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = lab.run(&args);
         let text = ok(out);
         let formed = text.lines().last().unwrap_or_default();
         assert!(
@@ -118,11 +125,42 @@ impl LabRun {
     }
 
     pub fn events_file(&self, host: &str) -> PathBuf {
-        self.root
-            .path()
-            .join(&self.prefix)
-            .join(host)
-            .join("orders.jsonl")
+        self.data_file(host, "orders.jsonl")
+    }
+
+    /// A file in `host`'s data directory.
+    pub fn data_file(&self, host: &str, name: &str) -> PathBuf {
+        self.root.path().join(&self.prefix).join(host).join(name)
+    }
+
+    /// Starts `meshbus-lab bench-load` inside `host`: `events` events on `topic` at `rate`
+    /// per second through its peer's API. Wait for it with [`Loader::wait`].
+    pub fn load(&self, host: &str, topic: &str, events: usize, rate: f64) -> Loader {
+        let child = Command::new(LAB_BIN)
+            .args([
+                "--prefix",
+                &self.prefix,
+                "exec",
+                host,
+                "--",
+                LAB_BIN,
+                "bench-load",
+            ])
+            .args([
+                "--events",
+                &events.to_string(),
+                "--size",
+                "64",
+                "--topic",
+                topic,
+            ])
+            .args(["--rate", &rate.to_string()])
+            .env("MESHBUS_LAB_DIR", self.root.path())
+            .env("MESHBUS_BIN", bin())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Loader { child }
     }
 
     /// Publishes from `host`'s CLI; returns the event id.
@@ -132,6 +170,21 @@ impl LabRun {
         ]))
         .unwrap();
         out["id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A load running inside a host.
+pub struct Loader {
+    child: std::process::Child,
+}
+
+impl Loader {
+    /// Waits for the load to finish; returns how many events were published.
+    pub fn wait(self) -> u64 {
+        let out = self.child.wait_with_output().unwrap();
+        let text = ok(out);
+        let report: Value = serde_json::from_str(text.trim()).unwrap();
+        report["published"].as_u64().unwrap()
     }
 }
 

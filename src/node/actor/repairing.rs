@@ -1,0 +1,245 @@
+//! The swarm task's side of ordering and repair: events into the inbox, what is ready into
+//! the log, and the `/meshbus/repair/1` requests and answers ([`crate::node::repair`]).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use libp2p::request_response;
+use libp2p::PeerId;
+use tracing::{debug, warn};
+
+use super::{now, Actor, Asked};
+use crate::event::Event;
+use crate::node::repair::{self, Request, Response};
+use crate::proto::{self, Fetch, Lost, Received, StreamId};
+use crate::stats;
+
+impl Actor {
+    /// Passes an event to the inbox; true if it is new.
+    pub(super) fn take(&mut self, event: Event, from: PeerId, now: Instant) -> bool {
+        let stats = &self.shared.stats;
+        match self.inbox.receive(event, from, now) {
+            Received::Fresh => true,
+            Received::Duplicate => {
+                stats::bump(&stats.events_duplicate);
+                false
+            }
+            Received::Deferred => {
+                stats::bump(&stats.events_deferred);
+                false
+            }
+            Received::TooManyStreams => {
+                if let Some(n) = stats::bump_throttled(&stats.events_rejected) {
+                    warn!(peer = %from, limit = proto::inbox::MAX_STREAMS, rejected_so_far = n,
+                        "dropped an event: this peer follows as many publishers as it may");
+                }
+                false
+            }
+        }
+    }
+
+    /// Appends what the inbox has ready to the log, and announces what it found lost.
+    pub(super) fn flush_inbox(&mut self) {
+        let ready: Vec<Arc<Event>> = std::iter::from_fn(|| self.inbox.poll_ready())
+            .map(Arc::new)
+            .collect();
+        if !ready.is_empty() {
+            // Not awaited: the writer counts and logs a failed commit, and a crash before the
+            // commit loses the marks with the events, so they are fetched again.
+            drop(self.store.append(ready, false));
+        }
+        while let Some(Lost { stream, from, to }) = self.inbox.poll_lost() {
+            stats::add(&self.shared.stats.events_lost, to - from + 1);
+            warn!(publisher = %stream.source, epoch = stream.epoch, from, to,
+                "events lost: no peer holds them any more");
+            self.local(
+                "_mesh.events.lost",
+                serde_json::json!({
+                    "publisher": stream.source.to_string(),
+                    "epoch": stream.epoch,
+                    "from": from,
+                    "to": to,
+                }),
+            );
+        }
+    }
+
+    /// Asks for the gaps that are due.
+    pub(super) fn fetch_due(&mut self, now: Instant) {
+        let peers = &self.peers;
+        for fetch in self.inbox.poll_fetch(now, |p| peers.is_connected(p)) {
+            stats::bump(&self.shared.stats.repair_fetches);
+            self.ask(fetch.peer, Asked::Fetch(fetch));
+        }
+    }
+
+    pub(super) fn on_repair(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    stats::bump(&self.shared.stats.repair_served);
+                    let response = self.answer(peer, request);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .repair
+                        .send_response(channel, response);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => match self.asked.remove(&request_id) {
+                    Some(Asked::Marks) => self.on_marks(peer, response),
+                    Some(Asked::Fetch(fetch)) => self.on_fetched(peer, fetch, response),
+                    Some(Asked::Goodbye) | None => {}
+                },
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(Asked::Fetch(fetch)) = self.asked.remove(&request_id) {
+                    stats::bump(&self.shared.stats.repair_failed);
+                    debug!(%peer, %error, "fetch failed; asking again");
+                    self.inbox.fetch_failed(fetch.stream, peer);
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "a repair request from a peer failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Answers a repair request: our marks, events from the log (bounded by
+    /// [`proto::inbox::FETCH_MAX_EVENTS`] and [`repair::FETCH_BYTES`]), or a goodbye noted.
+    fn answer(&mut self, peer: PeerId, request: Request) -> Response {
+        let refuse = |error: String| Response {
+            error,
+            ..Response::default()
+        };
+        match request.kind {
+            repair::MARKS => Response {
+                marks: self
+                    .inbox
+                    .marks()
+                    .map(|(stream, high)| repair::Mark {
+                        source: stream.source.to_bytes(),
+                        epoch: stream.epoch,
+                        high,
+                    })
+                    .collect(),
+                ..Response::default()
+            },
+            repair::FETCH => {
+                let Ok(source) = PeerId::from_bytes(&request.source) else {
+                    return refuse("the fetch names no valid publisher".into());
+                };
+                if request.from == 0 || request.to < request.from {
+                    return refuse(format!(
+                        "the fetch range {}..={} is empty",
+                        request.from, request.to
+                    ));
+                }
+                let stream = StreamId {
+                    source,
+                    epoch: request.epoch,
+                };
+                let last = request
+                    .from
+                    .saturating_add(proto::inbox::FETCH_MAX_EVENTS - 1);
+                let to = request.to.min(last);
+                match self
+                    .store
+                    .fetch(stream, request.from, to, repair::FETCH_BYTES)
+                {
+                    Ok(range) => Response {
+                        first: range.first,
+                        events: range.events,
+                        ..Response::default()
+                    },
+                    Err(error) => {
+                        warn!(%peer, %error, "cannot answer a fetch");
+                        refuse(format!("cannot read the log: {error}"))
+                    }
+                }
+            }
+            repair::GOODBYE => {
+                self.peers.goodbye(peer);
+                Response::default()
+            }
+            other => refuse(format!("unknown request kind {other}")),
+        }
+    }
+
+    /// A peer's marks: fetch whatever it holds that we do not.
+    fn on_marks(&mut self, peer: PeerId, response: Response) {
+        let now = now();
+        for mark in response.marks.into_iter().take(proto::inbox::MAX_STREAMS) {
+            let Ok(source) = PeerId::from_bytes(&mark.source) else {
+                continue;
+            };
+            let stream = StreamId {
+                source,
+                epoch: mark.epoch,
+            };
+            if !self.inbox.learn(stream, mark.high, peer, now) {
+                if let Some(n) = stats::bump_throttled(&self.shared.stats.events_rejected) {
+                    warn!(%peer, limit = proto::inbox::MAX_STREAMS, rejected_so_far = n,
+                        "not following a publisher: as many are followed as allowed");
+                }
+            }
+        }
+        self.fetch_due(now);
+    }
+
+    /// Events a peer sent for a fetch: checked like gossiped ones, and that they are of the
+    /// stream and range asked for.
+    fn on_fetched(&mut self, peer: PeerId, fetch: Fetch, response: Response) {
+        let stats = self.shared.stats.clone();
+        if !response.error.is_empty() {
+            stats::bump(&stats.repair_failed);
+            debug!(%peer, error = %response.error, "fetch refused; asking again");
+            self.inbox.fetch_failed(fetch.stream, peer);
+            return;
+        }
+        let max = self.shared.max_event_size;
+        let latest = SystemTime::now() + proto::receive::MAX_CLOCK_SKEW;
+        let mut events = Vec::with_capacity(response.events.len());
+        for bytes in &response.events {
+            match crate::wire::decode_event(bytes, fetch.stream.source, max) {
+                Ok(e)
+                    if e.epoch == fetch.stream.epoch
+                        && (fetch.from..=fetch.to).contains(&e.seq)
+                        && e.time <= latest =>
+                {
+                    events.push(e)
+                }
+                Ok(e) => {
+                    if let Some(n) = stats::bump_throttled(&stats.events_rejected) {
+                        warn!(%peer, seq = e.seq, rejected_so_far = n,
+                            "dropped a fetched event: not of the range asked for, or ahead of the clock");
+                    }
+                }
+                Err(error) => {
+                    if let Some(n) = stats::bump_throttled(&stats.events_rejected) {
+                        warn!(%peer, %error, rejected_so_far = n, "dropped a fetched event");
+                    }
+                }
+            }
+        }
+        let more = events.last().is_some_and(|e| e.seq < fetch.to);
+        let now = now();
+        let (fresh, _) = self
+            .inbox
+            .fetched(fetch.stream, peer, response.first, events, more, now);
+        stats::add(&stats.repaired, fresh as u64);
+        stats::add(&stats.received, fresh as u64);
+        self.flush_inbox();
+        self.fetch_due(now);
+    }
+}

@@ -1,0 +1,806 @@
+//! The event log: every event this peer holds, once, in the order it took them in, kept in
+//! redb (`<data dir>/log.redb`, or in memory for a node without a data directory).
+//!
+//! Each event gets the next *offset* of this log. Events of one publisher are appended in its
+//! order (the inbox sees to that), so a reader that follows offsets sees every publisher in
+//! order. Handler rows are such readers: each keeps a cursor (the last offset it finished),
+//! persisted here, so a restarted peer resumes where it stopped. Repair reads a publisher's
+//! events back by `(source, epoch, seq)`.
+//!
+//! One thread writes. Appends queue up while a commit is on its way to the disk and go into
+//! the next one together (group commit): this peer's own events commit with
+//! [`redb::Durability::Immediate`] (fsynced before `publish` returns); events from other
+//! peers commit without waiting for the disk, since a crash that loses them also loses the
+//! marks that say they were held, and they are fetched again. Cursors are written at least
+//! every [`FLUSH_EVERY`]. The log keeps at most [`Retention`] events, bytes and age, dropping
+//! the oldest first.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use libp2p::PeerId;
+use redb::{
+    Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
+    TableDefinition,
+};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, warn};
+
+use crate::event::Event;
+use crate::proto::StreamId;
+use crate::wire;
+
+/// offset → (when this peer stored it, µs since 1970; source peer id bytes; the event as
+/// [`wire::encode_event`] writes it).
+const EVENTS: TableDefinition<u64, (u64, &[u8], &[u8])> = TableDefinition::new("events");
+/// (source, epoch, seq) → offset.
+const INDEX: TableDefinition<(&[u8], u64, u64), u64> = TableDefinition::new("index");
+/// (source, epoch) → (highest seq held, first seq still held).
+const STREAMS: TableDefinition<(&[u8], u64), (u64, u64)> = TableDefinition::new("streams");
+/// Handler row name → last offset it finished.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Counters: "epoch", "head", "first", "bytes".
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// "format" and "peer": what this log is and whose.
+const OWNER: TableDefinition<&str, &[u8]> = TableDefinition::new("owner");
+
+/// What a meshbus log says it is.
+const FORMAT: &[u8] = b"meshbus-log-1";
+
+/// Longest a cursor set without [`Store::flush`] waits before it is written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Newest events also kept in memory, so rows that keep up never read the disk.
+const CACHE_EVENTS: usize = 64 * 1024;
+
+/// Most appends gathered into one commit.
+const MAX_GROUP: usize = 4096;
+
+/// Most events dropped for retention in one commit (the rest go in the next ones).
+const MAX_PRUNE: usize = 16 * 1024;
+
+/// How much the log keeps. What falls out is gone from this peer: a peer that needs it then
+/// must find it elsewhere, or it is lost (and announced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most events.
+    pub max_events: u64,
+    /// Most bytes of encoded events.
+    pub max_bytes: u64,
+    /// Oldest event, by when this peer stored it (not its publish time: history fetched
+    /// late is kept as long as anything else).
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_events: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why the log failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("cannot open the event log {}: {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: redb::DatabaseError,
+    },
+    /// The file is not this peer's meshbus log; it is left as it is.
+    #[error("{} is not this peer's meshbus event log ({reason}); move it away or use another --data-dir", path.display())]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// What did not match.
+        reason: String,
+    },
+    /// Reading or writing failed.
+    #[error("event log: {0}")]
+    Db(#[from] redb::Error),
+    /// A commit failed (the writer logged the cause).
+    #[error("event log commit failed: {0}")]
+    Commit(String),
+    /// A stored event does not decode.
+    #[error("event log holds an event that does not decode at offset {offset}: {error}")]
+    Corrupt {
+        /// Where.
+        offset: u64,
+        /// Why.
+        error: wire::WireError,
+    },
+    /// This peer's events must be stored in order; an earlier append failed.
+    #[error("an earlier publish could not be stored; seq {expected} comes next, not {got}")]
+    OutOfOrder {
+        /// The next number.
+        expected: u64,
+        /// The one offered.
+        got: u64,
+    },
+    /// The writer has stopped.
+    #[error("the event log is closed")]
+    Closed,
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// What the log held when it was opened.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// This peer's epoch.
+    pub epoch: u64,
+    /// The last of its own events stored.
+    pub own_seq: u64,
+    /// Every stream held and how far.
+    pub streams: Vec<(StreamId, u64)>,
+}
+
+/// Events answering a repair fetch.
+#[derive(Debug, Default)]
+pub struct Range {
+    /// The first seq of the stream still held (0 if none is).
+    pub first: u64,
+    /// The events, encoded, in order.
+    pub events: Vec<Vec<u8>>,
+}
+
+/// Counters of the log, for `status`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LogStatus {
+    /// The last offset appended.
+    pub head: u64,
+    /// The oldest offset held.
+    pub first: u64,
+    /// Bytes of events held.
+    pub bytes: u64,
+    /// This peer's epoch.
+    pub epoch: u64,
+    /// Events dropped for retention since start.
+    pub pruned: u64,
+    /// Commits that failed since start.
+    pub write_errors: u64,
+}
+
+enum Write {
+    Append {
+        events: Vec<Arc<Event>>,
+        durable: bool,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Stop(oneshot::Sender<()>),
+}
+
+/// Events to append, whether to wait for the disk, and who waits for the commit.
+type Append = (
+    Vec<Arc<Event>>,
+    bool,
+    oneshot::Sender<Result<(), StoreError>>,
+);
+
+struct Inner {
+    db: Database,
+    me: PeerId,
+    epoch: u64,
+    retention: Retention,
+    cache: Mutex<VecDeque<(u64, Arc<Event>)>>,
+    head: watch::Sender<u64>,
+    first: AtomicU64,
+    bytes: AtomicU64,
+    pruned: AtomicU64,
+    write_errors: AtomicU64,
+    /// Cursors changed since the last commit.
+    dirty: Mutex<BTreeMap<String, Option<u64>>>,
+}
+
+/// A handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+    writes: std_mpsc::Sender<Write>,
+}
+
+impl Store {
+    /// Opens (or creates) the log of peer `me` in `dir`, or in memory without one, and starts
+    /// its writer thread. A file that is not this peer's log is refused, never changed.
+    pub fn open(
+        dir: Option<&Path>,
+        me: PeerId,
+        retention: Retention,
+    ) -> Result<(Store, Opened), StoreError> {
+        let (db, path) = match dir {
+            Some(dir) => {
+                let path = dir.join("log.redb");
+                let db = Database::create(&path).map_err(|source| StoreError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+                (db, path)
+            }
+            None => {
+                let db = Database::builder()
+                    .create_with_backend(redb::backends::InMemoryBackend::new())
+                    .map_err(|source| StoreError::Open {
+                        path: "(memory)".into(),
+                        source,
+                    })?;
+                (db, PathBuf::from("(memory)"))
+            }
+        };
+        let (epoch, head, first, bytes, own_seq, streams) = init(&db, me, &path)?;
+        let inner = Arc::new(Inner {
+            db,
+            me,
+            epoch,
+            retention,
+            cache: Mutex::new(VecDeque::new()),
+            head: watch::channel(head).0,
+            first: AtomicU64::new(first),
+            bytes: AtomicU64::new(bytes),
+            pruned: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            dirty: Mutex::new(BTreeMap::new()),
+        });
+        let (writes, rx) = std_mpsc::channel();
+        let writer = inner.clone();
+        std::thread::Builder::new()
+            .name("meshbus-log".into())
+            .spawn(move || writer.run(rx, own_seq))
+            .map_err(|e| db_err(redb::Error::Io(e)))?;
+        Ok((
+            Store { inner, writes },
+            Opened {
+                epoch,
+                own_seq,
+                streams,
+            },
+        ))
+    }
+
+    /// This peer's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// Appends events, in order; the answer comes once they are committed (and on disk, if
+    /// `durable`).
+    pub fn append(
+        &self,
+        events: Vec<Arc<Event>>,
+        durable: bool,
+    ) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (done, rx) = oneshot::channel();
+        if let Err(std_mpsc::SendError(Write::Append { done, .. })) =
+            self.writes.send(Write::Append {
+                events,
+                durable,
+                done,
+            })
+        {
+            let _ = done.send(Err(StoreError::Closed));
+        }
+        rx
+    }
+
+    /// The last offset appended.
+    pub fn last(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// The last offset appended, watched.
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.inner.head.subscribe()
+    }
+
+    /// Up to `max` events after offset `after`, in order. If the log no longer holds
+    /// `after + 1`, it starts at the oldest it holds: the caller sees the jump.
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Arc<Event>)>, StoreError> {
+        {
+            let cache = lock(&self.inner.cache);
+            if let Some(&(front, _)) = cache.front() {
+                if after + 1 >= front {
+                    let skip = (after + 1 - front) as usize;
+                    return Ok(cache.iter().skip(skip).take(max).cloned().collect());
+                }
+            }
+        }
+        let read = self.inner.db.begin_read().map_err(db_err)?;
+        let events = read.open_table(EVENTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in events.range(after + 1..).map_err(db_err)?.take(max) {
+            let (offset, value) = entry.map_err(db_err)?;
+            let (_, source, bytes) = value.value();
+            let offset = offset.value();
+            out.push((offset, Arc::new(decode(offset, source, bytes)?)));
+        }
+        Ok(out)
+    }
+
+    /// Events `from..=to` of `stream`, at most `max_bytes` of them (at least one), and where
+    /// the stream starts in this log.
+    pub fn fetch(
+        &self,
+        stream: StreamId,
+        from: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<Range, StoreError> {
+        let source = stream.source.to_bytes();
+        let read = self.inner.db.begin_read().map_err(db_err)?;
+        let streams = read.open_table(STREAMS).map_err(db_err)?;
+        let Some((high, first)) = streams
+            .get((source.as_slice(), stream.epoch))
+            .map_err(db_err)?
+            .map(|g| g.value())
+        else {
+            return Ok(Range::default());
+        };
+        let index = read.open_table(INDEX).map_err(db_err)?;
+        let events = read.open_table(EVENTS).map_err(db_err)?;
+        let mut range = Range {
+            first,
+            events: Vec::new(),
+        };
+        let mut bytes = 0;
+        let start = from.max(first);
+        let end = to.min(high);
+        if start > end {
+            return Ok(range);
+        }
+        let keys =
+            (source.as_slice(), stream.epoch, start)..=(source.as_slice(), stream.epoch, end);
+        for entry in index.range(keys).map_err(db_err)? {
+            let (_, offset) = entry.map_err(db_err)?;
+            let Some(value) = events.get(offset.value()).map_err(db_err)? else {
+                break;
+            };
+            let (_, _, event) = value.value();
+            if !range.events.is_empty() && bytes + event.len() > max_bytes {
+                break;
+            }
+            bytes += event.len();
+            range.events.push(event.to_vec());
+        }
+        Ok(range)
+    }
+
+    /// The first offset whose event was published at or after `since`, for replays.
+    pub fn offset_since(&self, since: SystemTime) -> Result<u64, StoreError> {
+        let read = self.inner.db.begin_read().map_err(db_err)?;
+        let events = read.open_table(EVENTS).map_err(db_err)?;
+        for entry in events.iter().map_err(db_err)? {
+            let (offset, value) = entry.map_err(db_err)?;
+            let (_, source, bytes) = value.value();
+            let event = decode(offset.value(), source, bytes)?;
+            if event.time >= since {
+                return Ok(offset.value());
+            }
+        }
+        Ok(*self.inner.head.borrow() + 1)
+    }
+
+    /// Where handler row `name` stopped last time, if it ran before.
+    pub fn cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(pending) = lock(&self.inner.dirty).get(name) {
+            return Ok(*pending);
+        }
+        let read = self.inner.db.begin_read().map_err(db_err)?;
+        let cursors = read.open_table(CURSORS).map_err(db_err)?;
+        Ok(cursors.get(name).map_err(db_err)?.map(|g| g.value()))
+    }
+
+    /// Row `name` has finished everything up to `offset` (written within [`FLUSH_EVERY`]).
+    pub fn set_cursor(&self, name: &str, offset: u64) {
+        lock(&self.inner.dirty).insert(name.to_owned(), Some(offset));
+    }
+
+    /// Writes every cursor set so far to disk; the answer comes once they are there.
+    pub fn flush(&self) -> oneshot::Receiver<Result<(), StoreError>> {
+        self.append(Vec::new(), true)
+    }
+
+    /// Row `name` is gone; forget its cursor.
+    pub fn remove_cursor(&self, name: &str) {
+        lock(&self.inner.dirty).insert(name.to_owned(), None);
+    }
+
+    /// The log's counters.
+    pub fn status(&self) -> LogStatus {
+        let i = &self.inner;
+        LogStatus {
+            head: *i.head.borrow(),
+            first: i.first.load(Ordering::Relaxed),
+            bytes: i.bytes.load(Ordering::Relaxed),
+            epoch: i.epoch,
+            pruned: i.pruned.load(Ordering::Relaxed),
+            write_errors: i.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes what is pending (cursors included, to disk) and stops the writer.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Write::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn decode(offset: u64, source: &[u8], bytes: &[u8]) -> Result<Event, StoreError> {
+    let source = PeerId::from_bytes(source).map_err(|e| StoreError::Corrupt {
+        offset,
+        error: wire::WireError::Decode(e.to_string()),
+    })?;
+    wire::decode_stored(bytes, source).map_err(|error| StoreError::Corrupt { offset, error })
+}
+
+type Init = (u64, u64, u64, u64, u64, Vec<(StreamId, u64)>);
+
+/// Checks the log is ours (or makes it so, if new) and reads where it stands.
+fn init(db: &Database, me: PeerId, path: &Path) -> Result<Init, StoreError> {
+    let foreign = |reason: String| StoreError::Foreign {
+        path: path.to_owned(),
+        reason,
+    };
+    let txn = db.begin_write().map_err(db_err)?;
+    let me_bytes = me.to_bytes();
+    {
+        let mut owner = txn.open_table(OWNER).map_err(db_err)?;
+        let format = owner
+            .get("format")
+            .map_err(db_err)?
+            .map(|g| g.value().to_vec());
+        match format {
+            None => {
+                if owner.len().map_err(db_err)? > 0 {
+                    return Err(foreign("no format mark".into()));
+                }
+                owner.insert("format", FORMAT).map_err(db_err)?;
+                owner.insert("peer", me_bytes.as_slice()).map_err(db_err)?;
+            }
+            Some(f) if f != FORMAT => {
+                return Err(foreign(format!(
+                    "format `{}`, expected `{}`",
+                    String::from_utf8_lossy(&f),
+                    String::from_utf8_lossy(FORMAT)
+                )))
+            }
+            Some(_) => {
+                let peer = owner
+                    .get("peer")
+                    .map_err(db_err)?
+                    .map(|g| g.value().to_vec());
+                if peer.as_deref() != Some(me_bytes.as_slice()) {
+                    let theirs = peer
+                        .and_then(|p| PeerId::from_bytes(&p).ok())
+                        .map_or_else(|| "no peer".into(), |p| p.to_string());
+                    return Err(foreign(format!(
+                        "it belongs to peer {theirs}, this is {me}"
+                    )));
+                }
+            }
+        }
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        if meta.get("epoch").map_err(db_err)?.is_none() {
+            let now = crate::clock::unix_micros(SystemTime::now()).max(1);
+            meta.insert("epoch", now).map_err(db_err)?;
+        }
+        txn.open_table(EVENTS).map_err(db_err)?;
+        txn.open_table(INDEX).map_err(db_err)?;
+        txn.open_table(STREAMS).map_err(db_err)?;
+        txn.open_table(CURSORS).map_err(db_err)?;
+    }
+    txn.commit().map_err(db_err)?;
+    let read = db.begin_read().map_err(db_err)?;
+    let meta = read.open_table(META).map_err(db_err)?;
+    let get = |key: &str| -> Result<u64, StoreError> {
+        Ok(meta.get(key).map_err(db_err)?.map_or(0, |g| g.value()))
+    };
+    let (epoch, head, bytes) = (get("epoch")?, get("head")?, get("bytes")?);
+    let first = get("first")?.max(1);
+    let mut own_seq = 0;
+    let mut streams = Vec::new();
+    for entry in read
+        .open_table(STREAMS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (key, value) = entry.map_err(db_err)?;
+        let (source, stream_epoch) = key.value();
+        let Ok(source) = PeerId::from_bytes(source) else {
+            return Err(foreign("a stream with an unreadable peer id".into()));
+        };
+        let (high, _) = value.value();
+        if source == me && stream_epoch == epoch {
+            own_seq = high;
+        }
+        streams.push((
+            StreamId {
+                source,
+                epoch: stream_epoch,
+            },
+            high,
+        ));
+    }
+    Ok((epoch, head, first, bytes, own_seq, streams))
+}
+
+impl Inner {
+    fn run(self: Arc<Self>, rx: std_mpsc::Receiver<Write>, mut own_seq: u64) {
+        let mut stop = None;
+        while stop.is_none() {
+            let mut group = Vec::new();
+            match rx.recv_timeout(FLUSH_EVERY) {
+                Ok(w) => group.push(w),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(w) => group.push(w),
+                    Err(_) => break,
+                }
+            }
+            let mut appends = Vec::with_capacity(group.len());
+            for w in group {
+                match w {
+                    Write::Append {
+                        events,
+                        durable,
+                        done,
+                    } => appends.push((events, durable, done)),
+                    Write::Stop(reply) => stop = Some(reply),
+                }
+            }
+            let cursors = std::mem::take(&mut *lock(&self.dirty));
+            if appends.is_empty() && cursors.is_empty() && !self.prune_due() && stop.is_none() {
+                continue;
+            }
+            self.commit(appends, cursors, stop.is_some(), &mut own_seq);
+        }
+        // Let go of the database before saying so, so it can be opened again at once.
+        drop(self);
+        if let Some(reply) = stop {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Whether the oldest event has aged out.
+    fn prune_due(&self) -> bool {
+        let first = self.first.load(Ordering::Relaxed);
+        if first > *self.head.borrow() {
+            return false;
+        }
+        let stored_at = || -> Result<Option<u64>, StoreError> {
+            let read = self.db.begin_read().map_err(db_err)?;
+            let events = read.open_table(EVENTS).map_err(db_err)?;
+            Ok(events.get(first).map_err(db_err)?.map(|v| v.value().0))
+        };
+        match stored_at() {
+            Ok(Some(at)) => at < self.age_cutoff(),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Events stored before this (µs since 1970) are past `max_age`.
+    fn age_cutoff(&self) -> u64 {
+        crate::clock::unix_micros(SystemTime::now())
+            .saturating_sub(u64::try_from(self.retention.max_age.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    fn commit(
+        &self,
+        appends: Vec<Append>,
+        cursors: BTreeMap<String, Option<u64>>,
+        stopping: bool,
+        own_seq: &mut u64,
+    ) {
+        let mut head = *self.head.borrow();
+        let mut seq = *own_seq;
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (events, durable, done) in appends {
+            // Own events must follow on from the last stored: never store past a gap.
+            let own = events.first().filter(|e| e.source == self.me && e.seq > 0);
+            match own {
+                Some(e) if e.seq != seq + 1 => refused.push((
+                    done,
+                    StoreError::OutOfOrder {
+                        expected: seq + 1,
+                        got: e.seq,
+                    },
+                )),
+                _ => {
+                    if let Some(last) = events.last().filter(|e| e.source == self.me && e.seq > 0) {
+                        seq = last.seq;
+                    }
+                    accepted.push((events, durable, done));
+                }
+            }
+        }
+        for (done, error) in refused {
+            let _ = done.send(Err(error));
+        }
+        let durable = stopping || !cursors.is_empty() || accepted.iter().any(|(_, d, _)| *d);
+        let written = self.write(&accepted, &cursors, durable, &mut head);
+        match written {
+            Ok(()) => {
+                *own_seq = seq;
+                let mut cache = lock(&self.cache);
+                let mut offset = *self.head.borrow();
+                for (events, _, _) in &accepted {
+                    for event in events {
+                        offset += 1;
+                        cache.push_back((offset, event.clone()));
+                    }
+                }
+                while cache.len() > CACHE_EVENTS {
+                    cache.pop_front();
+                }
+                let first = self.first.load(Ordering::Relaxed);
+                while cache.front().is_some_and(|(o, _)| *o < first) {
+                    cache.pop_front();
+                }
+                drop(cache);
+                self.head.send_replace(head);
+                for (_, _, done) in accepted {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let n = self.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                error!(error = %e, failed_so_far = n, "event log commit failed");
+                // Cursors not written stay pending.
+                let mut dirty = lock(&self.dirty);
+                for (name, offset) in cursors {
+                    dirty.entry(name).or_insert(offset);
+                }
+                drop(dirty);
+                for (_, _, done) in accepted {
+                    let _ = done.send(Err(StoreError::Commit(e.to_string())));
+                }
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        accepted: &[Append],
+        cursors: &BTreeMap<String, Option<u64>>,
+        durable: bool,
+        head: &mut u64,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| db_err(redb::Error::Corrupted(e.to_string())))?;
+        let mut bytes = self.bytes.load(Ordering::Relaxed);
+        let mut first = self.first.load(Ordering::Relaxed);
+        {
+            let mut events = txn.open_table(EVENTS).map_err(db_err)?;
+            let mut index = txn.open_table(INDEX).map_err(db_err)?;
+            let mut streams = txn.open_table(STREAMS).map_err(db_err)?;
+            let mut source_bytes: Option<(PeerId, Vec<u8>)> = None;
+            let now = crate::clock::unix_micros(SystemTime::now());
+            for (batch, _, _) in accepted {
+                for event in batch {
+                    *head += 1;
+                    let source = match &source_bytes {
+                        Some((p, b)) if *p == event.source => b.clone(),
+                        _ => {
+                            let b = event.source.to_bytes();
+                            source_bytes = Some((event.source, b.clone()));
+                            b
+                        }
+                    };
+                    let encoded = wire::encode_event(event);
+                    bytes += encoded.len() as u64;
+                    events
+                        .insert(*head, (now, source.as_slice(), encoded.as_slice()))
+                        .map_err(db_err)?;
+                    if event.seq > 0 {
+                        index
+                            .insert((source.as_slice(), event.epoch, event.seq), *head)
+                            .map_err(db_err)?;
+                        let key = (source.as_slice(), event.epoch);
+                        let (high, low) = streams
+                            .get(key)
+                            .map_err(db_err)?
+                            .map_or((0, event.seq), |g| g.value());
+                        streams
+                            .insert(key, (high.max(event.seq), low))
+                            .map_err(db_err)?;
+                    }
+                }
+            }
+            // Retention: drop the oldest while over any bound.
+            let mut held = (*head + 1).saturating_sub(first);
+            let cutoff = self.age_cutoff();
+            let mut pruned = 0;
+            while first <= *head && pruned < MAX_PRUNE {
+                let Some(value) = events.get(first).map_err(db_err)? else {
+                    first += 1;
+                    continue;
+                };
+                let (stored_at, source, encoded) = value.value();
+                let event = decode(first, source, encoded)?;
+                let over = held > self.retention.max_events
+                    || bytes > self.retention.max_bytes
+                    || stored_at < cutoff;
+                if !over {
+                    break;
+                }
+                let len = encoded.len() as u64;
+                let source = source.to_vec();
+                drop(value);
+                events.remove(first).map_err(db_err)?;
+                if event.seq > 0 {
+                    index
+                        .remove((source.as_slice(), event.epoch, event.seq))
+                        .map_err(db_err)?;
+                    let key = (source.as_slice(), event.epoch);
+                    let high = streams.get(key).map_err(db_err)?.map(|g| g.value().0);
+                    if let Some(high) = high {
+                        streams.insert(key, (high, event.seq + 1)).map_err(db_err)?;
+                    }
+                }
+                bytes = bytes.saturating_sub(len);
+                held -= 1;
+                first += 1;
+                pruned += 1;
+            }
+            if pruned > 0 {
+                self.pruned.fetch_add(pruned as u64, Ordering::Relaxed);
+            }
+            let mut table = txn.open_table(CURSORS).map_err(db_err)?;
+            for (name, offset) in cursors {
+                match offset {
+                    Some(o) => table.insert(name.as_str(), *o).map_err(db_err)?,
+                    None => table.remove(name.as_str()).map_err(db_err)?,
+                };
+            }
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            meta.insert("head", *head).map_err(db_err)?;
+            meta.insert("first", first).map_err(db_err)?;
+            meta.insert("bytes", bytes).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.first.store(first, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Failures of the log met by its readers (handler rows, `tail`), since start.
+static USE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Logs (throttled) that `what` could not use the log.
+pub(crate) fn warn_log_failed(what: &str, error: &StoreError) {
+    if let Some(n) = crate::stats::bump_throttled(&USE_ERRORS) {
+        warn!(%error, failed_so_far = n, "{what}: the event log failed");
+    }
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,217 @@
+use super::*;
+use crate::event::{EventId, JSON};
+use crate::topic::Topic;
+
+fn event(source: PeerId, epoch: u64, seq: u64) -> Arc<Event> {
+    Arc::new(Event {
+        id: EventId::new(),
+        topic: Topic::new("a.b").unwrap(),
+        event_type: "a.b".into(),
+        source,
+        seq,
+        epoch,
+        time: SystemTime::now(),
+        content_type: JSON.into(),
+        data: bytes::Bytes::from(format!("{seq}")),
+    })
+}
+
+async fn append(store: &Store, events: Vec<Arc<Event>>, durable: bool) -> Result<(), StoreError> {
+    store.append(events, durable).await.unwrap()
+}
+
+fn seqs(read: &[(u64, Arc<Event>)]) -> Vec<u64> {
+    read.iter().map(|(_, e)| e.seq).collect()
+}
+
+#[tokio::test]
+async fn events_are_read_back_in_order_from_memory_and_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (me, other) = (PeerId::random(), PeerId::random());
+    let (store, opened) = Store::open(Some(dir.path()), me, Retention::default()).unwrap();
+    assert_eq!(opened.own_seq, 0);
+    let mine: Vec<_> = (1..=3).map(|s| event(me, opened.epoch, s)).collect();
+    append(&store, mine, true).await.unwrap();
+    append(&store, (1..=2).map(|s| event(other, 9, s)).collect(), false)
+        .await
+        .unwrap();
+    assert_eq!(store.last(), 5);
+    let read = store.read_after(1, 10).unwrap();
+    assert_eq!(seqs(&read), [2, 3, 1, 2]);
+    assert_eq!(read[0].0, 2);
+    store.close().await;
+    drop(store);
+    let (store, opened) = Store::open(Some(dir.path()), me, Retention::default()).unwrap();
+    assert_eq!(opened.own_seq, 3, "numbering goes on after a restart");
+    let mut streams = opened.streams.clone();
+    streams.sort();
+    assert!(streams.contains(&(
+        StreamId {
+            source: other,
+            epoch: 9
+        },
+        2
+    )));
+    let read = store.read_after(0, 10).unwrap();
+    assert_eq!(seqs(&read), [1, 2, 3, 1, 2], "from the disk this time");
+    assert_eq!(read[3].1.source, other);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn own_events_are_stored_only_in_order() {
+    let me = PeerId::random();
+    let (store, opened) = Store::open(None, me, Retention::default()).unwrap();
+    let e = opened.epoch;
+    append(&store, vec![event(me, e, 1)], true).await.unwrap();
+    let err = append(&store, vec![event(me, e, 3)], true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::OutOfOrder {
+                expected: 2,
+                got: 3
+            }
+        ),
+        "{err}"
+    );
+    append(&store, vec![event(me, e, 2)], true).await.unwrap();
+    assert_eq!(store.last(), 2);
+}
+
+#[tokio::test]
+async fn a_fetch_answers_in_bounded_ranges_and_says_where_the_stream_starts() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(None, me, Retention::default()).unwrap();
+    append(&store, (1..=10).map(|s| event(src, 4, s)).collect(), false)
+        .await
+        .unwrap();
+    let stream = StreamId {
+        source: src,
+        epoch: 4,
+    };
+    let r = store.fetch(stream, 3, 6, 1 << 20).unwrap();
+    assert_eq!(r.first, 1);
+    let got: Vec<u64> = r
+        .events
+        .iter()
+        .map(|b| wire::decode_event(b, src, 1024).unwrap().seq)
+        .collect();
+    assert_eq!(got, [3, 4, 5, 6]);
+    let small = store.fetch(stream, 1, 10, 1).unwrap();
+    assert_eq!(
+        small.events.len(),
+        1,
+        "at least one, then within the byte bound"
+    );
+    let other = store
+        .fetch(
+            StreamId {
+                source: src,
+                epoch: 5,
+            },
+            1,
+            10,
+            1 << 20,
+        )
+        .unwrap();
+    assert_eq!((other.first, other.events.len()), (0, 0));
+}
+
+#[tokio::test]
+async fn retention_drops_the_oldest_and_moves_the_stream_start() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let retention = Retention {
+        max_events: 5,
+        ..Retention::default()
+    };
+    let (store, _) = Store::open(None, me, retention).unwrap();
+    append(&store, (1..=8).map(|s| event(src, 1, s)).collect(), false)
+        .await
+        .unwrap();
+    let status = store.status();
+    assert_eq!((status.first, status.head, status.pruned), (4, 8, 3));
+    let read = store.read_after(0, 100).unwrap();
+    assert_eq!(
+        read[0].0, 4,
+        "a reader behind the log jumps to what is left"
+    );
+    let r = store
+        .fetch(
+            StreamId {
+                source: src,
+                epoch: 1,
+            },
+            1,
+            8,
+            1 << 20,
+        )
+        .unwrap();
+    assert_eq!((r.first, r.events.len()), (4, 5));
+}
+
+#[tokio::test]
+async fn cursors_persist_and_can_be_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = PeerId::random();
+    let (store, _) = Store::open(Some(dir.path()), me, Retention::default()).unwrap();
+    store.set_cursor("a", 7);
+    store.set_cursor("b", 9);
+    store.remove_cursor("b");
+    assert_eq!(store.cursor("a").unwrap(), Some(7));
+    store.close().await;
+    drop(store);
+    let (store, _) = Store::open(Some(dir.path()), me, Retention::default()).unwrap();
+    assert_eq!(store.cursor("a").unwrap(), Some(7));
+    assert_eq!(store.cursor("b").unwrap(), None);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn another_peers_log_or_a_stranger_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(Some(dir.path()), PeerId::random(), Retention::default()).unwrap();
+    store.close().await;
+    drop(store);
+    let err = Store::open(Some(dir.path()), PeerId::random(), Retention::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+    assert!(
+        err.to_string().contains("log.redb"),
+        "names the file: {err}"
+    );
+
+    let junk = tempfile::tempdir().unwrap();
+    let path = junk.path().join("log.redb");
+    std::fs::write(&path, b"not a database at all, just some bytes").unwrap();
+    let err = Store::open(Some(junk.path()), PeerId::random(), Retention::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("log.redb"),
+        "names the file: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"not a database at all, just some bytes",
+        "never wiped"
+    );
+}
+
+#[tokio::test]
+async fn age_counts_from_when_this_peer_stored_an_event_not_from_its_publish_time() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let retention = Retention {
+        max_age: Duration::from_secs(3600),
+        ..Retention::default()
+    };
+    let (store, _) = Store::open(None, me, retention).unwrap();
+    let mut old = (*event(src, 1, 1)).clone();
+    old.time = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+    append(&store, vec![Arc::new(old)], false).await.unwrap();
+    assert_eq!(store.status().pruned, 0, "history fetched late is kept");
+    assert_eq!(seqs(&store.read_after(0, 10).unwrap()), [1]);
+}
