@@ -33,10 +33,16 @@ use crate::event::Event;
 use crate::proto::StreamId;
 use crate::wire;
 
-/// offset → (when this peer stored it, µs since 1970; source peer id bytes; the event as
-/// [`wire::encode_event`] writes it).
-const EVENTS: TableDefinition<u64, (u64, &[u8], &[u8])> = TableDefinition::new("events");
-/// (source, epoch, seq) → offset.
+/// Records of events: the offset of a record's first event → (when this peer stored it, µs
+/// since 1970; the source's peer id bytes; how many events; the events as one wire-format
+/// batch, [`wire::encode_batch`]). A record holds consecutive events of one stream with
+/// consecutive numbers (or local `_mesh.` events of this peer), so one insert stores a whole
+/// gossiped message's worth, and its events take consecutive offsets.
+const EVENTS: TableDefinition<u64, Record> = TableDefinition::new("events");
+
+/// A record's value: stored at, source, event count, batch.
+type Record = (u64, &'static [u8], u64, &'static [u8]);
+/// (source, epoch, seq of a record's first event) → the record's offset.
 const INDEX: TableDefinition<(&[u8], u64, u64), u64> = TableDefinition::new("index");
 /// (source, epoch) → (highest seq held, first seq still held).
 const STREAMS: TableDefinition<(&[u8], u64), (u64, u64)> = TableDefinition::new("streams");
@@ -63,7 +69,9 @@ const MAX_GROUP: usize = 4096;
 const MAX_PRUNE: usize = 16 * 1024;
 
 /// How much the log keeps. What falls out is gone from this peer: a peer that needs it then
-/// must find it elsewhere, or it is lost (and announced).
+/// must find it elsewhere, or it is lost (and announced). Events go a record at a time (the
+/// events of one commit from one publisher), oldest first, so the log may hold up to one
+/// record more than the bounds; the newest record stays until it ages out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     /// Most events.
@@ -171,6 +179,9 @@ pub struct LogStatus {
     pub pruned: u64,
     /// Commits that failed since start.
     pub write_errors: u64,
+    /// How long commits took (to disk, for those that wait for it).
+    #[serde(default)]
+    pub commit_latency: crate::stats::Latency,
 }
 
 enum Write {
@@ -200,6 +211,7 @@ struct Inner {
     bytes: AtomicU64,
     pruned: AtomicU64,
     write_errors: AtomicU64,
+    commit_latency: crate::stats::Histogram,
     /// Cursors changed since the last commit.
     dirty: Mutex<BTreeMap<String, Option<u64>>>,
 }
@@ -250,6 +262,7 @@ impl Store {
             bytes: AtomicU64::new(bytes),
             pruned: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            commit_latency: crate::stats::Histogram::default(),
             dirty: Mutex::new(BTreeMap::new()),
         });
         let (writes, rx) = std_mpsc::channel();
@@ -317,12 +330,27 @@ impl Store {
         }
         let read = self.inner.db.begin_read().map_err(db_err)?;
         let events = read.open_table(EVENTS).map_err(db_err)?;
+        let want = after + 1;
+        // The record holding `want`, if any, then those after it.
+        let start = match events.range(..=want).map_err(db_err)?.next_back() {
+            Some(entry) => entry.map_err(db_err)?.0.value(),
+            None => want,
+        };
         let mut out = Vec::new();
-        for entry in events.range(after + 1..).map_err(db_err)?.take(max) {
+        for entry in events.range(start..).map_err(db_err)? {
             let (offset, value) = entry.map_err(db_err)?;
-            let (_, source, bytes) = value.value();
+            let (_, source, _, batch) = value.value();
             let offset = offset.value();
-            out.push((offset, Arc::new(decode(offset, source, bytes)?)));
+            for (i, event) in decode(offset, source, batch)?.into_iter().enumerate() {
+                let at = offset + i as u64;
+                if at >= want {
+                    out.push((at, Arc::new(event)));
+                }
+            }
+            if out.len() >= max {
+                out.truncate(max);
+                break;
+            }
         }
         Ok(out)
     }
@@ -358,19 +386,37 @@ impl Store {
         if start > end {
             return Ok(range);
         }
-        let keys =
-            (source.as_slice(), stream.epoch, start)..=(source.as_slice(), stream.epoch, end);
-        for entry in index.range(keys).map_err(db_err)? {
+        let key = |seq| (source.as_slice(), stream.epoch, seq);
+        // The record holding `start`, then the following records of the stream.
+        let from_record = match index
+            .range(key(0)..=key(start))
+            .map_err(db_err)?
+            .next_back()
+        {
+            Some(entry) => entry.map_err(db_err)?.0.value().2,
+            None => start,
+        };
+        'records: for entry in index.range(key(from_record)..=key(end)).map_err(db_err)? {
             let (_, offset) = entry.map_err(db_err)?;
-            let Some(value) = events.get(offset.value()).map_err(db_err)? else {
+            let offset = offset.value();
+            let Some(value) = events.get(offset).map_err(db_err)? else {
                 break;
             };
-            let (_, _, event) = value.value();
-            if !range.events.is_empty() && bytes + event.len() > max_bytes {
-                break;
+            let (_, source, _, batch) = value.value();
+            for event in decode(offset, source, batch)? {
+                if event.seq < start {
+                    continue;
+                }
+                if event.seq > end {
+                    break 'records;
+                }
+                let encoded = wire::encode_event(&event);
+                if !range.events.is_empty() && bytes + encoded.len() > max_bytes {
+                    break 'records;
+                }
+                bytes += encoded.len();
+                range.events.push(encoded);
             }
-            bytes += event.len();
-            range.events.push(event.to_vec());
         }
         Ok(range)
     }
@@ -381,10 +427,12 @@ impl Store {
         let events = read.open_table(EVENTS).map_err(db_err)?;
         for entry in events.iter().map_err(db_err)? {
             let (offset, value) = entry.map_err(db_err)?;
-            let (_, source, bytes) = value.value();
-            let event = decode(offset.value(), source, bytes)?;
-            if event.time >= since {
-                return Ok(offset.value());
+            let (_, source, _, batch) = value.value();
+            let offset = offset.value();
+            for (i, event) in decode(offset, source, batch)?.into_iter().enumerate() {
+                if event.time >= since {
+                    return Ok(offset + i as u64);
+                }
             }
         }
         Ok(*self.inner.head.borrow() + 1)
@@ -425,6 +473,7 @@ impl Store {
             epoch: i.epoch,
             pruned: i.pruned.load(Ordering::Relaxed),
             write_errors: i.write_errors.load(Ordering::Relaxed),
+            commit_latency: i.commit_latency.summary(),
         }
     }
 
@@ -437,12 +486,13 @@ impl Store {
     }
 }
 
-fn decode(offset: u64, source: &[u8], bytes: &[u8]) -> Result<Event, StoreError> {
+/// The events of the record at `offset`.
+fn decode(offset: u64, source: &[u8], batch: &[u8]) -> Result<Vec<Event>, StoreError> {
     let source = PeerId::from_bytes(source).map_err(|e| StoreError::Corrupt {
         offset,
         error: wire::WireError::Decode(e.to_string()),
     })?;
-    wire::decode_stored(bytes, source).map_err(|error| StoreError::Corrupt { offset, error })
+    wire::decode_stored_batch(batch, source).map_err(|error| StoreError::Corrupt { offset, error })
 }
 
 type Init = (u64, u64, u64, u64, u64, Vec<(StreamId, u64)>);
@@ -635,7 +685,10 @@ impl Inner {
             let _ = done.send(Err(error));
         }
         let durable = stopping || !cursors.is_empty() || accepted.iter().any(|(_, d, _)| *d);
+        let started = std::time::Instant::now();
         let written = self.write(&accepted, &cursors, durable, &mut head);
+        self.commit_latency
+            .record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         match written {
             Ok(()) => {
                 *own_seq = seq;
@@ -696,38 +749,56 @@ impl Inner {
             let mut events = txn.open_table(EVENTS).map_err(db_err)?;
             let mut index = txn.open_table(INDEX).map_err(db_err)?;
             let mut streams = txn.open_table(STREAMS).map_err(db_err)?;
-            let mut source_bytes: Option<(PeerId, Vec<u8>)> = None;
             let now = crate::clock::unix_micros(SystemTime::now());
-            for (batch, _, _) in accepted {
-                for event in batch {
-                    *head += 1;
-                    let source = match &source_bytes {
-                        Some((p, b)) if *p == event.source => b.clone(),
-                        _ => {
-                            let b = event.source.to_bytes();
-                            source_bytes = Some((event.source, b.clone()));
-                            b
-                        }
-                    };
-                    let encoded = wire::encode_event(event);
-                    bytes += encoded.len() as u64;
-                    events
-                        .insert(*head, (now, source.as_slice(), encoded.as_slice()))
-                        .map_err(db_err)?;
-                    if event.seq > 0 {
-                        index
-                            .insert((source.as_slice(), event.epoch, event.seq), *head)
-                            .map_err(db_err)?;
-                        let key = (source.as_slice(), event.epoch);
-                        let (high, low) = streams
-                            .get(key)
-                            .map_err(db_err)?
-                            .map_or((0, event.seq), |g| g.value());
-                        streams
-                            .insert(key, (high.max(event.seq), low))
-                            .map_err(db_err)?;
-                    }
+            // Per stream, the highest seq appended and the first (if the stream is new);
+            // written once per commit, not per event.
+            let mut touched: BTreeMap<(Vec<u8>, u64), (u64, u64)> = BTreeMap::new();
+            // Consecutive events of one stream with consecutive numbers make one record.
+            let mut records: Vec<Vec<&Event>> = Vec::new();
+            for event in accepted.iter().flat_map(|(batch, _, _)| batch.iter()) {
+                let joins = records.last().and_then(|r| r.last()).is_some_and(|last| {
+                    last.source == event.source
+                        && last.epoch == event.epoch
+                        && ((last.seq == 0 && event.seq == 0)
+                            || (last.seq > 0 && event.seq == last.seq + 1))
+                });
+                match records.last_mut() {
+                    Some(record) if joins => record.push(event),
+                    _ => records.push(vec![event]),
                 }
+            }
+            for record in records {
+                let head_event = record[0];
+                let offset = *head + 1;
+                *head += record.len() as u64;
+                let source = head_event.source.to_bytes();
+                let batch = wire::encode_batch(record.iter().copied());
+                bytes += batch.len() as u64;
+                let count = record.len() as u64;
+                events
+                    .insert(offset, (now, source.as_slice(), count, batch.as_slice()))
+                    .map_err(db_err)?;
+                if head_event.seq > 0 {
+                    let (epoch, first_seq) = (head_event.epoch, head_event.seq);
+                    let last_seq = first_seq + count - 1;
+                    index
+                        .insert((source.as_slice(), epoch, first_seq), offset)
+                        .map_err(db_err)?;
+                    touched
+                        .entry((source, epoch))
+                        .and_modify(|(high, _)| *high = (*high).max(last_seq))
+                        .or_insert((last_seq, first_seq));
+                }
+            }
+            for ((source, epoch), (high, low)) in touched {
+                let key = (source.as_slice(), epoch);
+                let (old_high, first) = streams
+                    .get(key)
+                    .map_err(db_err)?
+                    .map_or((0, low), |g| g.value());
+                streams
+                    .insert(key, (old_high.max(high), first))
+                    .map_err(db_err)?;
             }
             // Retention: drop the oldest while over any bound.
             let mut held = (*head + 1).saturating_sub(first);
@@ -738,32 +809,37 @@ impl Inner {
                     first += 1;
                     continue;
                 };
-                let (stored_at, source, encoded) = value.value();
-                let event = decode(first, source, encoded)?;
-                let over = held > self.retention.max_events
-                    || bytes > self.retention.max_bytes
+                let (stored_at, source, count, batch) = value.value();
+                // Whole records go; the newest stays unless it has aged out.
+                let newest = first + count > *head;
+                let over = (!newest
+                    && (held > self.retention.max_events || bytes > self.retention.max_bytes))
                     || stored_at < cutoff;
                 if !over {
                     break;
                 }
-                let len = encoded.len() as u64;
+                let record = decode(first, source, batch)?;
+                let len = batch.len() as u64;
                 let source = source.to_vec();
                 drop(value);
                 events.remove(first).map_err(db_err)?;
-                if event.seq > 0 {
-                    index
-                        .remove((source.as_slice(), event.epoch, event.seq))
-                        .map_err(db_err)?;
-                    let key = (source.as_slice(), event.epoch);
-                    let high = streams.get(key).map_err(db_err)?.map(|g| g.value().0);
-                    if let Some(high) = high {
-                        streams.insert(key, (high, event.seq + 1)).map_err(db_err)?;
+                if let (Some(head_event), Some(last)) = (record.first(), record.last()) {
+                    if head_event.seq > 0 {
+                        let epoch = head_event.epoch;
+                        index
+                            .remove((source.as_slice(), epoch, head_event.seq))
+                            .map_err(db_err)?;
+                        let key = (source.as_slice(), epoch);
+                        let high = streams.get(key).map_err(db_err)?.map(|g| g.value().0);
+                        if let Some(high) = high {
+                            streams.insert(key, (high, last.seq + 1)).map_err(db_err)?;
+                        }
                     }
                 }
                 bytes = bytes.saturating_sub(len);
-                held -= 1;
-                first += 1;
-                pruned += 1;
+                held = held.saturating_sub(count);
+                first += count.max(1);
+                pruned += count as usize;
             }
             if pruned > 0 {
                 self.pruned.fetch_add(pruned as u64, Ordering::Relaxed);

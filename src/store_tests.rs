@@ -128,9 +128,12 @@ async fn retention_drops_the_oldest_and_moves_the_stream_start() {
         ..Retention::default()
     };
     let (store, _) = Store::open(None, me, retention).unwrap();
-    append(&store, (1..=8).map(|s| event(src, 1, s)).collect(), false)
-        .await
-        .unwrap();
+    // One commit each, so one record each.
+    for seq in 1..=8 {
+        append(&store, vec![event(src, 1, seq)], false)
+            .await
+            .unwrap();
+    }
     let status = store.status();
     assert_eq!((status.first, status.head, status.pruned), (4, 8, 3));
     let read = store.read_after(0, 100).unwrap();
@@ -150,6 +153,39 @@ async fn retention_drops_the_oldest_and_moves_the_stream_start() {
         )
         .unwrap();
     assert_eq!((r.first, r.events.len()), (4, 5));
+}
+
+#[tokio::test]
+async fn a_record_keeps_its_events_in_order_and_a_read_or_fetch_can_start_inside_it() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(None, me, Retention::default()).unwrap();
+    append(&store, (1..=10).map(|s| event(src, 2, s)).collect(), false)
+        .await
+        .unwrap();
+    append(&store, (11..=12).map(|s| event(src, 2, s)).collect(), false)
+        .await
+        .unwrap();
+    // Past the memory cache, from the disk: start in the middle of the first record.
+    store.inner.cache.lock().unwrap().clear();
+    assert_eq!(seqs(&store.read_after(6, 4).unwrap()), [7, 8, 9, 10]);
+    assert_eq!(seqs(&store.read_after(9, 10).unwrap()), [10, 11, 12]);
+    let r = store
+        .fetch(
+            StreamId {
+                source: src,
+                epoch: 2,
+            },
+            9,
+            11,
+            1 << 20,
+        )
+        .unwrap();
+    let got: Vec<u64> = r
+        .events
+        .iter()
+        .map(|b| wire::decode_event(b, src, 1024).unwrap().seq)
+        .collect();
+    assert_eq!(got, [9, 10, 11]);
 }
 
 #[tokio::test]

@@ -104,6 +104,9 @@ pub enum WireError {
         /// How far ahead.
         ahead_ms: u64,
     },
+    /// A sequence number of 0 (local events only) or past [`crate::proto::inbox::MAX_SEQ`].
+    #[error("event seq {0} is out of range; expected 1 to 2^62")]
+    BadSeq(u64),
     /// A publish time before 1970 or after 9999 (RFC 3339 cannot write it).
     #[error("event time {0} µs since 1970 is out of range; expected 0 to {MAX_TIME_MICROS}")]
     BadTime(i64),
@@ -145,8 +148,8 @@ pub fn encode_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> 
     out
 }
 
-/// Encodes one event alone (a `meshbus.wire.v1.Event`, no version byte): how the log keeps
-/// events and how repair sends them.
+/// Encodes one event alone (a `meshbus.wire.v1.Event`, no version byte): how repair sends
+/// them.
 pub fn encode_event(event: &Event) -> Vec<u8> {
     to_wire(event).encode_to_vec()
 }
@@ -162,33 +165,44 @@ pub fn decode_event(
     from_wire(wire, source, max_event_size)
 }
 
-/// Decodes an event this peer stored itself ([`encode_event`]): its own `_mesh.` events
-/// included, so only the encoding is checked.
-pub fn decode_stored(bytes: &[u8], source: PeerId) -> Result<Event, WireError> {
-    let wire = WireEvent::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
-    let id = uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
-    let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
-    let micros = u64::try_from(wire.time_unix_micros)
-        .map_err(|_| WireError::BadTime(wire.time_unix_micros))?;
-    Ok(Event {
-        id: EventId(id),
-        event_type: if wire.r#type.is_empty() {
-            topic.as_str().to_owned()
-        } else {
-            wire.r#type
-        },
-        topic,
-        source,
-        seq: wire.seq,
-        epoch: wire.epoch,
-        time: UNIX_EPOCH + Duration::from_micros(micros),
-        content_type: if wire.content_type.is_empty() {
-            JSON.to_owned()
-        } else {
-            wire.content_type
-        },
-        data: wire.data,
-    })
+/// Decodes a batch this peer stored itself ([`encode_batch`]) of events whose publisher is
+/// `source`: its own `_mesh.` events included, so only the encoding is checked.
+pub fn decode_stored_batch(payload: &[u8], source: PeerId) -> Result<Vec<Event>, WireError> {
+    let (&version, body) = payload.split_first().ok_or(WireError::Empty)?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let batch = WireBatch::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
+    batch
+        .events
+        .into_iter()
+        .map(|wire| {
+            let id =
+                uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
+            let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
+            let micros = u64::try_from(wire.time_unix_micros)
+                .map_err(|_| WireError::BadTime(wire.time_unix_micros))?;
+            Ok(Event {
+                id: EventId(id),
+                event_type: if wire.r#type.is_empty() {
+                    topic.as_str().to_owned()
+                } else {
+                    wire.r#type
+                },
+                topic,
+                source,
+                seq: wire.seq,
+                epoch: wire.epoch,
+                time: UNIX_EPOCH + Duration::from_micros(micros),
+                content_type: if wire.content_type.is_empty() {
+                    JSON.to_owned()
+                } else {
+                    wire.content_type
+                },
+                data: wire.data,
+            })
+        })
+        .collect()
 }
 
 /// The outcome of decoding one payload: the good events and why the others were dropped.
@@ -227,6 +241,9 @@ pub fn decode_batch(
 }
 
 fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<Event, WireError> {
+    if wire.seq == 0 || wire.seq > crate::proto::inbox::MAX_SEQ {
+        return Err(WireError::BadSeq(wire.seq));
+    }
     let id = uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
     let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
     let event_type = if wire.r#type.is_empty() {
@@ -350,14 +367,20 @@ mod tests {
         far.time_unix_micros = MAX_TIME_MICROS as i64 + 1;
         let mut early = good.clone();
         early.time_unix_micros = -1;
+        let mut zero = good.clone();
+        zero.seq = 0;
+        let mut huge = good.clone();
+        huge.seq = u64::MAX;
         let batch = WireBatch {
-            events: vec![bad_id, good, bad_topic, reserved, big, far, early],
+            events: vec![
+                bad_id, good, bad_topic, reserved, big, far, early, zero, huge,
+            ],
         };
         let mut payload = vec![VERSION];
         batch.encode(&mut payload).unwrap();
         let decoded = decode_batch(payload, me, 1024).unwrap();
         assert_eq!(decoded.events.len(), 1);
-        assert_eq!(decoded.rejected.len(), 6);
+        assert_eq!(decoded.rejected.len(), 8);
         assert_eq!(decoded.rejected[0], WireError::BadId(3));
         assert!(matches!(decoded.rejected[1], WireError::BadTopic(_)));
         assert!(matches!(
@@ -370,6 +393,8 @@ mod tests {
         ));
         assert!(matches!(decoded.rejected[4], WireError::BadTime(_)));
         assert!(matches!(decoded.rejected[5], WireError::BadTime(-1)));
+        assert_eq!(decoded.rejected[6], WireError::BadSeq(0));
+        assert_eq!(decoded.rejected[7], WireError::BadSeq(u64::MAX));
     }
 
     #[test]

@@ -58,6 +58,12 @@ pub fn status(s: &Status) -> String {
         "events      {} published, {} received",
         c.published, c.received
     );
+    let l = &s.log;
+    let _ = writeln!(
+        out,
+        "log         offsets {}..={} ({} bytes), epoch {}, {} publishers followed, {} waiting on a gap, {} dropped by retention, {} write errors",
+        l.first, l.head, l.bytes, l.epoch, s.streams, s.buffered, l.pruned, l.write_errors
+    );
     let _ = writeln!(
         out,
         "dropped     {} malformed messages, {} rejected events, {} duplicates",

@@ -335,7 +335,13 @@ impl Handlers {
         for old in rows.iter().filter(|r| r.origin == Origin::Config) {
             let _ = old.stop.send(true);
             if !names.contains(&old.name) {
-                self.store.remove_cursor(&old.name);
+                // Forget its cursor once its worker is done writing it.
+                let (store, name, mut done) =
+                    (self.store.clone(), old.name.clone(), old.done.clone());
+                tokio::spawn(async move {
+                    let _ = done.wait_for(|done| *done).await;
+                    store.remove_cursor(&name);
+                });
             }
         }
         next.extend(new_rows);

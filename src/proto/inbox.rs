@@ -31,6 +31,18 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// is filled.
 pub const MAX_BUFFERED: u64 = 65_536;
 
+/// Bytes of events held ahead of gaps, per stream and in all; beyond them an event is
+/// deferred (fetched once its gap is filled), so a publisher that never sends one number
+/// cannot fill memory.
+pub const MAX_BUFFERED_BYTES_PER_STREAM: usize = 64 << 20;
+/// See [`MAX_BUFFERED_BYTES_PER_STREAM`].
+pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
+
+/// Largest sequence number taken from the network (marks and answers above it are ignored,
+/// events refused by the wire rules): far past any real count, and far enough from
+/// `u64::MAX` that no arithmetic on it can overflow.
+pub const MAX_SEQ: u64 = 1 << 62;
+
 /// Streams (publishers × epochs) one peer follows.
 pub const MAX_STREAMS: usize = 4096;
 
@@ -100,8 +112,9 @@ pub struct Lost {
 struct Stream {
     /// Every event numbered up to here has been made ready.
     high: u64,
-    /// Events after a gap, by number.
+    /// Events after a gap, by number, and their size.
     buffer: BTreeMap<u64, Event>,
+    buffered_bytes: usize,
     /// The highest number some peer is known to hold.
     known: u64,
     /// Peers known to hold events of this stream, and up to which number; most recently
@@ -122,6 +135,7 @@ impl Stream {
         Self {
             high,
             buffer: BTreeMap::new(),
+            buffered_bytes: 0,
             known: high,
             holders: VecDeque::new(),
             progress_at: now,
@@ -152,6 +166,14 @@ impl Stream {
         self.holders.truncate(MAX_HOLDERS);
     }
 
+    /// Takes the buffered event after `high`, if there is one.
+    fn next_buffered(&mut self) -> Option<Event> {
+        let event = self.buffer.remove(&(self.high + 1))?;
+        self.buffered_bytes -= size(&event);
+        self.high += 1;
+        Some(event)
+    }
+
     /// `peer` turned out not to hold more than `high`: ask it last, and not for that.
     fn holds_no_more(&mut self, peer: PeerId) {
         if let Some(i) = self.holders.iter().position(|(p, _)| *p == peer) {
@@ -179,6 +201,8 @@ impl Stream {
 pub struct Inbox {
     me: PeerId,
     streams: BTreeMap<StreamId, Stream>,
+    /// Bytes held in every stream's buffer.
+    buffered_bytes: usize,
     /// Streams behind what a peer holds.
     behind: BTreeSet<StreamId>,
     ready: VecDeque<Event>,
@@ -191,6 +215,7 @@ impl Inbox {
         Self {
             me,
             streams: BTreeMap::new(),
+            buffered_bytes: 0,
             behind: BTreeSet::new(),
             ready: VecDeque::new(),
             lost: VecDeque::new(),
@@ -248,15 +273,21 @@ impl Inbox {
         } else if seq == s.high + 1 {
             s.high = seq;
             self.ready.push_back(event);
-            while let Some(next) = s.buffer.remove(&(s.high + 1)) {
-                s.high += 1;
+            let before = s.buffered_bytes;
+            while let Some(next) = s.next_buffered() {
                 self.ready.push_back(next);
             }
+            self.buffered_bytes -= before - s.buffered_bytes;
             s.progress_at = now;
             Received::Fresh
-        } else if seq - s.high > MAX_BUFFERED {
+        } else if seq - s.high > MAX_BUFFERED
+            || s.buffered_bytes + size(&event) > MAX_BUFFERED_BYTES_PER_STREAM
+            || self.buffered_bytes + size(&event) > MAX_BUFFERED_BYTES
+        {
             Received::Deferred
         } else {
+            s.buffered_bytes += size(&event);
+            self.buffered_bytes += size(&event);
             s.buffer.insert(seq, event);
             Received::Fresh
         };
@@ -267,7 +298,7 @@ impl Inbox {
     /// `peer` holds everything of `stream` up to `high` (its mark in an anti-entropy round).
     /// Returns false if the stream is one too many to follow.
     pub fn learn(&mut self, stream: StreamId, high: u64, peer: PeerId, now: Instant) -> bool {
-        if stream.source == self.me || high == 0 {
+        if stream.source == self.me || high == 0 || high > MAX_SEQ {
             return true;
         }
         let Some(s) = followed(&mut self.streams, stream, now) else {
@@ -299,27 +330,43 @@ impl Inbox {
         };
         s.asked = None;
         s.ask_now = more;
+        // A holder cannot say more is gone than it claimed to hold.
+        let claimed = s
+            .holders
+            .iter()
+            .find(|(p, _)| *p == peer)
+            .map_or(s.high, |(_, upto)| *upto);
+        // The publisher holding none of its own stream any more (its log was wiped) is a
+        // loss of all it had been known to hold.
+        let first = if first == 0 && peer == stream.source && events.is_empty() {
+            claimed + 1
+        } else {
+            first
+        };
+        let first = first.min(claimed + 1).min(MAX_SEQ);
         if first > s.high + 1 {
             let high = s.high;
             let others = s.holders.iter().any(|(p, upto)| *p != peer && *upto > high);
             if peer == stream.source || !others {
-                // Nobody has the start any more: say what is lost and go on from `first`.
+                // Nobody has the start any more: say what is lost (not what this peer holds
+                // in its buffer) and go on from there.
+                let end = s.buffer.keys().next().map_or(first, |b| first.min(*b));
                 self.lost.push_back(Lost {
                     stream,
                     from: s.high + 1,
-                    to: first - 1,
+                    to: end - 1,
                 });
-                s.high = first - 1;
-                s.buffer = s.buffer.split_off(&first);
-                while let Some(next) = s.buffer.remove(&(s.high + 1)) {
-                    s.high += 1;
+                s.high = end - 1;
+                let before = s.buffered_bytes;
+                while let Some(next) = s.next_buffered() {
                     self.ready.push_back(next);
                 }
+                self.buffered_bytes -= before - s.buffered_bytes;
                 s.progress_at = now;
                 s.ask_now = true;
             } else {
                 // Someone else may have it: ask them next.
-                s.holders.retain(|(p, _)| *p != peer);
+                s.holds_no_more(peer);
                 s.ask_now = true;
             }
         }
@@ -344,12 +391,13 @@ impl Inbox {
     }
 
     /// A fetch of `stream` failed (no answer, refused, connection gone): ask again, of the
-    /// next holder.
-    pub fn fetch_failed(&mut self, stream: StreamId, peer: PeerId) {
+    /// next holder, after [`GAP_WAIT`].
+    pub fn fetch_failed(&mut self, stream: StreamId, peer: PeerId, now: Instant) {
         if let Some(s) = self.streams.get_mut(&stream) {
             if s.asked.is_some_and(|(_, p)| p == peer) {
                 s.asked = None;
                 s.ask_now = true;
+                s.not_before = Some(now + GAP_WAIT);
                 if let Some(i) = s.holders.iter().position(|(p, _)| *p == peer) {
                     let holder = s.holders.remove(i);
                     s.holders.extend(holder);
@@ -428,6 +476,11 @@ impl Inbox {
     pub fn high(&self, stream: &StreamId) -> u64 {
         self.streams.get(stream).map_or(0, |s| s.high)
     }
+}
+
+/// What an event takes in a buffer, roughly.
+fn size(event: &Event) -> usize {
+    event.data.len() + event.topic.as_str().len() + event.event_type.len() + 128
 }
 
 /// The stream `id`, followed from now on if it is new and there is room.

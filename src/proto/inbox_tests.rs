@@ -159,15 +159,100 @@ fn an_unanswered_fetch_is_asked_again_of_another_holder() {
         .is_empty());
     let again = inbox.poll_fetch(t0 + GAP_WAIT + ASK_TIMEOUT, |_| true);
     assert_eq!(again[0].peer, b);
-    // A failure answers at once, and a holder that is not connected is never asked.
-    inbox.fetch_failed(stream(src), b);
+    // A failure is asked again of the next holder after a short wait, and a holder that is
+    // not connected is never asked.
     let t1 = t0 + GAP_WAIT + ASK_TIMEOUT;
-    let next = inbox.poll_fetch(t1, |p| *p == a);
+    inbox.fetch_failed(stream(src), b, t1);
+    assert!(
+        inbox.poll_fetch(t1, |_| true).is_empty(),
+        "no storm of retries"
+    );
+    let t2 = t1 + GAP_WAIT;
+    let next = inbox.poll_fetch(t2, |p| *p == a);
     assert_eq!(next[0].peer, a);
     // With no holder connected, the stream waits a while rather than being due at once.
-    inbox.fetch_failed(stream(src), a);
-    assert!(inbox.poll_fetch(t1, |_| false).is_empty());
-    assert_eq!(inbox.poll_timeout(), Some(t1 + GAP_WAIT));
+    inbox.fetch_failed(stream(src), a, t2);
+    let t3 = t2 + GAP_WAIT;
+    assert!(inbox.poll_fetch(t3, |_| false).is_empty());
+    assert_eq!(inbox.poll_timeout(), Some(t3 + GAP_WAIT));
+}
+
+#[test]
+fn a_loss_never_covers_what_is_buffered_nor_more_than_the_holder_claimed() {
+    let (me, src, fwd) = (PeerId::random(), PeerId::random(), PeerId::random());
+    let mut inbox = Inbox::new(me);
+    let t0 = Instant::now();
+    inbox.receive(event(src, 1), src, t0);
+    for seq in 12..=20 {
+        inbox.receive(event(src, seq), fwd, t0);
+    }
+    assert_eq!(ready(&mut inbox), [1]);
+    inbox.learn(stream(src), 20, src, t0);
+    let f = inbox.poll_fetch(t0 + GAP_WAIT, |p| *p == src);
+    assert_eq!((f[0].peer, f[0].from), (src, 2));
+    // The publisher's log starts at 16: 2..=11 are gone, 12..=20 are here.
+    inbox.fetched(stream(src), src, 16, Vec::new(), false, t0 + GAP_WAIT);
+    assert_eq!(
+        inbox.poll_lost(),
+        Some(Lost {
+            stream: stream(src),
+            from: 2,
+            to: 11
+        })
+    );
+    assert_eq!(ready(&mut inbox), (12..=20).collect::<Vec<_>>());
+
+    // A holder answering `first = u64::MAX` can claim no more than it said it held.
+    let other = PeerId::random();
+    inbox.learn(
+        StreamId {
+            source: other,
+            epoch: 7,
+        },
+        30,
+        other,
+        t0,
+    );
+    inbox.poll_fetch(t0 + GAP_WAIT, |_| true);
+    inbox.fetched(
+        StreamId {
+            source: other,
+            epoch: 7,
+        },
+        other,
+        u64::MAX,
+        Vec::new(),
+        false,
+        t0,
+    );
+    assert_eq!(inbox.poll_lost().map(|l| (l.from, l.to)), Some((1, 30)));
+    assert_eq!(
+        inbox.high(&StreamId {
+            source: other,
+            epoch: 7
+        }),
+        30
+    );
+}
+
+#[test]
+fn buffers_are_bounded_in_bytes_too() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let mut inbox = Inbox::new(me);
+    let now = Instant::now();
+    let big = |seq| {
+        let mut e = event(src, seq);
+        e.data = bytes::Bytes::from(vec![b'1'; 1 << 20]);
+        e
+    };
+    let fits = MAX_BUFFERED_BYTES_PER_STREAM / ((1 << 20) + 256);
+    for seq in 2..2 + fits as u64 {
+        assert_eq!(inbox.receive(big(seq), src, now), Received::Fresh);
+    }
+    assert_eq!(
+        inbox.receive(big(2 + fits as u64 + 1), src, now),
+        Received::Deferred
+    );
 }
 
 #[test]

@@ -105,7 +105,7 @@ impl Actor {
                 if let Some(Asked::Fetch(fetch)) = self.asked.remove(&request_id) {
                     stats::bump(&self.shared.stats.repair_failed);
                     debug!(%peer, %error, "fetch failed; asking again");
-                    self.inbox.fetch_failed(fetch.stream, peer);
+                    self.inbox.fetch_failed(fetch.stream, peer, now());
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -163,7 +163,7 @@ impl Actor {
                         ..Response::default()
                     },
                     Err(error) => {
-                        warn!(%peer, %error, "cannot answer a fetch");
+                        crate::store::warn_log_failed("answering a fetch", &error);
                         refuse(format!("cannot read the log: {error}"))
                     }
                 }
@@ -204,7 +204,7 @@ impl Actor {
         if !response.error.is_empty() {
             stats::bump(&stats.repair_failed);
             debug!(%peer, error = %response.error, "fetch refused; asking again");
-            self.inbox.fetch_failed(fetch.stream, peer);
+            self.inbox.fetch_failed(fetch.stream, peer, now());
             return;
         }
         let max = self.shared.max_event_size;
