@@ -151,3 +151,81 @@ async fn a_row_slower_than_its_publisher_lags_and_ends_with_every_event_in_order
     );
     assert_eq!((row.succeeded, row.skipped, row.lag), (n as u64, 0, 0));
 }
+
+/// A small tmpfs mounted for a test, unmounted when dropped; `None` (after saying so) where
+/// mounting is not allowed, unless `MESHBUS_REQUIRE_NETNS=1` (CI, as root) makes it a failure.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(test: &str, size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let reason = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                std::env::var("MESHBUS_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "cannot mount a tmpfs for {test}: {reason}"
+            );
+            eprintln!("\n*** SKIPPED {test}: cannot mount a tmpfs ({reason}); run as root ***\n");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_publish_clearly_and_sends_nothing_it_could_not_store() {
+    let Some(disk) = SmallDisk::mount("full-disk", "2m") else {
+        return;
+    };
+    let key = Keypair::generate_ed25519();
+    let a = Node::start(config(disk.dir.path(), &key)).await.unwrap();
+    let a_addr = a.status().await.unwrap().listen_addrs[0].parse().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = Node::start(Config {
+        peers: vec![a_addr],
+        handlers: vec![recorder("all", "big.**", seen.clone())],
+        ..config(b_dir.path(), &Keypair::generate_ed25519())
+    })
+    .await
+    .unwrap();
+    let big = Payload::text("x".repeat(200 * 1024));
+    let mut stored = 0;
+    let error = loop {
+        match a.publish("big.x", None, big.clone()).await {
+            Ok(p) => {
+                stored += 1;
+                assert_eq!(p.seq, stored);
+                assert!(stored < 100, "a 2 MiB disk took 20 MB");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(error, meshbus::NodeError::NotStored(_)), "{error}");
+    assert!(error.to_string().contains("not stored"), "{error}");
+    assert!(a.status().await.unwrap().log.write_errors >= 1);
+    // The peer stays up, and what it stored reaches the other peer; nothing else does.
+    wait_len(&seen, stored as usize).await;
+    let again = a.publish("big.y", None, big.clone()).await;
+    assert!(again.is_err(), "still full");
+    let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|(_, s)| *s).collect();
+    assert_eq!(seqs, (1..=stored).collect::<Vec<_>>());
+    assert!(seen.lock().unwrap().iter().all(|(t, _)| t == "big.x"));
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -223,3 +223,62 @@ fn a_killed_or_cut_peer_is_reported_failed_and_a_stopped_one_left_within_the_bou
     });
     assert!(!reported("h0", "failed.jsonl", &stopped));
 }
+
+#[test]
+fn a_row_slower_than_the_publisher_ends_with_every_event_and_drops_nothing() {
+    if !netns_or_skip("lab-durable-slow") {
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let prefix = lab_prefix();
+    let root = tempfile::tempdir().unwrap();
+    // A row with room for 4 events whose command takes a few milliseconds each. The files
+    // live beside the lab's directory (`up` starts that afresh).
+    let configs = root.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    for host in ["h0", "h1"] {
+        let data = root.path().join(&prefix).join(host);
+        let config = format!(
+            "[[handler]]\nname = \"slow\"\npattern = \"orders.slow\"\nqueue = 4\n\
+             [handler.exec]\ncommand = \"sleep 0.002; cat >> {}/slow.jsonl\"\n",
+            data.display()
+        );
+        std::fs::write(configs.join(format!("{host}.toml")), config).unwrap();
+    }
+    let config = format!("{}/{{host}}.toml", configs.display());
+    let lab = LabRun::up_in(prefix, root, 2, &["--config", &config]);
+    let n = 300;
+    assert_eq!(lab.load("h0", "orders.slow", n, 5_000.0).wait(), n as u64);
+    let slow_row = |host: &str| -> Value {
+        let rows: Value =
+            serde_json::from_str(&lab.ok(&["exec", host, "--", "meshbus", "handlers", "--json"]))
+                .unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "slow")
+            .unwrap()
+            .clone()
+    };
+    let behind = slow_row("h0");
+    assert!(
+        behind["lag"].as_u64().unwrap() > 4,
+        "the row is behind by more than its queue when the publisher is done: {behind}"
+    );
+    for host in ["h0", "h1"] {
+        let file = lab.data_file(host, "slow.jsonl");
+        let events = wait_for_events(&file, n, T);
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=n as u64).collect::<Vec<_>>(),
+            "{host}: every event, in order"
+        );
+        let slow = slow_row(host);
+        assert_eq!(slow["succeeded"], n, "{host}: {slow}");
+        assert_eq!(
+            (slow["skipped"].as_u64(), slow["failed"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+}

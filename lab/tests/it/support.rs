@@ -62,10 +62,12 @@ impl LabRun {
 
     /// Like [`LabRun::up`], with more `meshbus up` arguments for every peer.
     pub fn up_with(n: usize, extra: &[&str]) -> LabRun {
-        let lab = LabRun {
-            prefix: lab_prefix(),
-            root: tempfile::tempdir().unwrap(),
-        };
+        Self::up_in(lab_prefix(), tempfile::tempdir().unwrap(), n, extra)
+    }
+
+    /// Like [`LabRun::up_with`], in a lab directory prepared by the caller.
+    pub fn up_in(prefix: String, root: tempfile::TempDir, n: usize, extra: &[&str]) -> LabRun {
+        let lab = LabRun { prefix, root };
         let n = n.to_string();
         let mut args = vec![
             "up",
