@@ -176,32 +176,7 @@ pub fn decode_stored_batch(payload: &[u8], source: PeerId) -> Result<Vec<Event>,
     batch
         .events
         .into_iter()
-        .map(|wire| {
-            let id =
-                uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
-            let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
-            let micros = u64::try_from(wire.time_unix_micros)
-                .map_err(|_| WireError::BadTime(wire.time_unix_micros))?;
-            Ok(Event {
-                id: EventId(id),
-                event_type: if wire.r#type.is_empty() {
-                    topic.as_str().to_owned()
-                } else {
-                    wire.r#type
-                },
-                topic,
-                source,
-                seq: wire.seq,
-                epoch: wire.epoch,
-                time: UNIX_EPOCH + Duration::from_micros(micros),
-                content_type: if wire.content_type.is_empty() {
-                    JSON.to_owned()
-                } else {
-                    wire.content_type
-                },
-                data: wire.data,
-            })
-        })
+        .map(|wire| fields(wire, source))
         .collect()
 }
 
@@ -244,6 +219,20 @@ fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<E
     if wire.seq == 0 || wire.seq > crate::proto::inbox::MAX_SEQ {
         return Err(WireError::BadSeq(wire.seq));
     }
+    let event = fields(wire, source)?;
+    event::validate(
+        &event.topic,
+        &event.event_type,
+        &event.content_type,
+        &event.data,
+        max_event_size,
+    )?;
+    Ok(event)
+}
+
+/// The event an encoded one stands for, defaults filled in; checks only what the encoding
+/// itself needs (id length, topic syntax, time range). [`from_wire`] adds the event rules.
+fn fields(wire: WireEvent, source: PeerId) -> Result<Event, WireError> {
     let id = uuid::Uuid::from_slice(&wire.id).map_err(|_| WireError::BadId(wire.id.len()))?;
     let topic = Topic::new(wire.topic).map_err(|e| WireError::BadTopic(e.to_string()))?;
     let event_type = if wire.r#type.is_empty() {
@@ -256,13 +245,6 @@ fn from_wire(wire: WireEvent, source: PeerId, max_event_size: usize) -> Result<E
     } else {
         wire.content_type
     };
-    event::validate(
-        &topic,
-        &event_type,
-        &content_type,
-        &wire.data,
-        max_event_size,
-    )?;
     let micros = u64::try_from(wire.time_unix_micros)
         .ok()
         .filter(|m| *m <= MAX_TIME_MICROS)

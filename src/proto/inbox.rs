@@ -273,11 +273,7 @@ impl Inbox {
         } else if seq == s.high + 1 {
             s.high = seq;
             self.ready.push_back(event);
-            let before = s.buffered_bytes;
-            while let Some(next) = s.next_buffered() {
-                self.ready.push_back(next);
-            }
-            self.buffered_bytes -= before - s.buffered_bytes;
+            drain(s, &mut self.ready, &mut self.buffered_bytes);
             s.progress_at = now;
             Received::Fresh
         } else if seq - s.high > MAX_BUFFERED
@@ -357,11 +353,7 @@ impl Inbox {
                     to: end - 1,
                 });
                 s.high = end - 1;
-                let before = s.buffered_bytes;
-                while let Some(next) = s.next_buffered() {
-                    self.ready.push_back(next);
-                }
-                self.buffered_bytes -= before - s.buffered_bytes;
+                drain(s, &mut self.ready, &mut self.buffered_bytes);
                 s.progress_at = now;
                 s.ask_now = true;
             } else {
@@ -476,6 +468,16 @@ impl Inbox {
     pub fn high(&self, stream: &StreamId) -> u64 {
         self.streams.get(stream).map_or(0, |s| s.high)
     }
+}
+
+/// Makes ready the buffered events that now follow `s.high`, and takes their bytes off the
+/// inbox's total.
+fn drain(s: &mut Stream, ready: &mut VecDeque<Event>, total: &mut usize) {
+    let before = s.buffered_bytes;
+    while let Some(next) = s.next_buffered() {
+        ready.push_back(next);
+    }
+    *total -= before - s.buffered_bytes;
 }
 
 /// What an event takes in a buffer, roughly.
