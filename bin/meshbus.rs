@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt as _;
-use meshbus::api::{view, Client, PublishRequest};
+use meshbus::api::access::{self, TOKEN_ENV};
+use meshbus::api::{view, Access, Client, PublishRequest};
 use meshbus::config::{self, API_ENV};
+use meshbus::keyring::{Keyring, MeshKey};
 use meshbus::{CloudEvent, HandlerSpec, Multiaddr, Node, Pattern, Tailed};
 
 #[derive(Parser)]
@@ -34,6 +36,66 @@ enum Cmd {
     Handlers(ShowArgs),
     /// Re-read the local peer's config file and swap its handler table in (or say why not).
     Reload(ShowArgs),
+    /// Print the line another machine joins this mesh with (makes the mesh key if the data
+    /// dir has none yet). Anyone holding the line can join: send it privately.
+    Invite(DataDirArg),
+    /// Store an invitation from `meshbus invite`, so the next `up` on this data dir joins
+    /// that mesh (replaces the keys held).
+    Join {
+        /// The line `meshbus invite` printed.
+        line: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Show or change the mesh keys (a running peer follows the change on its next
+    /// connection). To rotate without downtime: `install` the new key on every peer, then
+    /// `use` it on every peer, then `remove` the old one on every peer.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// List the keys by fingerprint, primary first.
+    List,
+    /// Print a new random key (it is not installed).
+    Generate,
+    /// Accept KEY on incoming connections too.
+    Install {
+        /// The key, as `keys generate` printed it.
+        key: String,
+    },
+    /// Make KEY (the key or its fingerprint) primary: new connections are made with it.
+    Use {
+        /// The key or its fingerprint.
+        key: String,
+    },
+    /// Stop accepting KEY (the key or its fingerprint); never the primary.
+    Remove {
+        /// The key or its fingerprint.
+        key: String,
+    },
+}
+
+#[derive(Args)]
+struct DataDirArg {
+    /// The peer's data directory [default: $MESHBUS_DATA_DIR, else $XDG_DATA_HOME/meshbus
+    /// or ~/.local/share/meshbus].
+    #[arg(long, env = config::DATA_DIR_ENV, global = true)]
+    data_dir: Option<std::path::PathBuf>,
+}
+
+impl DataDirArg {
+    fn dir(&self) -> anyhow::Result<std::path::PathBuf> {
+        match &self.data_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => Ok(meshbus::identity::default_data_dir()?),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -41,6 +103,33 @@ struct ApiArg {
     /// The peer's HTTP API.
     #[arg(long, env = API_ENV, default_value_t = config::DEFAULT_API)]
     api: SocketAddr,
+    /// The API token [default: $MESHBUS_TOKEN, else the data dir's api.token].
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    data: DataDirArg,
+}
+
+impl ApiArg {
+    /// A client for the peer's API with the token: the one given, else the data dir's.
+    fn client(&self) -> anyhow::Result<Client> {
+        let token = match &self.token {
+            Some(token) => Some(token.clone()),
+            None => {
+                let path = self.data.dir()?.join(access::TOKEN_FILE);
+                match access::read_token_file(&path) {
+                    Ok(token) => Some(token),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot read the API token {}", path.display())
+                        })
+                    }
+                }
+            }
+        };
+        Ok(Client::new(self.api).with_token(token))
+    }
 }
 
 #[derive(Args)]
@@ -48,7 +137,7 @@ struct UpArgs {
     /// A name for this peer, shown in `peers`.
     #[arg(long)]
     name: Option<String>,
-    /// Address to listen on (repeatable); default all IPv4 interfaces on TCP and QUIC port 7421.
+    /// Address to listen on (repeatable); default all IPv4 interfaces on TCP port 7421.
     #[arg(long = "listen", value_name = "MULTIADDR")]
     listen: Vec<Multiaddr>,
     /// Peer to dial and keep dialling (repeatable), e.g. /ip4/10.0.0.2/tcp/7421.
@@ -87,6 +176,10 @@ struct UpArgs {
     /// time (e.g. 10m, 1h), including ones handled before.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     replay: Option<std::time::Duration>,
+    /// Let anyone who reaches this peer join the mesh, read every event and publish: no
+    /// mesh key. Only for a network you trust completely.
+    #[arg(long)]
+    open: bool,
 }
 
 #[derive(Args)]
@@ -161,19 +254,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Publish(args) => publish(args).await,
         Cmd::Tail(args) => tail(args).await,
         Cmd::Peers(args) => {
-            let peers = Client::new(args.api.api).peers().await?;
+            let peers = args.api.client()?.peers().await?;
             show(args.json, &peers[..], view::peers)
         }
         Cmd::Status(args) => {
-            let status = Client::new(args.api.api).status().await?;
+            let status = args.api.client()?.status().await?;
             show(args.json, &status, view::status)
         }
         Cmd::Handlers(args) => {
-            let rows = Client::new(args.api.api).handlers().await?;
+            let rows = args.api.client()?.handlers().await?;
             show(args.json, &rows[..], view::handlers)
         }
         Cmd::Reload(args) => {
-            let names = Client::new(args.api.api).reload().await?;
+            let names = args.api.client()?.reload().await?;
             if args.json {
                 println!("{}", serde_json::to_string(&names)?);
             } else {
@@ -181,7 +274,79 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Invite(data) => {
+            let dir = data.dir()?;
+            let (ring, created) = Keyring::load_or_create(&dir)?;
+            if created {
+                eprintln!(
+                    "meshbus: made a new mesh key in {}",
+                    dir.join(meshbus::keyring::KEYS_FILE).display()
+                );
+            }
+            println!("{}", ring.primary().invite());
+            eprintln!("meshbus: on the other machine run: meshbus join LINE (anyone holding this line can join; send it privately)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Join { line, data } => {
+            let key = MeshKey::from_invite(&line)?;
+            let dir = data.dir()?;
+            Keyring::new(key).save(&dir)?;
+            println!(
+                "joined: the next `meshbus up --data-dir {}` joins the mesh with key {key}",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keys { command, data } => keys(command, &data.dir()?),
     }
+}
+
+/// `meshbus keys …`: reads and changes the data dir's keyring.
+fn keys(command: KeysCmd, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let load = || -> anyhow::Result<Keyring> {
+        Keyring::load(dir)?.with_context(|| {
+            format!(
+                "no mesh keys in {} (`meshbus up` or `meshbus invite` makes them)",
+                dir.display()
+            )
+        })
+    };
+    match command {
+        KeysCmd::List => {
+            let ring = load()?;
+            for (i, key) in ring.keys().iter().enumerate() {
+                println!("{key}{}", if i == 0 { "  primary" } else { "" });
+            }
+        }
+        KeysCmd::Generate => println!("{}", MeshKey::generate().encode()),
+        KeysCmd::Install { key } => {
+            let key = MeshKey::parse(&key)?;
+            let mut ring = load()?;
+            let added = ring.install(key)?;
+            ring.save(dir)?;
+            println!(
+                "{} {key}",
+                if added {
+                    "installed"
+                } else {
+                    "already installed:"
+                }
+            );
+        }
+        KeysCmd::Use { key } => {
+            let mut ring = load()?;
+            let key = ring.make_primary(&key)?;
+            ring.save(dir)?;
+            println!("primary: {key}");
+        }
+        KeysCmd::Remove { key } => {
+            let mut ring = load()?;
+            let key = ring.remove(&key)?;
+            ring.save(dir)?;
+            println!("removed {key}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -198,7 +363,11 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         exec_timeout: args.exec_timeout.map(std::time::Duration::from_secs),
         data_dir: args.data_dir,
         replay: args.replay,
+        open: args.open,
     })?;
+    if !resolved.api.ip().is_loopback() {
+        tracing::warn!(api = %resolved.api, "the API listens beyond this machine: anyone who can reach it and holds a token can use it; the token is {}", resolved.identity.dir.join(access::TOKEN_FILE).display());
+    }
     let listener = tokio::net::TcpListener::bind(resolved.api)
         .await
         .with_context(|| {
@@ -212,7 +381,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the peer")?;
     let table = resolved.table;
     node.set_reload_source(move || table.load());
-    let api = meshbus::api::Server::spawn(listener, node.handle())?;
+    let access = Access::new(resolved.tokens.clone());
+    let api = meshbus::api::Server::spawn(listener, node.handle(), access)?;
     let status = node.status().await?;
     let mut err = std::io::stderr().lock();
     writeln!(err, "meshbus: peer {} is up", status.peer_id)?;
@@ -221,6 +391,19 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         writeln!(err, "meshbus: listening on {addr}")?;
     }
     writeln!(err, "meshbus: data dir {}", resolved.identity.dir.display())?;
+    let dir = resolved.identity.dir.display();
+    match &resolved.keys {
+        Some((ring, created)) => {
+            if *created {
+                writeln!(err, "meshbus: made a new mesh key in {dir}/{}", meshbus::keyring::KEYS_FILE)?;
+            }
+            writeln!(err, "meshbus: private mesh, key {}; `meshbus invite` prints the line another machine joins with", ring.primary())?;
+        }
+        None => writeln!(err, "meshbus: OPEN MESH (--open): anyone who reaches this peer can join, read every event and publish")?,
+    }
+    if !resolved.api.ip().is_loopback() {
+        writeln!(err, "meshbus: WARNING: the API on {} is reachable from the network; it answers only to holders of a token ({dir}/{})", resolved.api, access::TOKEN_FILE)?;
+    }
     drop(err);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let handle = node.handle();
@@ -265,7 +448,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     };
     let payload = data.as_deref().map(meshbus::Payload::guess);
     let request = PublishRequest::new(args.topic, args.event_type, payload.as_ref())?;
-    let published = Client::new(args.api.api).publish(&request).await?;
+    let published = args.api.client()?.publish(&request).await?;
     if args.json {
         println!("{}", serde_json::to_string(&published)?);
     } else {
@@ -284,7 +467,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     Pattern::new(args.pattern.as_str())?;
-    let stream = Client::new(args.api.api).events(&args.pattern).await?;
+    let stream = args.api.client()?.events(&args.pattern).await?;
     futures::pin_mut!(stream);
     let mut seen = 0;
     let mut out = std::io::stdout();

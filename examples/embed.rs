@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use meshbus::{Config, Node, Pattern};
+use meshbus::keyring::{Keyring, MeshKey};
+use meshbus::{Config, Mesh, Node, Pattern};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -16,26 +17,29 @@ struct OrderCreated {
     customer: String,
 }
 
-fn loopback() -> Config {
+/// Both nodes hold the same mesh key (a `meshbus up` peer keeps its key in its data dir).
+fn loopback(mesh: &Keyring) -> Config {
     Config {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a valid multiaddr")],
         mdns: false, // on a real LAN leave this on and drop `peers` below
+        mesh: Mesh::Keys(mesh.clone()),
         ..Config::default()
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mesh = Keyring::new(MeshKey::generate());
     let shop = Node::start(Config {
         name: Some("shop".into()),
-        ..loopback()
+        ..loopback(&mesh)
     })
     .await?;
     let shop_addr = shop.status().await?.listen_addrs[0].parse()?;
     let warehouse = Node::start(Config {
         name: Some("warehouse".into()),
         peers: vec![shop_addr],
-        ..loopback()
+        ..loopback(&mesh)
     })
     .await?;
 

@@ -37,6 +37,8 @@
 //! - [`config`]: settings and defaults, the TOML config file, and [`config::resolve`], which
 //!   turns flags, environment, file and defaults into what a peer runs with.
 //! - [`identity`]: the peer's key in its data directory, so a restart keeps its peer id.
+//! - [`keyring`]: the mesh's keys, without which no one can connect (`node::private` is
+//!   how they guard a connection); [`files`]: bounded reads and private writes.
 //! - [`stats`]: the counters `status` shows; [`clock`]: event times as Unix microseconds;
 //!   [`http_client`]: the outbound HTTP client of webhooks and the API client.
 
@@ -46,9 +48,11 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod event;
+pub mod files;
 pub mod handlers;
 pub mod http_client;
 pub mod identity;
+pub mod keyring;
 pub mod node;
 pub mod proto;
 pub mod stats;
@@ -56,7 +60,7 @@ pub mod store;
 pub mod topic;
 pub mod wire;
 
-pub use config::Config;
+pub use config::{Config, Mesh};
 pub use event::{CloudEvent, Event, EventId, Payload, Tailed};
 pub use handlers::{Action, HandlerSpec};
 pub use node::{Node, NodeError, NodeHandle, Published};

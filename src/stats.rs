@@ -35,6 +35,14 @@ pub struct Stats {
     pub repair_served: AtomicU64,
     /// Own messages gossip did not take (stored, so peers fetch them).
     pub gossip_failed: AtomicU64,
+    /// Incoming connections closed because they held no key of this mesh.
+    pub connections_refused: AtomicU64,
+    /// Events refused because their publisher may not publish on their topic (ACL).
+    pub events_forbidden: AtomicU64,
+    /// Messages ignored because their sender went over its rate limit.
+    pub messages_throttled: AtomicU64,
+    /// Peers disconnected and banned for flooding or for invalid messages.
+    pub peers_banned: AtomicU64,
     /// Events handed to handler queues.
     pub handler_dispatched: AtomicU64,
     /// Handler runs that succeeded.
@@ -82,6 +90,10 @@ pub struct Counters {
     pub repair_failed: u64,
     pub repair_served: u64,
     pub gossip_failed: u64,
+    pub connections_refused: u64,
+    pub events_forbidden: u64,
+    pub messages_throttled: u64,
+    pub peers_banned: u64,
     pub handler_dispatched: u64,
     pub handler_succeeded: u64,
     pub handler_failed: u64,
@@ -106,6 +118,10 @@ impl Stats {
             repair_failed: r(&self.repair_failed),
             repair_served: r(&self.repair_served),
             gossip_failed: r(&self.gossip_failed),
+            connections_refused: r(&self.connections_refused),
+            events_forbidden: r(&self.events_forbidden),
+            messages_throttled: r(&self.messages_throttled),
+            peers_banned: r(&self.peers_banned),
             handler_dispatched: r(&self.handler_dispatched),
             handler_succeeded: r(&self.handler_succeeded),
             handler_failed: r(&self.handler_failed),

@@ -287,16 +287,18 @@ fn cpu_secs(pid: u32) -> f64 {
 }
 
 /// The load generator: publishes `events` events of `size` data bytes on `topic` through the
-/// peer at `api`, in batches, at `rate` events per second or as fast as the peer takes them.
+/// peer at `api` (with its API `token`), in batches, at `rate` events per second or as fast
+/// as the peer takes them.
 pub async fn load(
     api: std::net::SocketAddr,
+    token: Option<String>,
     topic: &str,
     events: usize,
     size: usize,
     rate: Option<f64>,
 ) -> Result<LoadReport, meshbus::api::ClientError> {
     use futures::StreamExt as _;
-    let client = meshbus::api::Client::new(api);
+    let client = meshbus::api::Client::new(api).with_token(token);
     // A JSON string of exactly `size` bytes: quotes plus filler.
     let data = serde_json::value::RawValue::from_string(format!(
         "\"{}\"",

@@ -75,6 +75,9 @@ pub enum LabError {
     /// Waited too long.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    /// The lab's mesh key could not be written.
+    #[error("cannot write the lab's mesh key: {0}")]
+    MeshKey(#[from] meshbus::keyring::KeyringError),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
@@ -193,6 +196,11 @@ impl Lab {
             },
         };
         lab.save()?;
+        // One mesh key for the whole lab, in every host's data directory.
+        let mesh = meshbus::keyring::Keyring::new(meshbus::keyring::MeshKey::generate());
+        for i in 0..peers {
+            mesh.save(&lab.data_dir(i))?;
+        }
         let result = (|| {
             for i in 0..peers {
                 lab.start(i)?;
@@ -371,10 +379,12 @@ impl Lab {
     }
 
     /// A command that runs `program` inside host `i`, with `MESHBUS_API` naming that host's
-    /// peer (so `meshbus` commands talk to it whatever this process's environment says).
+    /// peer and `MESHBUS_DATA_DIR` its data directory (so `meshbus` commands talk to it, with
+    /// its token, whatever this process's environment says).
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = netns::exec(&self.state.hosts[i].netns, program);
-        cmd.env(meshbus::config::API_ENV, PEER_API.to_string());
+        cmd.env(meshbus::config::API_ENV, PEER_API.to_string())
+            .env(meshbus::config::DATA_DIR_ENV, self.data_dir(i));
         cmd
     }
 

@@ -266,8 +266,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             api,
         } => {
+            // The host's peer's token, from the data directory `command` names.
+            let token = match std::env::var_os(meshbus::config::DATA_DIR_ENV) {
+                Some(dir) => Some(meshbus::api::access::read_token_file(
+                    &std::path::Path::new(&dir).join(meshbus::api::access::TOKEN_FILE),
+                )?),
+                None => None,
+            };
             let runtime = tokio::runtime::Runtime::new()?;
-            let report = runtime.block_on(lab::bench::load(api, &topic, events, size, rate))?;
+            let report =
+                runtime.block_on(lab::bench::load(api, token, &topic, events, size, rate))?;
             println!("{}", serde_json::to_string(&report)?);
         }
         Cmd::Down => {

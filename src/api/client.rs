@@ -52,6 +52,8 @@ pub enum ClientError {
 pub struct Client {
     addr: SocketAddr,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` with every request.
+    token: Option<String>,
 }
 
 impl Client {
@@ -60,6 +62,22 @@ impl Client {
         Self {
             addr,
             http: http_client::build(),
+            token: None,
+        }
+    }
+
+    /// The same client, sending `token` with every request (the peer's `api.token`, or one
+    /// from its config).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
     }
 
@@ -103,8 +121,7 @@ impl Client {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let response = self
-            .http
-            .get(self.url(path))
+            .request(reqwest::Method::GET, path)
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await;
@@ -114,8 +131,7 @@ impl Client {
     /// Publishes through the peer.
     pub async fn publish(&self, request: &PublishRequest) -> Result<Published, ClientError> {
         let response = self
-            .http
-            .post(self.url("/v1/publish"))
+            .request(reqwest::Method::POST, "/v1/publish")
             .timeout(REQUEST_TIMEOUT)
             .json(request)
             .send()
@@ -129,8 +145,7 @@ impl Client {
         requests: &[PublishRequest],
     ) -> Result<Vec<Published>, ClientError> {
         let response = self
-            .http
-            .post(self.url("/v1/publish/batch"))
+            .request(reqwest::Method::POST, "/v1/publish/batch")
             .timeout(REQUEST_TIMEOUT)
             .json(requests)
             .send()
@@ -151,8 +166,8 @@ impl Client {
     /// Asks the peer to re-read its config's handler table; returns the new rows' names.
     pub async fn reload(&self) -> Result<Vec<String>, ClientError> {
         let response = self
-            .http
-            .post(self.url("/v1/reload"))
+            .request(reqwest::Method::POST, "/v1/reload")
+            .json(&serde_json::json!({}))
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await;
@@ -170,8 +185,7 @@ impl Client {
         pattern: &str,
     ) -> Result<impl Stream<Item = Result<Tailed<String>, ClientError>>, ClientError> {
         let response = self
-            .http
-            .get(self.url("/v1/events"))
+            .request(reqwest::Method::GET, "/v1/events")
             .query(&[("pattern", pattern)])
             .send()
             .await;

@@ -32,10 +32,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{self, Sse};
 use axum::response::{IntoResponse, Response};
@@ -44,17 +45,20 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt as _};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::{info, warn};
 
 use crate::event::{EventError, Tailed};
 use crate::node::{NodeError, NodeHandle};
 use crate::topic::Pattern;
 
+pub mod access;
 pub mod client;
+pub mod listener;
 pub mod types;
 pub mod view;
 
+pub use access::{Access, Scope, Token};
 pub use client::{Client, ClientError};
 pub use types::{ApiError, PublishRequest};
 
@@ -72,6 +76,33 @@ const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Smallest request body accepted whatever `max_event_size` is: room for a full batch of
 /// small events.
 const MIN_BODY_LIMIT: usize = 32 << 20;
+
+/// Bounds on what the API's callers may hold at once.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub connections: usize,
+    /// A connection with no traffic either way for this long is closed (event streams send a
+    /// keep-alive every 15 s, so only a stuck one is).
+    pub idle: Duration,
+    /// `/v1/events` streams open at once; more are refused (each costs the node a copy of
+    /// every event).
+    pub streams: usize,
+    /// Publish requests read and run at once; more wait before their body is read, so
+    /// memory is bounded by this many request bodies.
+    pub publishing: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: 256,
+            idle: Duration::from_secs(60),
+            streams: 64,
+            publishing: 4,
+        }
+    }
+}
 
 /// A refused request: its status and the reason.
 struct Failure(StatusCode, String);
@@ -108,23 +139,43 @@ impl From<NodeError> for Failure {
 #[derive(Clone)]
 struct AppState {
     node: NodeHandle,
-    /// Where we listen, for `status`.
+    /// Where we listen, for `status` (and whether `Host` must be loopback).
     addr: SocketAddr,
+    /// Who may call.
+    access: Arc<Access>,
+    /// Room for more event streams.
+    streams: Arc<Semaphore>,
+    /// Room for more publish requests.
+    publishing: Arc<Semaphore>,
+    /// The bound on `streams`, for the message.
+    max_streams: usize,
     /// Flips at shutdown so open event streams end and graceful shutdown can finish.
     closing: watch::Receiver<bool>,
 }
 
-/// Serves the API for `node` on `listener` until `shutdown` completes; then stops
-/// accepting, ends event streams, and returns once requests in flight are done.
+/// Serves the API for `node` on `listener` to holders of `access`'s tokens, within
+/// `limits`, until `shutdown` completes; then stops accepting, ends event streams, and
+/// returns once requests in flight are done.
 pub async fn serve(
     listener: TcpListener,
     node: NodeHandle,
+    access: Access,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let (closing, closing_rx) = watch::channel(false);
     // Room for a full batch of small events, or one maximal event in base64.
     let body_limit = (node.max_event_size() * 2 + 64 * 1024).max(MIN_BODY_LIMIT);
+    let state = AppState {
+        node,
+        addr,
+        access: Arc::new(access),
+        streams: Arc::new(Semaphore::new(limits.streams)),
+        publishing: Arc::new(Semaphore::new(limits.publishing)),
+        max_streams: limits.streams,
+        closing: closing_rx,
+    };
     let app = Router::new()
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
@@ -134,12 +185,13 @@ pub async fn serve(
         .route("/v1/handlers", get(handlers))
         .route("/v1/reload", post(reload))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(AppState {
-            node,
-            addr,
-            closing: closing_rx,
-        });
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::check,
+        ))
+        .with_state(state);
     info!(%addr, "API listening");
+    let listener = listener::Bounded::new(listener, limits.connections, limits.idle);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -156,15 +208,30 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves the API for `node` on `listener` in a new task.
-    pub fn spawn(listener: TcpListener, node: NodeHandle) -> std::io::Result<Server> {
+    /// Serves the API for `node` on `listener` to holders of `access`'s tokens, in a new
+    /// task, with the default [`Limits`].
+    pub fn spawn(
+        listener: TcpListener,
+        node: NodeHandle,
+        access: Access,
+    ) -> std::io::Result<Server> {
+        Server::spawn_with(listener, node, access, Limits::default())
+    }
+
+    /// [`Server::spawn`] with other limits.
+    pub fn spawn_with(
+        listener: TcpListener,
+        node: NodeHandle,
+        access: Access,
+        limits: Limits,
+    ) -> std::io::Result<Server> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            if let Err(e) = serve(listener, node, shutdown).await {
+            if let Err(e) = serve(listener, node, access, limits, shutdown).await {
                 warn!(error = %e, "API server stopped");
             }
         });
@@ -190,11 +257,25 @@ impl Server {
     }
 }
 
+/// Refuses a topic the caller's token may not publish on.
+fn may_publish(token: &Token, topic: &str) -> Result<(), Failure> {
+    if token.scope.may_publish(topic) {
+        Ok(())
+    } else {
+        Err(Failure(
+            StatusCode::FORBIDDEN,
+            format!("token {:?} may not publish on {topic:?}", token.name),
+        ))
+    }
+}
+
 async fn publish(
     State(state): State<AppState>,
+    Extension(token): Extension<Token>,
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> Result<Json<Published>, Failure> {
     let Json(request) = body.map_err(|e| json_failure(e, "{\"topic\": …, \"data\": …}"))?;
+    may_publish(&token, &request.topic)?;
     let payload = request
         .payload()
         .map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
@@ -216,6 +297,7 @@ fn json_failure(e: JsonRejection, expected: &str) -> Failure {
 
 async fn publish_batch(
     State(state): State<AppState>,
+    Extension(token): Extension<Token>,
     body: Result<Json<Vec<PublishRequest>>, JsonRejection>,
 ) -> Result<Json<Vec<Published>>, Failure> {
     let Json(requests) =
@@ -231,6 +313,8 @@ async fn publish_batch(
     }
     let mut events = Vec::with_capacity(requests.len());
     for (i, request) in requests.into_iter().enumerate() {
+        may_publish(&token, &request.topic)
+            .map_err(|Failure(s, e)| Failure(s, format!("event {i}: {e}")))?;
         let payload = request
             .payload()
             .map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("event {i}: {e}")))?;
@@ -253,11 +337,21 @@ async fn events(
         Some(p) => Pattern::new(p).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?,
         None => Pattern::all(),
     };
+    let slot = state.streams.clone().try_acquire_owned().map_err(|_| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} event streams are open already, the most this peer serves; close one",
+                state.max_streams
+            ),
+        )
+    })?;
     let mut closing = state.closing.clone();
     let stream = state
         .node
         .subscribe(pattern)
-        .map(|item| {
+        .map(move |item| {
+            let _slot = &slot;
             Ok(match item {
                 Tailed::Event(event) => sse::Event::default().data(event.to_json_line()),
                 Tailed::Missed(n) => sse::Event::default().event("missed").data(n.to_string()),

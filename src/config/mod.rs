@@ -16,7 +16,7 @@ pub const API_ENV: &str = "MESHBUS_API";
 /// Environment variable naming the data directory (see [`crate::identity`]).
 pub const DATA_DIR_ENV: &str = "MESHBUS_DATA_DIR";
 
-/// The port peers listen on (TCP and QUIC) unless told otherwise.
+/// The port peers listen on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7421;
 
 /// Default largest event (topic, type, content type and data together), in bytes.
@@ -57,7 +57,7 @@ pub struct Config {
     pub name: Option<String>,
     /// The node's identity; a fresh one when `None`.
     pub keypair: Option<Keypair>,
-    /// Addresses to listen on (TCP and/or QUIC multiaddrs).
+    /// Addresses to listen on (TCP multiaddrs).
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start and redial when the connection drops; how peers meet where
     /// multicast does not reach.
@@ -85,6 +85,23 @@ pub struct Config {
     /// The handler table to start with: its rows are in place before the peer hears of any
     /// event, so they miss none (not even the first `_mesh.peer.joined`).
     pub handlers: Vec<crate::handlers::HandlerSpec>,
+    /// Who may connect: by default only peers holding a key of the data directory's keyring.
+    pub mesh: Mesh,
+}
+
+/// Who may connect to a peer (see [`crate::keyring`] and `node::private`).
+#[derive(Clone, Debug, Default)]
+pub enum Mesh {
+    /// Only peers holding a key of the keyring in [`Config::data_dir`] (`mesh.keys`, made
+    /// there with a new key at the first start; a running peer follows changes to it).
+    #[default]
+    DataDir,
+    /// Only peers holding one of these keys.
+    Keys(crate::keyring::Keyring),
+    /// Anyone who reaches the port. Noise still encrypts and authenticates each connection,
+    /// and gossipsub still checks every signature; but any device on the network can join,
+    /// read everything and publish.
+    Open,
 }
 
 impl Default for Config {
@@ -104,22 +121,21 @@ impl Default for Config {
             retention: crate::store::Retention::default(),
             replay: None,
             handlers: Vec::new(),
+            mesh: Mesh::default(),
         }
     }
 }
 
-/// All IPv4 interfaces on [`DEFAULT_PORT`], over TCP and QUIC.
+/// All IPv4 interfaces on [`DEFAULT_PORT`], over TCP. (No QUIC: its TLS handshake leaves no
+/// place for the mesh key, see `node::private`.)
 pub fn default_listen() -> Vec<Multiaddr> {
-    [
-        format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
-        format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
-    ]
-    .iter()
-    .map(|a| {
-        a.parse()
-            .expect("default listen addresses are valid multiaddrs")
-    })
-    .collect()
+    [format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")]
+        .iter()
+        .map(|a| {
+            a.parse()
+                .expect("default listen addresses are valid multiaddrs")
+        })
+        .collect()
 }
 
 /// A setting out of its allowed range.
@@ -135,6 +151,32 @@ pub enum ConfigError {
     /// A queue or buffer of size zero.
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    /// A listen or peer address meshbus cannot use.
+    #[error("{what} address {addr} is not a TCP address (like /ip4/10.0.0.2/tcp/7421); meshbus runs on TCP only, where the mesh key guards every connection")]
+    NotTcp {
+        /// `listen` or `peer`.
+        what: &'static str,
+        /// The address.
+        addr: Multiaddr,
+    },
+}
+
+/// Whether `addr` is an IP (or DNS) address with a TCP port and nothing but `/p2p` after.
+fn is_tcp(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let host = matches!(
+        parts.next(),
+        Some(
+            Protocol::Ip4(_)
+                | Protocol::Ip6(_)
+                | Protocol::Dns(_)
+                | Protocol::Dns4(_)
+                | Protocol::Dns6(_)
+        )
+    );
+    let port = matches!(parts.next(), Some(Protocol::Tcp(_)));
+    host && port && parts.all(|p| matches!(p, Protocol::P2p(_)))
 }
 
 impl Config {
@@ -155,6 +197,14 @@ impl Config {
         if self.retention.max_bytes == 0 {
             return Err(ConfigError::Zero("log max_bytes"));
         }
+        for (what, addrs) in [("listen", &self.listen), ("peer", &self.peers)] {
+            if let Some(addr) = addrs.iter().find(|a| !is_tcp(a)) {
+                return Err(ConfigError::NotTcp {
+                    what,
+                    addr: addr.clone(),
+                });
+            }
+        }
         if self.retention.max_age.is_zero() {
             return Err(ConfigError::Zero("log max_age"));
         }
@@ -167,14 +217,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_listen_on_tcp_and_quic() {
+    fn defaults_are_valid_and_listen_on_tcp() {
         let c = Config::default();
         c.validate().unwrap();
         let listen: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();
-        assert_eq!(
-            listen,
-            ["/ip4/0.0.0.0/tcp/7421", "/ip4/0.0.0.0/udp/7421/quic-v1"]
-        );
+        assert_eq!(listen, ["/ip4/0.0.0.0/tcp/7421"]);
+        let quic = Config {
+            listen: vec!["/ip4/0.0.0.0/udp/7421/quic-v1".parse().unwrap()],
+            ..Config::default()
+        };
+        let err = quic.validate().unwrap_err().to_string();
+        assert!(err.contains("not a TCP address"), "{err}");
         assert!(c.max_event_size >= 256 * 1024);
     }
 

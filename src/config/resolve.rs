@@ -43,6 +43,8 @@ pub struct Flags {
     pub data_dir: Option<PathBuf>,
     /// `--replay`: handle again what the log holds from this last stretch of time.
     pub replay: Option<Duration>,
+    /// `--open`: anyone who reaches the port may join (no mesh key).
+    pub open: bool,
 }
 
 /// Why the settings could not be resolved.
@@ -58,6 +60,12 @@ pub enum ResolveError {
     /// A setting out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The mesh keys.
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
+    /// The API token.
+    #[error(transparent)]
+    Token(#[from] crate::api::access::TokenError),
     /// An environment variable that does not parse.
     #[error("${name}: `{value}` is not {expected}")]
     Env {
@@ -81,6 +89,10 @@ pub struct Resolved {
     pub identity: Identity,
     /// How to build the table again on a reload (the table to start with is in `node`).
     pub table: TableSource,
+    /// The mesh keys in force, `None` for an open mesh; and whether this start made them.
+    pub keys: Option<(crate::keyring::Keyring, bool)>,
+    /// Tokens the API accepts: the data directory's own (`api.token`) first.
+    pub tokens: Vec<crate::api::Token>,
 }
 
 /// Where the handler table comes from: the file's rows, then `--on` rows, then the default
@@ -147,7 +159,16 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
     let mut peers = multiaddrs(&path, "peers", &n.peers)?;
     peers.extend(flags.peers);
     let identity = identity::load_or_create(&data_dir)?;
+    let keys = match flags.open {
+        true => None,
+        false => Some(crate::keyring::Keyring::load_or_create(&data_dir)?),
+    };
+    let tokens = vec![crate::api::Token::load_or_create(&data_dir)?];
     let node = Config {
+        mesh: match flags.open {
+            true => super::Mesh::Open,
+            false => super::Mesh::DataDir,
+        },
         name: flags.name.or(n.name.clone()),
         keypair: Some(identity.keypair.clone()),
         listen,
@@ -180,6 +201,8 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
         api,
         identity,
         table,
+        keys,
+        tokens,
     })
 }
 

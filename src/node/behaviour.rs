@@ -2,17 +2,39 @@
 
 use std::time::Duration;
 
+use futures::future::{BoxFuture, FutureExt as _};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, Transport as _};
+use libp2p::core::upgrade::Version;
+use libp2p::core::ConnectedPoint;
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    gossipsub, identify, mdns, noise, ping, request_response, tcp, yamux, Swarm, SwarmBuilder,
+    allow_block_list, connection_limits, gossipsub, identify, mdns, noise, ping, request_response,
+    tcp, yamux, PeerId, Swarm, SwarmBuilder,
 };
 
 use crate::config::MAX_MESSAGE_SIZE;
 use crate::proto::peers::{PING_INTERVAL, PROTOCOL_VERSION};
 
+use super::private::Guard;
 use super::{repair, NodeError};
+
+/// Time a connection gets from its first byte to a working, authenticated, multiplexed
+/// link (mesh key, noise, yamux). A silent or half-open connection holds a socket no
+/// longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections still in their handshake, each way; more are closed at once, so a flood of
+/// silent connections holds at most this many sockets.
+pub const MAX_PENDING: u32 = 64;
+
+/// Established connections in all: room for a mesh of this many peers and then some.
+pub const MAX_CONNECTIONS: u32 = 512;
+
+/// Established connections to one peer (two peers dialling each other at once make two).
+pub const MAX_PER_PEER: u32 = 2;
 
 /// A single ping unanswered this long counts as failed (the core's
 /// [`crate::proto::peers::DEAD_AFTER`] closes a silent connection sooner than libp2p would).
@@ -68,6 +90,10 @@ const REPAIR_STREAMS: usize = 16;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Bounds on connections: pending, established, per peer.
+    pub limits: connection_limits::Behaviour,
+    /// Peers disconnected for misbehaving, refused until their ban ends.
+    pub banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     /// Event broadcast.
     pub gossipsub: gossipsub::Behaviour,
     /// LAN discovery; off with `--no-mdns`.
@@ -80,24 +106,60 @@ pub struct Behaviour {
     pub repair: request_response::Behaviour<repair::Codec>,
 }
 
-/// Builds the swarm: TCP (noise, yamux) and QUIC, strictly signed gossipsub.
+/// TCP, guarded by the mesh key unless the mesh is open, then noise and yamux.
+fn transport(
+    keypair: &Keypair,
+    guard: Option<Guard>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NodeError> {
+    let noise = noise::Config::new(keypair).map_err(|e| NodeError::Setup {
+        what: "noise",
+        source: e.into(),
+    })?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let transport = match guard {
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .boxed(),
+        Some(guard) => tcp
+            .and_then(
+                move |socket, point: ConnectedPoint| -> BoxFuture<'static, _> {
+                    let guard = guard.clone();
+                    match point {
+                        ConnectedPoint::Dialer { .. } => guard.dial(socket).boxed(),
+                        ConnectedPoint::Listener { send_back_addr, .. } => {
+                            guard.accept(socket, send_back_addr.to_string()).boxed()
+                        }
+                    }
+                },
+            )
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .boxed(),
+    };
+    Ok(transport)
+}
+
+/// Builds the swarm: TCP (guarded by the mesh keys when `guard` is given, then noise and
+/// yamux), strictly signed gossipsub.
 pub fn build_swarm(
     keypair: Keypair,
     mdns_on: bool,
     agent: String,
+    guard: Option<Guard>,
 ) -> Result<Swarm<Behaviour>, NodeError> {
     let setup = |what: &'static str| {
         move |e: Box<dyn std::error::Error + Send + Sync>| NodeError::Setup { what, source: e }
     };
+    let transport = transport(&keypair, guard)?;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|_| transport)
         .map_err(|e| setup("tcp")(e.into()))?
-        .with_quic()
         .with_behaviour(|key| {
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .validation_mode(gossipsub::ValidationMode::Strict)
@@ -146,7 +208,14 @@ pub fn build_swarm(
                     .with_request_timeout(REPAIR_TIMEOUT)
                     .with_max_concurrent_streams(REPAIR_STREAMS),
             );
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(MAX_PENDING))
+                .with_max_pending_outgoing(Some(MAX_PENDING))
+                .with_max_established(Some(MAX_CONNECTIONS))
+                .with_max_established_per_peer(Some(MAX_PER_PEER));
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                banned: allow_block_list::Behaviour::default(),
                 gossipsub,
                 mdns: mdns.into(),
                 identify,

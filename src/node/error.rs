@@ -56,6 +56,12 @@ pub enum NodeError {
     /// The event could not be stored in this peer's log, so it was not sent either.
     #[error("could not publish: the event was not stored: {0}")]
     NotStored(Arc<crate::store::StoreError>),
+    /// The mesh keys could not be read or made.
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
+    /// A private mesh (the default) with nowhere to keep its key.
+    #[error("a private mesh needs its key: give the node a data_dir (the key is kept there), Mesh::Keys, or choose Mesh::Open")]
+    NoMeshKey,
     /// The event log could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),

@@ -9,6 +9,7 @@
 mod actor;
 mod behaviour;
 mod error;
+pub mod private;
 pub mod repair;
 mod subscription;
 
@@ -26,9 +27,10 @@ pub use error::NodeError;
 pub use subscription::Subscription;
 
 use crate::config::file::ConfigFileError;
-use crate::config::Config;
+use crate::config::{Config, Mesh};
 use crate::event::{self, Event, EventError, Payload};
 use crate::handlers::{Action, BoxError, HandlerInfo, HandlerSpec, Handlers};
+use crate::keyring::{Keyring, LiveKeyring};
 use crate::proto::Unstamped;
 use crate::stats::{Counters, Stats};
 use crate::store::{LogStatus, Store};
@@ -202,7 +204,21 @@ impl Node {
             .unwrap_or_else(Keypair::generate_ed25519);
         let peer_id = keypair.public().to_peer_id();
         let agent = crate::proto::peers::agent(config.name.as_deref());
-        let mut swarm = behaviour::build_swarm(keypair, config.mdns, agent)?;
+        let stats = Arc::new(Stats::default());
+        let guard = match &config.mesh {
+            Mesh::Open => None,
+            Mesh::Keys(ring) => Some(LiveKeyring::fixed(ring.clone())),
+            Mesh::DataDir => {
+                let dir = config.data_dir.as_deref().ok_or(NodeError::NoMeshKey)?;
+                let (ring, _) = Keyring::load_or_create(dir)?;
+                Some(LiveKeyring::watching(dir, ring))
+            }
+        }
+        .map(|keys| private::Guard {
+            keys: Arc::new(keys),
+            stats: stats.clone(),
+        });
+        let mut swarm = behaviour::build_swarm(keypair, config.mdns, agent, guard)?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
@@ -221,7 +237,6 @@ impl Node {
             }
             None => None,
         };
-        let stats = Arc::new(Stats::default());
         let handlers = Handlers::new(
             stats.clone(),
             config.handler_queue,

@@ -68,7 +68,7 @@ fn batch_publish_checks_every_entry_first_and_keeps_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.jsonl");
     let a = Peer::local(&["--on", &format!("batch.*=file:{}", path.display())]);
-    let client = meshbus::api::Client::new(a.api.unwrap());
+    let client = a.client();
     let request = |topic: &str, n: u32| meshbus::api::PublishRequest {
         topic: topic.into(),
         data: Some(serde_json::value::to_raw_value(&n).unwrap()),

@@ -39,6 +39,69 @@ fn publish_with_no_running_peer_names_the_address_it_tried() {
 }
 
 #[test]
+fn the_cli_reads_the_token_from_the_data_dir_and_without_it_is_refused_clearly() {
+    let a = Peer::local(&[]);
+    // Its own data dir: the token is found.
+    a.cli_ok(&["status"]);
+    // Another user's data dir (no token there): 401 and what to do.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = a
+        .command(&["publish", "orders.created", "1"])
+        .env("MESHBUS_DATA_DIR", elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("(401)") && err.contains("api.token"), "{err}");
+    // A wrong token given outright.
+    let out = a
+        .command(&["status", "--token", "wrong-token-0123456789"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr_of(&out).contains("unknown token"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn invite_and_join_carry_the_mesh_key_and_keys_rotate_it() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |args: &[&str]| ok(Command::new(bin()).args(args).output().unwrap());
+    let dir = |d: &tempfile::TempDir| d.path().to_str().unwrap().to_owned();
+    let line = run(&["invite", "--data-dir", &dir(&a)]);
+    assert!(line.starts_with("meshbus-invite-1:"), "{line}");
+    run(&["join", line.trim(), "--data-dir", &dir(&b)]);
+    let list = |d| run(&["keys", "list", "--data-dir", &dir(d)]);
+    assert_eq!(list(&a), list(&b), "both hold the same key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(b.path().join("mesh.keys"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let new = run(&["keys", "generate"]);
+    let old = list(&a).split_whitespace().next().unwrap().to_owned();
+    run(&["keys", "install", new.trim(), "--data-dir", &dir(&a)]);
+    run(&["keys", "use", new.trim(), "--data-dir", &dir(&a)]);
+    run(&["keys", "remove", &old, "--data-dir", &dir(&a)]);
+    let now = list(&a);
+    assert_eq!(now.lines().count(), 1, "{now}");
+    assert!(!now.contains(&old) && now.contains("primary"), "{now}");
+    let out = Command::new(bin())
+        .args(["join", "not-an-invitation", "--data-dir", &dir(&a)])
+        .output()
+        .unwrap();
+    assert!(
+        stderr_of(&out).contains("not an invitation"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+#[test]
 fn publish_prints_the_event_id_and_how_many_peers_it_reached() {
     let a = Peer::local(&[]);
     let b = Peer::local(&["--peer", a.tcp_addr()]);
@@ -70,9 +133,8 @@ fn publish_reads_data_from_stdin_and_takes_json_or_text() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.jsonl");
     let a = Peer::local(&["--on", &format!("**=file:{}", path.display())]);
-    let api = a.api.unwrap().to_string();
-    let mut child = Command::new(bin())
-        .args(["publish", "notes.added", "-", "--api", &api])
+    let mut child = a
+        .command(&["publish", "notes.added", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -102,10 +164,8 @@ fn tail_streams_matching_events_and_exits_after_count() {
     wait_until(T, "a and b connected", || {
         b.peer_ids() == [a.peer_id.clone()]
     });
-    let api = b.api.unwrap().to_string();
     let tail = |json: bool| {
-        let mut cmd = Command::new(bin());
-        cmd.args(["tail", "orders.*", "--count", "2", "--api", &api]);
+        let mut cmd = b.command(&["tail", "orders.*", "--count", "2"]);
         if json {
             cmd.arg("--json");
         }

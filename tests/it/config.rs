@@ -28,13 +28,12 @@ fn reload_swaps_the_table_without_losing_or_repeating_events() {
     wait_until(T, "a and b connected", || {
         a.peer_ids() == [b.peer_id.clone()]
     });
-    let api = b.api.unwrap();
+    let client = b.client();
 
     // Publish steadily from another thread while the table is swapped under it.
     const N: usize = 300;
     let publisher = std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let client = meshbus::api::Client::new(api);
         let mut ids = Vec::new();
         for i in 0..N {
             let request = meshbus::api::PublishRequest {

@@ -94,7 +94,7 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("target.jsonl");
     let on = format!("**=file:{}", file.display());
-    let target = Peer::local(&["--max-event-size", "1024", "--on", &on]);
+    let target = Peer::local(&["--open", "--max-event-size", "1024", "--on", &on]);
     let addr: Multiaddr = target.tcp_addr().parse().unwrap();
 
     let payloads = vec![
@@ -120,7 +120,7 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
             (c["messages_received"] == 4).then_some(c)
         });
         // The peer is not wedged: a normal peer's event still gets through.
-        let friend = Peer::local(&["--peer", target.tcp_addr()]);
+        let friend = Peer::local(&["--open", "--peer", target.tcp_addr()]);
         wait_until(T, "friend connected", || {
             target.peer_ids().contains(&friend.peer_id)
         });

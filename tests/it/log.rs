@@ -16,6 +16,7 @@ fn config(dir: &std::path::Path, key: &Keypair) -> Config {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         mdns: false,
         data_dir: Some(dir.to_owned()),
+        mesh: meshbus::Mesh::Keys(crate::support::MESH.clone()),
         ..Config::default()
     }
 }

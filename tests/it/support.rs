@@ -63,7 +63,15 @@ pub struct Peer {
     pub stderr: Lines,
     /// Its data directory, when the test made one for it.
     _data: Option<tempfile::TempDir>,
+    /// Its data directory's path (for the API token), when known.
+    pub data_dir: Option<PathBuf>,
 }
+
+/// The mesh key every test peer of this process shares (each data directory gets a copy
+/// before its peer starts), so peers of one test connect as members.
+pub static MESH: std::sync::LazyLock<meshbus::keyring::Keyring> = std::sync::LazyLock::new(|| {
+    meshbus::keyring::Keyring::new(meshbus::keyring::MeshKey::generate())
+});
 
 impl Peer {
     /// Starts `meshbus up` from `command` and waits for its start banner.
@@ -85,6 +93,7 @@ impl Peer {
             stdout,
             stderr,
             _data: None,
+            data_dir: None,
         };
         let banner = wait_for(Duration::from_secs(20), "the peer's start banner", || {
             if let Ok(Some(status)) = peer.child.try_wait() {
@@ -114,6 +123,7 @@ impl Peer {
     /// A peer in the host namespace: no mDNS, loopback only, ports picked by the kernel.
     pub fn local(args: &[&str]) -> Peer {
         let data = tempfile::tempdir().unwrap();
+        MESH.save(data.path()).unwrap();
         let mut command = Command::new(bin());
         command.env("MESHBUS_DATA_DIR", data.path()).args([
             "up",
@@ -126,8 +136,39 @@ impl Peer {
         ]);
         command.args(args);
         let mut peer = Peer::spawn(command);
+        peer.data_dir = Some(data.path().to_owned());
         peer._data = Some(data);
         peer
+    }
+
+    /// Its full-access API token (from its data directory).
+    pub fn token(&self) -> String {
+        let dir = self
+            .data_dir
+            .as_ref()
+            .expect("a peer whose data dir the test made");
+        std::fs::read_to_string(dir.join("api.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// An API client for it, with its token.
+    pub fn client(&self) -> meshbus::api::Client {
+        meshbus::api::Client::new(self.api.expect("a host-namespace peer"))
+            .with_token(Some(self.token()))
+    }
+
+    /// `meshbus ARGS… --api ITS_API`, with its data directory (so its token) in the
+    /// environment, to run as the test likes.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let api = self.api.expect("a host-namespace peer").to_string();
+        let mut command = Command::new(bin());
+        command.args(args).args(["--api", &api]);
+        if let Some(dir) = &self.data_dir {
+            command.env("MESHBUS_DATA_DIR", dir);
+        }
+        command
     }
 
     /// Its TCP listen address.
@@ -140,10 +181,7 @@ impl Peer {
 
     /// Runs `meshbus ARGS… --api ITS_API` and returns what it did.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let api = self.api.expect("a host-namespace peer").to_string();
-        Command::new(bin())
-            .args(args)
-            .args(["--api", &api])
+        self.command(args)
             .stdin(Stdio::null())
             .output()
             .expect("run meshbus")
@@ -210,6 +248,7 @@ pub fn handler<'a>(status: &'a Value, action_prefix: &str) -> &'a Value {
 /// which must refuse to start; returns what it said on stderr.
 pub fn up_fails(args: &[&str]) -> String {
     let data = tempfile::tempdir().unwrap();
+    MESH.save(data.path()).unwrap();
     let mut child = Command::new(bin())
         .env("MESHBUS_DATA_DIR", data.path())
         .args(["up", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])

@@ -1,0 +1,303 @@
+//! A private mesh: a connection is encrypted under a mesh key (see [`crate::keyring`]) from
+//! its first byte, beneath noise, so a device without a key learns nothing and can send
+//! nothing a peer will read.
+//!
+//! The framing is libp2p's private-network one (the `pnet` spec: each side sends a random
+//! 24-byte nonce, then everything is XSalsa20 under the key and the sender's nonce), so the
+//! key guards TCP before multistream-select and noise begin. `libp2p-pnet` takes one key;
+//! a keyring needs the listener to find which of its keys the dialer used. The dialer's
+//! first message is always multistream-select's header, so the listener decrypts those 20
+//! bytes under each key it holds and keeps the one that yields the header. No key does: the
+//! connection is closed before any libp2p protocol runs, counted and logged, naming the
+//! address. QUIC has no place under such a layer (its TLS handshake is the transport's own),
+//! so a private mesh runs on TCP alone.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use salsa20::cipher::{KeyIvInit as _, StreamCipher as _};
+use salsa20::XSalsa20;
+
+use crate::keyring::{Keyring, LiveKeyring, MeshKey};
+use crate::stats::{bump_throttled, Stats};
+
+/// Bytes of each side's nonce.
+const NONCE: usize = 24;
+
+/// multistream-select's header, as the dialer sends it first (length-prefixed).
+const HEADER: &[u8] = b"\x13/multistream/1.0.0\n";
+
+/// Most plaintext encrypted per write call (one buffer of ciphertext in flight).
+const WRITE_CHUNK: usize = 16 * 1024;
+
+/// Why an incoming connection was closed before libp2p saw it.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The socket failed or closed during the exchange.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The dialer encrypted under no key we hold.
+    #[error("it does not hold this mesh's key (not invited, or an old key)")]
+    NoKey,
+    /// The dialer spoke libp2p in the clear.
+    #[error("it connected without a mesh key (an --open peer, or not a meshbus peer)")]
+    Open,
+}
+
+/// A connection encrypted under a mesh key: XSalsa20 each way, keyed by the sender's nonce.
+pub struct Private<S> {
+    inner: S,
+    read: XSalsa20,
+    write: XSalsa20,
+    /// Plaintext already read and decrypted (the header the listener probed with).
+    unread: Vec<u8>,
+    /// Ciphertext accepted from the caller and not yet written.
+    out: Vec<u8>,
+    /// How much of `out` is written.
+    written: usize,
+}
+
+fn cipher(key: &MeshKey, nonce: &[u8; NONCE]) -> XSalsa20 {
+    XSalsa20::new(key.bytes().into(), nonce.into())
+}
+
+async fn swap_nonces<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut S,
+) -> io::Result<([u8; NONCE], [u8; NONCE])> {
+    let mut local = [0u8; NONCE];
+    getrandom::fill(&mut local).map_err(io::Error::other)?;
+    socket.write_all(&local).await?;
+    socket.flush().await?;
+    let mut remote = [0u8; NONCE];
+    socket.read_exact(&mut remote).await?;
+    Ok((local, remote))
+}
+
+/// The dialer's side: encrypts under `key` (the primary).
+pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    key: MeshKey,
+) -> io::Result<Private<S>> {
+    let (local, remote) = swap_nonces(&mut socket).await?;
+    Ok(Private::new(
+        socket,
+        cipher(&key, &remote),
+        cipher(&key, &local),
+        Vec::new(),
+    ))
+}
+
+/// The listener's side: finds which of `keys` the dialer used, or refuses it.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    keys: &Keyring,
+) -> Result<Private<S>, Refused> {
+    let (local, remote) = swap_nonces(&mut socket).await?;
+    if remote.starts_with(HEADER) {
+        return Err(Refused::Open);
+    }
+    let mut probe = [0u8; HEADER.len()];
+    socket.read_exact(&mut probe).await?;
+    for key in keys.keys() {
+        let mut read = cipher(key, &remote);
+        let mut plain = probe;
+        read.apply_keystream(&mut plain);
+        if plain == HEADER {
+            return Ok(Private::new(
+                socket,
+                read,
+                cipher(key, &local),
+                plain.to_vec(),
+            ));
+        }
+    }
+    Err(Refused::NoKey)
+}
+
+impl<S> Private<S> {
+    fn new(inner: S, read: XSalsa20, write: XSalsa20, unread: Vec<u8>) -> Self {
+        Private {
+            inner,
+            read,
+            write,
+            unread,
+            out: Vec::with_capacity(WRITE_CHUNK),
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Private<S> {
+    /// Writes out the ciphertext already accepted.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.out.clear();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Private<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = buf.len().min(this.unread.len());
+            buf[..n].copy_from_slice(&this.unread[..n]);
+            this.unread.drain(..n);
+            return Poll::Ready(Ok(n));
+        }
+        let n = ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        this.read.apply_keystream(&mut buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Private<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        let n = buf.len().min(WRITE_CHUNK);
+        this.out.extend_from_slice(&buf[..n]);
+        this.write.apply_keystream(&mut this.out);
+        // Start writing now; what does not fit goes out on the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_close(cx)
+    }
+}
+
+/// What a peer's transport consults on every connection: the keys in force and where to
+/// count refusals.
+#[derive(Clone)]
+pub struct Guard {
+    /// The keyring (re-read when its file changes).
+    pub keys: Arc<LiveKeyring>,
+    /// Where `connections_refused` is counted.
+    pub stats: Arc<Stats>,
+}
+
+impl Guard {
+    /// Guards an incoming connection from `from`: refusals are counted and logged (the 1st,
+    /// 2nd, 4th, … so a scan cannot flood the log), naming the address and the reason.
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        socket: S,
+        from: String,
+    ) -> io::Result<Private<S>> {
+        let keys = self.keys.current();
+        accept(socket, &keys).await.map_err(|reason| {
+            if let Some(n) = bump_throttled(&self.stats.connections_refused) {
+                tracing::warn!(%from, %reason, refused = n, "refused a connection: not a member of this mesh");
+            }
+            io::Error::new(io::ErrorKind::PermissionDenied, reason.to_string())
+        })
+    }
+
+    /// Guards a connection this peer opens, under the primary key.
+    pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        socket: S,
+    ) -> io::Result<Private<S>> {
+        let key = self.keys.current().primary();
+        dial(socket, key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::compat::{Compat, TokioAsyncReadCompatExt as _};
+
+    /// Two ends of an in-memory socket.
+    fn pair() -> (
+        Compat<tokio::io::DuplexStream>,
+        Compat<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        (a.compat(), b.compat())
+    }
+
+    async fn talk(dial_key: MeshKey, ring: Keyring) -> Result<Vec<u8>, Refused> {
+        let (a, b) = pair();
+        let dialer = async move {
+            let mut s = dial(a, dial_key).await.unwrap();
+            // What multistream-select sends first, then a payload bigger than one chunk.
+            let mut msg = HEADER.to_vec();
+            msg.extend((0..40_000u32).map(|i| i as u8));
+            let _ = s.write_all(&msg).await;
+            let _ = s.flush().await;
+            s
+        };
+        let listener = async move {
+            let mut s = accept(b, &ring).await?;
+            let mut got = vec![0u8; HEADER.len() + 40_000];
+            s.read_exact(&mut got).await?;
+            Ok::<_, Refused>(got)
+        };
+        let (_kept, got) = tokio::join!(dialer, listener);
+        got
+    }
+
+    #[tokio::test]
+    async fn a_dialer_with_any_key_of_the_ring_gets_through_and_bytes_survive() {
+        let (old, new) = (MeshKey::generate(), MeshKey::generate());
+        let mut ring = Keyring::new(old);
+        ring.install(new).unwrap();
+        for key in [old, new] {
+            let got = talk(key, ring.clone()).await.unwrap();
+            assert_eq!(&got[..HEADER.len()], HEADER);
+            assert!(got[HEADER.len()..]
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == i as u8));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dialer_without_a_key_is_refused() {
+        let ring = Keyring::new(MeshKey::generate());
+        let err = talk(MeshKey::generate(), ring).await.unwrap_err();
+        assert!(matches!(err, Refused::NoKey), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_dialer_in_the_clear_is_named_as_such() {
+        let ring = Keyring::new(MeshKey::generate());
+        let mut clear = HEADER.to_vec();
+        clear.extend_from_slice(b"\x07/noise\n");
+        let (mut a, b) = pair();
+        a.write_all(&clear).await.unwrap();
+        let err = accept(b, &ring).await.err().unwrap();
+        assert!(matches!(err, Refused::Open), "{err}");
+    }
+}
