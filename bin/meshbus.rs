@@ -226,7 +226,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "meshbus=info,warn".into()),
+                .unwrap_or_else(|_| "meshbus=info,warn,libp2p_gossipsub=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -322,6 +322,9 @@ pub enum EventError {
     /// An over-long or empty `type`.
     #[error("event type must be 1 to {MAX_TYPE_LEN} bytes, got {0}")]
     BadType(usize),
+    /// The mesh's ACL does not let this peer publish on the topic.
+    #[error("this peer may not publish on {0} (the mesh's [[acl]] rules)")]
+    Forbidden(String),
     /// An over-long content type.
     #[error("content type must be at most {MAX_CONTENT_TYPE_LEN} bytes, got {0}")]
     BadContentType(usize),

@@ -118,6 +118,7 @@ impl IntoResponse for Failure {
 fn status_of(e: &NodeError) -> StatusCode {
     match e {
         NodeError::Event(EventError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        NodeError::Event(EventError::Forbidden(_)) => StatusCode::FORBIDDEN,
         NodeError::InBatch { error, .. } => status_of(error),
         NodeError::NotStored(_) => StatusCode::INSUFFICIENT_STORAGE,
         NodeError::Event(_)

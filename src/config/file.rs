@@ -38,6 +38,8 @@ pub struct ConfigFile {
     pub node: NodeSection,
     /// `[[handler]]` rows, in file order.
     pub handlers: Vec<HandlerSpec>,
+    /// `[[acl]]` rules: who may publish what (open when there are none).
+    pub acl: crate::proto::Acl,
 }
 
 /// `[node]`: settings that the command line overrides.
@@ -73,6 +75,41 @@ struct Raw {
     node: NodeSection,
     #[serde(default)]
     handler: Vec<toml::Spanned<RawHandler>>,
+    #[serde(default)]
+    acl: Vec<toml::Spanned<RawAcl>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcl {
+    peers: Vec<String>,
+    publish: Vec<String>,
+}
+
+impl RawAcl {
+    fn into_rule(self) -> Result<crate::proto::acl::Rule, String> {
+        use crate::proto::acl::{Rule, Who};
+        if self.peers.is_empty() || self.publish.is_empty() {
+            return Err("needs `peers` (peer ids, or \"*\" for every member) and `publish` (topic patterns), neither empty".into());
+        }
+        let who = self
+            .peers
+            .iter()
+            .map(|p| match p.as_str() {
+                "*" => Ok(Who::Any),
+                id => id
+                    .parse()
+                    .map(Who::Peer)
+                    .map_err(|e| format!("key `peers`: `{id}` is not a peer id ({e}); expected e.g. 12D3KooW… or \"*\"")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let publish = self
+            .publish
+            .into_iter()
+            .map(|p| Pattern::new(p).map_err(|e| format!("key `publish`: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Rule { who, publish })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,9 +228,20 @@ impl ConfigFile {
                     .map_err(|m| error(line, format!("{what}: {m}")))?,
             );
         }
+        let mut rules = Vec::with_capacity(raw.acl.len());
+        for spanned in raw.acl {
+            let line = line_of(text, spanned.span().start);
+            rules.push(
+                spanned
+                    .into_inner()
+                    .into_rule()
+                    .map_err(|m| error(line, format!("acl rule: {m}")))?,
+            );
+        }
         Ok(ConfigFile {
             node: raw.node,
             handlers,
+            acl: crate::proto::Acl::new(rules),
         })
     }
 }

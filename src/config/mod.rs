@@ -87,6 +87,8 @@ pub struct Config {
     pub handlers: Vec<crate::handlers::HandlerSpec>,
     /// Who may connect: by default only peers holding a key of the data directory's keyring.
     pub mesh: Mesh,
+    /// Who may publish on which topics (see [`crate::proto::acl`]); open by default.
+    pub acl: crate::proto::Acl,
 }
 
 /// Who may connect to a peer (see [`crate::keyring`] and `node::private`).
@@ -122,6 +124,7 @@ impl Default for Config {
             replay: None,
             handlers: Vec::new(),
             mesh: Mesh::default(),
+            acl: crate::proto::Acl::open(),
         }
     }
 }

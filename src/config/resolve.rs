@@ -184,6 +184,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
             .unwrap_or(super::DEFAULT_EXEC_TIMEOUT),
         data_dir: Some(data_dir),
         replay: flags.replay,
+        acl: file.acl.clone(),
         ..Config::default()
     };
     node.validate()?;

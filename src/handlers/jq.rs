@@ -86,14 +86,87 @@ fn first(filter: &JqFilter, input: Value) -> Result<Option<Value>, String> {
     }
 }
 
-/// Parses and compiles `code` with the jq standard library.
+/// Deepest nesting of brackets and parentheses a jq expression may have. jaq's parser
+/// recurses once per level; this keeps a hostile config or reload far from the stack's end.
+pub const MAX_NESTING: usize = 64;
+
+/// Longest jq expression accepted.
+pub const MAX_CODE: usize = 16 * 1024;
+
+/// Stack of the thread that compiles: deep enough for any expression within the bounds
+/// above, however it nests (`if`, `reduce`, unary minus), so a compile never kills the peer.
+const COMPILE_STACK: usize = 64 << 20;
+
+/// How deeply `code` nests `(`, `[` and `{` outside string literals.
+fn nesting(code: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for c in code.chars() {
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, '"') => in_string = true,
+            (false, _, '(' | '[' | '{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, ')' | ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// jq's `fromjson` with serde_json's nesting limit (128 levels): jaq's own parser recurses
+/// without bound, so a string of 10,000 `[` in an event from the network would overflow the
+/// stack of whichever thread ran the filter.
+fn fromjson(cv: jaq_core::Cv<'_, D>) -> jaq_core::ValXs<'_, Val> {
+    let parsed = match &cv.1 {
+        Val::TStr(s) | Val::BStr(s) => serde_json::from_slice::<Val>(s)
+            .map_err(|e| jaq_json::Error::str(format_args!("fromjson: {e}"))),
+        other => Err(jaq_json::Error::str(format_args!(
+            "fromjson: {other} is not a string"
+        ))),
+    };
+    jaq_core::native::bome(parsed)
+}
+
+/// Parses and compiles `code` with the jq standard library, after checking its size and
+/// nesting, on a thread with a deep stack.
 fn compile(code: &str) -> Result<JqFilter, String> {
+    if code.len() > MAX_CODE {
+        return Err(format!("longer than {MAX_CODE} bytes"));
+    }
+    let deepest = nesting(code);
+    if deepest > MAX_NESTING {
+        return Err(format!(
+            "nests {deepest} levels deep; at most {MAX_NESTING}"
+        ));
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("meshbus-jq".into())
+            .stack_size(COMPILE_STACK)
+            .spawn_scoped(scope, || compile_here(code))
+            .map_err(|e| format!("cannot start the jq compiler: {e}"))?
+            .join()
+            .map_err(|_| "the jq compiler failed".to_owned())?
+    })
+}
+
+fn compile_here(code: &str) -> Result<JqFilter, String> {
     let defs = jaq_core::defs()
         .chain(jaq_std::defs())
         .chain(jaq_json::defs());
+    let ours = jaq_core::native::run::<D>(("fromjson", jaq_core::native::v(0), fromjson));
     let funs = jaq_core::funs::<D>()
         .chain(jaq_std::funs::<D>())
-        .chain(jaq_json::funs::<D>());
+        .chain(
+            jaq_json::funs::<D>()
+                .filter(|(name, args, _)| !(*name == "fromjson" && args.is_empty())),
+        )
+        .chain([ours]);
     let arena = Arena::default();
     let modules = Loader::new(defs)
         .load(&arena, File { code, path: () })
@@ -256,6 +329,38 @@ mod tests {
         assert!(
             jq.apply(&event(r#"{"amount":5}"#)).is_err(),
             "a type error is an error"
+        );
+    }
+
+    #[test]
+    fn hostile_nesting_is_an_error_not_a_crash() {
+        // In an event from the network: 10,000 `[` inside a string, parsed by `fromjson`.
+        let jq = RowJq::compile(Some(".data | fromjson | length > 0"), None)
+            .unwrap()
+            .unwrap();
+        let deep = serde_json::to_string(&"[".repeat(10_000)).unwrap();
+        let err = jq.apply(&event(&deep)).unwrap_err();
+        assert!(
+            err.contains("fromjson") && err.contains("recursion"),
+            "{err}"
+        );
+        // Well-formed JSON still parses.
+        let ok = serde_json::to_string(&"[1,[2]]").unwrap();
+        assert!(jq.apply(&event(&ok)).unwrap().is_some());
+        // In a config: 3,000 nested brackets, and deep keyword nesting within the size bound.
+        let code = format!("{}1{}", "[".repeat(3000), "]".repeat(3000));
+        let err = RowJq::compile(Some(&code), None).err().unwrap();
+        assert!(err.message.contains("nests 3000 levels"), "{}", err.message);
+        let ifs = format!(
+            "{}1{}",
+            "if true then ".repeat(1000),
+            " else 0 end".repeat(1000)
+        );
+        let _ = RowJq::compile(None, Some(&ifs)); // compiles or not, but returns
+        assert_eq!(
+            nesting(r#"{"a": "((("}"#),
+            1,
+            "brackets in strings do not count"
         );
     }
 

@@ -13,6 +13,7 @@
 //! on once and in order; what is ready is appended to the log. Gaps, new members and an
 //! anti-entropy round every [`ANTI_ENTROPY`] fetch what is missing ([`repairing`]).
 
+mod guarding;
 mod repairing;
 
 use std::collections::{HashMap, VecDeque};
@@ -126,6 +127,10 @@ pub(super) struct Actor {
     storing: Option<Storing>,
     asked: HashMap<OutboundRequestId, Asked>,
     next_anti_entropy: Instant,
+    /// Each neighbour's gossip rate.
+    limits: proto::limits::RateLimits,
+    /// Banned peers and when their ban ends.
+    banned: HashMap<PeerId, Instant>,
 }
 
 impl Actor {
@@ -173,6 +178,8 @@ impl Actor {
             storing: None,
             asked: HashMap::new(),
             next_anti_entropy: start + ANTI_ENTROPY,
+            limits: Default::default(),
+            banned: HashMap::new(),
         };
         for addr in peers {
             actor.add_explicit(addr)?;
@@ -233,6 +240,7 @@ impl Actor {
         self.peers.handle_timeout(now);
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + ANTI_ENTROPY;
+            self.review_neighbours(now);
             for peer in self.peers.member_ids() {
                 self.ask(peer, Asked::Marks);
             }
@@ -554,6 +562,9 @@ impl Actor {
                 ..
             } => {
                 debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                if !self.swarm.is_connected(&peer_id) {
+                    self.limits.forget(&peer_id);
+                }
                 self.peers.closed(peer_id, connection_id);
             }
             SwarmEvent::OutgoingConnectionError {
@@ -604,37 +615,9 @@ impl Actor {
         match event {
             gossipsub::Event::Message {
                 propagation_source,
+                message_id,
                 message,
-                ..
-            } => {
-                let stats = self.shared.stats.clone();
-                stats::bump(&stats.messages_received);
-                let source = message.source;
-                let max = self.shared.max_event_size;
-                match proto::receive(source, message.data, max, SystemTime::now()) {
-                    Ok(decoded) => {
-                        for error in decoded.rejected {
-                            if let Some(n) = stats::bump_throttled(&stats.events_rejected) {
-                                warn!(peer = ?source, %error, rejected_so_far = n, "dropped an event");
-                            }
-                        }
-                        let now = now();
-                        for event in decoded.events {
-                            let time = event.time;
-                            if self.take(event, propagation_source, now) {
-                                stats::bump(&stats.received);
-                                stats.receive_latency.record(crate::clock::age_micros(time));
-                            }
-                        }
-                        self.flush_inbox();
-                    }
-                    Err(error) => {
-                        if let Some(n) = stats::bump_throttled(&stats.messages_malformed) {
-                            warn!(peer = ?source, %error, malformed_so_far = n, "dropped a malformed message");
-                        }
-                    }
-                }
-            }
+            } => self.on_message(propagation_source, message_id, message),
             gossipsub::Event::GossipsubNotSupported { peer_id } => {
                 debug!(peer = %peer_id, "peer does not speak gossipsub");
             }

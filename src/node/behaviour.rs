@@ -81,6 +81,54 @@ const MAX_IHAVE_IDS: usize = (MAX_CONTROL_BYTES - 4 * 1024) / MESSAGE_ID_BYTES;
 /// gossipsub heartbeat: how often the mesh is repaired and gossip is sent.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
+/// A neighbour whose gossipsub score falls below this is disconnected and banned: gossipsub
+/// itself stops listening to it at the same point (its graylist threshold). Three invalid
+/// messages in a row score -90, still below this after the first second's decay (-73), when
+/// the swarm task looks next; two score -40 and fade.
+pub const BAN_SCORE: f64 = -60.0;
+
+/// Weight of one invalid message (bad signature, undecodable, forbidden by the ACL) in a
+/// neighbour's score; the penalty grows with the square of the count, so the third invalid
+/// message within a few seconds crosses [`BAN_SCORE`].
+const INVALID_MESSAGE_WEIGHT: f64 = -10.0;
+
+/// Share of a neighbour's invalid-message count kept each second: the count of an honest
+/// peer that once sent something odd fades within a minute.
+const INVALID_MESSAGE_DECAY: f64 = 0.9;
+
+/// gossipsub peer scoring that counts only what is plainly hostile: invalid messages. The
+/// other components (time in mesh, delivery rates, IP colocation) would punish honest peers
+/// on a LAN where many share one host, or that are merely slow.
+fn peer_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_MESSAGE_WEIGHT,
+        invalid_message_deliveries_decay: INVALID_MESSAGE_DECAY,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        behaviour_penalty_weight: 0.0,
+        slow_peer_weight: 0.0,
+        ..Default::default()
+    };
+    params.topics.insert(
+        gossipsub::IdentTopic::new(crate::proto::MESH_TOPIC).hash(),
+        topic,
+    );
+    let thresholds = gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -30.0,
+        graylist_threshold: BAN_SCORE,
+        ..Default::default()
+    };
+    (params, thresholds)
+}
+
 /// The protocols every meshbus peer runs.
 /// How long a repair request may take before it counts as failed and is asked elsewhere.
 pub const REPAIR_TIMEOUT: Duration = crate::proto::inbox::ASK_TIMEOUT;
@@ -174,11 +222,16 @@ pub fn build_swarm(
                 .mesh_outbound_min(1)
                 .max_control_message_size(MAX_CONTROL_BYTES)
                 .max_control_messages_sent(MAX_IHAVE_IDS)
+                // meshbus looks at every message (decodes it, checks the ACL and the
+                // sender's rate) before gossipsub may forward it.
+                .validate_messages()
                 .build()?;
-            let gossipsub = gossipsub::Behaviour::new(
+            let mut gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
             )?;
+            let (params, thresholds) = peer_scoring();
+            gossipsub.with_peer_score(params, thresholds)?;
             let mdns = if mdns_on {
                 let config = mdns::Config {
                     ttl: MDNS_TTL,

@@ -140,6 +140,8 @@ struct Shared {
     started: std::time::Instant,
     mdns: bool,
     max_event_size: usize,
+    /// Who may publish what: checked on our own events and on every received one.
+    acl: crate::proto::Acl,
     stats: Arc<Stats>,
     handlers: Handlers,
     store: Store,
@@ -252,6 +254,7 @@ impl Node {
             started: std::time::Instant::now(),
             mdns: config.mdns,
             max_event_size: config.max_event_size,
+            acl: config.acl.clone(),
             handlers,
             stats,
             store: store.clone(),
@@ -356,6 +359,9 @@ impl NodeHandle {
         payload: Payload,
     ) -> Result<Unstamped, EventError> {
         let topic = Topic::user(topic)?;
+        if !self.shared.acl.may_publish(&self.shared.peer_id, &topic) {
+            return Err(EventError::Forbidden(topic.to_string()));
+        }
         let event_type = event_type.unwrap_or(topic.as_str()).to_owned();
         event::validate(
             &topic,

@@ -41,6 +41,30 @@ fn events_in_order_are_ready_at_once_and_repeats_are_duplicates() {
 }
 
 #[test]
+fn a_replayed_event_is_a_duplicate_however_late_and_after_a_restart() {
+    // The old de-dup window was a cache of message ids that forgot after a minute; the inbox
+    // remembers how far each publisher's stream got, for as long as the log does.
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let mut inbox = Inbox::new(me);
+    let now = Instant::now();
+    let captured = event(src, 1);
+    assert_eq!(inbox.receive(captured.clone(), src, now), Received::Fresh);
+    assert_eq!(ready(&mut inbox), [1]);
+    for later in [75, 3600, 30 * 24 * 3600] {
+        let at = now + Duration::from_secs(later);
+        assert_eq!(
+            inbox.receive(captured.clone(), src, at),
+            Received::Duplicate,
+            "{later} s"
+        );
+    }
+    // A restarted peer restores the stream's high mark from its log.
+    let mut restarted = Inbox::new(me);
+    restarted.restore(stream(src), 1, now);
+    assert_eq!(restarted.receive(captured, src, now), Received::Duplicate);
+}
+
+#[test]
 fn early_events_wait_for_the_gap_and_come_out_in_order() {
     let (me, src) = (PeerId::random(), PeerId::random());
     let mut inbox = Inbox::new(me);

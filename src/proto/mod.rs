@@ -5,11 +5,14 @@
 //!
 //! - [`publish`]: this peer's sequence numbers and how events are packed into messages.
 //! - [`receive`]: which events of a message from another peer are accepted.
+//! - [`acl`]: who may publish on which topics; [`limits`]: how much one neighbour may send.
 //! - [`inbox`]: every publisher's events once and in order; gaps and what to fetch.
 //! - [`peers`]: connections, liveness, discovery bookkeeping, redials and membership events.
 //! - [`listen`]: when a starting node is ready.
 
+pub mod acl;
 pub mod inbox;
+pub mod limits;
 pub mod listen;
 pub mod peers;
 pub mod publish;
@@ -18,6 +21,7 @@ pub mod receive;
 #[cfg(test)]
 mod sim;
 
+pub use acl::Acl;
 pub use inbox::{Fetch, Inbox, Lost, Received, StreamId};
 pub use listen::Listening;
 pub use peers::{Membership, PeerAction, PeerInfo, Peers};

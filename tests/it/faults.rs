@@ -97,10 +97,9 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     let target = Peer::local(&["--open", "--max-event-size", "1024", "--on", &on]);
     let addr: Multiaddr = target.tcp_addr().parse().unwrap();
 
+    // The good batch first: after three invalid messages the sender is graylisted (and then
+    // banned), so nothing it sends later is even looked at.
     let payloads = vec![
-        vec![0xff, 1, 2],                // unknown version
-        vec![VERSION, 0x0a, 0xff, 0xff], // not protobuf
-        payload(vec![]),                 // a batch of no events
         payload(vec![
             wire_event("orders..bad", b"1"),         // invalid topic
             wire_event("orders.ok", b"1"),           // the one good event
@@ -111,6 +110,9 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
                 ..wire_event("orders.future", b"1")
             },
         ]),
+        vec![0xff, 1, 2],                // unknown version
+        vec![VERSION, 0x0a, 0xff, 0xff], // not protobuf
+        payload(vec![]),                 // a batch of no events
     ];
     rogue_publish(addr, payloads).await;
 
@@ -118,6 +120,10 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
         let counters = wait_for(T, "the target to count the bad input", || {
             let c = target.status()["counters"].clone();
             (c["messages_received"] == 4).then_some(c)
+        });
+        // Three invalid messages in a row: the sender is disconnected and banned.
+        wait_until(T, "the rogue banned", || {
+            target.status()["counters"]["peers_banned"] == 1 && target.peer_ids().is_empty()
         });
         // The peer is not wedged: a normal peer's event still gets through.
         let friend = Peer::local(&["--open", "--peer", target.tcp_addr()]);

@@ -10,4 +10,5 @@ mod handlers;
 mod library;
 mod log;
 mod retries;
+mod security;
 mod support;

@@ -40,9 +40,14 @@ impl Actor {
 
     /// Appends what the inbox has ready to the log, and announces what it found lost.
     pub(super) fn flush_inbox(&mut self) {
-        let ready: Vec<Arc<Event>> = std::iter::from_fn(|| self.inbox.poll_ready())
-            .map(Arc::new)
-            .collect();
+        let mut ready: Vec<Arc<Event>> = Vec::new();
+        while let Some(event) = self.inbox.poll_ready() {
+            if self.allowed(&event) {
+                ready.push(Arc::new(event));
+            } else {
+                self.refuse_forbidden(&event);
+            }
+        }
         if !ready.is_empty() {
             // Not awaited: the writer counts and logs a failed commit, and a crash before the
             // commit loses the marks with the events, so they are fetched again.

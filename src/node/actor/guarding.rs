@@ -1,0 +1,148 @@
+//! The swarm task's defences against its neighbours: every gossip message is judged before
+//! gossipsub may forward it (rate, wire format, ACL), forbidden events are kept out of the
+//! log, and neighbours that flood or keep sending invalid messages are banned for a while.
+
+use std::time::{Instant, SystemTime};
+
+use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::PeerId;
+use tracing::warn;
+
+use super::{now, Actor};
+use crate::event::Event;
+use crate::node::behaviour::BAN_SCORE;
+use crate::proto::{self, limits};
+use crate::stats;
+
+impl Actor {
+    /// Handles a gossip message, then tells gossipsub whether to forward it: only messages
+    /// within their sender's rate, that decode, and whose every event the ACL allows.
+    pub(super) fn on_message(
+        &mut self,
+        from: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let stats = self.shared.stats.clone();
+        stats::bump(&stats.messages_received);
+        let at = now();
+        let verdict = match self.limits.admit(from, message.data.len(), at) {
+            limits::Verdict::Admit => self.judge(from, message, at),
+            limits::Verdict::Throttle => {
+                if let Some(n) = stats::bump_throttled(&stats.messages_throttled) {
+                    warn!(peer = %from, throttled_so_far = n,
+                        limit_per_sec = limits::MAX_MESSAGES_PER_SEC,
+                        "ignoring messages from a peer over its rate");
+                }
+                MessageAcceptance::Ignore
+            }
+            limits::Verdict::Ban => {
+                self.ban(from, "it kept sending over its rate", at);
+                MessageAcceptance::Ignore
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &from, verdict);
+    }
+
+    /// Takes a message's events in; rejects it if it does not decode or carries a
+    /// forbidden event.
+    fn judge(
+        &mut self,
+        from: PeerId,
+        message: gossipsub::Message,
+        at: Instant,
+    ) -> MessageAcceptance {
+        let stats = self.shared.stats.clone();
+        let source = message.source;
+        let max = self.shared.max_event_size;
+        let decoded = match proto::receive(source, message.data, max, SystemTime::now()) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                if let Some(n) = stats::bump_throttled(&stats.messages_malformed) {
+                    warn!(peer = ?source, via = %from, %error, malformed_so_far = n, "dropped a malformed message");
+                }
+                return MessageAcceptance::Reject;
+            }
+        };
+        for error in decoded.rejected {
+            if let Some(n) = stats::bump_throttled(&stats.events_rejected) {
+                warn!(peer = ?source, %error, rejected_so_far = n, "dropped an event");
+            }
+        }
+        let mut verdict = MessageAcceptance::Accept;
+        for event in decoded.events {
+            let allowed = self.allowed(&event);
+            if !allowed {
+                verdict = MessageAcceptance::Reject;
+            }
+            let time = event.time;
+            // A forbidden event still goes to the inbox, which keeps its publisher's numbers
+            // in order; it is counted and dropped on its way to the log.
+            if self.take(event, from, at) && allowed {
+                stats::bump(&stats.received);
+                stats.receive_latency.record(crate::clock::age_micros(time));
+            }
+        }
+        self.flush_inbox();
+        verdict
+    }
+
+    /// Whether the ACL lets this event's publisher publish on its topic.
+    pub(super) fn allowed(&self, event: &Event) -> bool {
+        self.shared.acl.may_publish(&event.source, &event.topic)
+    }
+
+    /// Counts and logs an event the ACL forbids (throttled), naming its publisher.
+    pub(super) fn refuse_forbidden(&self, event: &Event) {
+        if let Some(n) = stats::bump_throttled(&self.shared.stats.events_forbidden) {
+            warn!(publisher = %event.source, topic = %event.topic, forbidden_so_far = n,
+                "refused an event: its publisher may not publish on this topic (acl)");
+        }
+    }
+
+    /// Disconnects `peer` and refuses it until the ban ends.
+    pub(super) fn ban(&mut self, peer: PeerId, why: &str, at: Instant) {
+        if self.banned.insert(peer, at + limits::BAN_FOR).is_some() {
+            return;
+        }
+        stats::bump(&self.shared.stats.peers_banned);
+        warn!(%peer, reason = why, for_secs = limits::BAN_FOR.as_secs(), "banned a peer");
+        self.swarm.behaviour_mut().banned.block_peer(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.limits.forget(&peer);
+    }
+
+    /// Once a second: bans neighbours whose gossipsub score says they keep sending invalid
+    /// messages (bad signatures included, which gossipsub drops before meshbus sees them),
+    /// and lifts bans that have run their time.
+    pub(super) fn review_neighbours(&mut self, at: Instant) {
+        let low: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| {
+                self.swarm
+                    .behaviour()
+                    .gossipsub
+                    .peer_score(p)
+                    .is_some_and(|s| s < BAN_SCORE)
+            })
+            .copied()
+            .collect();
+        for peer in low {
+            self.ban(peer, "it kept sending invalid messages", at);
+        }
+        let over: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= at)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in over {
+            self.banned.remove(&peer);
+            self.swarm.behaviour_mut().banned.unblock_peer(peer);
+        }
+    }
+}

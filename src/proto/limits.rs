@@ -1,0 +1,157 @@
+//! How much one peer may make this one spend: a token bucket per neighbour for messages and
+//! bytes per second. A neighbour over its rate has its messages ignored (not handled, not
+//! forwarded; the events come again by repair once it slows down); one that goes over it
+//! again and again, with no second's break, for [`BAN_AFTER`] is disconnected and banned for
+//! [`BAN_FOR`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+/// Gossip messages per second one neighbour may send, sustained; a second's worth may come
+/// at once. Each message may carry many events, so this is far above what an honest peer
+/// sends even when it publishes as fast as it can.
+pub const MAX_MESSAGES_PER_SEC: f64 = 20_000.0;
+
+/// Bytes per second one neighbour may send in gossip messages, sustained.
+pub const MAX_BYTES_PER_SEC: f64 = 256.0 * 1024.0 * 1024.0;
+
+/// A neighbour throttled at least once a second for this long is banned.
+pub const BAN_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a ban lasts.
+pub const BAN_FOR: Duration = Duration::from_secs(300);
+
+/// What to do with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Within the rate.
+    Admit,
+    /// Over it: ignore the message.
+    Throttle,
+    /// Over it for too long: disconnect and ban the neighbour.
+    Ban,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    messages: f64,
+    bytes: f64,
+    at: Instant,
+    /// When the current run of throttling began, and when it last throttled.
+    streak: Option<(Instant, Instant)>,
+}
+
+/// The buckets of the neighbours this peer is connected to.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    peers: HashMap<PeerId, Bucket>,
+}
+
+impl RateLimits {
+    /// Accounts for a message of `bytes` from `peer` at `now`.
+    pub fn admit(&mut self, peer: PeerId, bytes: usize, now: Instant) -> Verdict {
+        let bucket = self.peers.entry(peer).or_insert(Bucket {
+            messages: MAX_MESSAGES_PER_SEC,
+            bytes: MAX_BYTES_PER_SEC,
+            at: now,
+            streak: None,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.at = now;
+        bucket.messages =
+            (bucket.messages + elapsed * MAX_MESSAGES_PER_SEC).min(MAX_MESSAGES_PER_SEC);
+        bucket.bytes = (bucket.bytes + elapsed * MAX_BYTES_PER_SEC).min(MAX_BYTES_PER_SEC);
+        let bytes = bytes as f64;
+        if bucket.messages >= 1.0 && bucket.bytes >= bytes {
+            bucket.messages -= 1.0;
+            bucket.bytes -= bytes;
+            return Verdict::Admit;
+        }
+        let began = match bucket.streak {
+            Some((began, last))
+                if now.saturating_duration_since(last) <= Duration::from_secs(1) =>
+            {
+                began
+            }
+            _ => now,
+        };
+        bucket.streak = Some((began, now));
+        if now.saturating_duration_since(began) >= BAN_AFTER {
+            bucket.streak = None;
+            Verdict::Ban
+        } else {
+            Verdict::Throttle
+        }
+    }
+
+    /// Forgets a neighbour that disconnected.
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_throttled_then_banned_and_a_pause_refills() {
+        let (peer, start) = (PeerId::random(), Instant::now());
+        let mut limits = RateLimits::default();
+        let burst = MAX_MESSAGES_PER_SEC as usize;
+        for _ in 0..burst {
+            assert_eq!(limits.admit(peer, 100, start), Verdict::Admit);
+        }
+        assert_eq!(limits.admit(peer, 100, start), Verdict::Throttle);
+        // A pause of a tenth of a second refills a tenth of the bucket.
+        let later = start + Duration::from_millis(100);
+        for _ in 0..burst / 10 {
+            assert_eq!(limits.admit(peer, 100, later), Verdict::Admit);
+        }
+        // Twice the rate, steadily: throttled, and banned after BAN_AFTER.
+        let first = later + Duration::from_millis(10);
+        let mut t = first;
+        let banned_at = loop {
+            let verdicts: Vec<Verdict> = (0..2 * burst / 100)
+                .map(|_| limits.admit(peer, 100, t))
+                .collect();
+            assert!(
+                verdicts.contains(&Verdict::Admit),
+                "the refill still gets through"
+            );
+            if verdicts.contains(&Verdict::Ban) {
+                break t;
+            }
+            assert!(t < later + 2 * BAN_AFTER, "never banned");
+            t += Duration::from_millis(10);
+        };
+        let took = banned_at - start; // the run began with the first throttle, at start
+        assert!(
+            took >= BAN_AFTER && took < BAN_AFTER + Duration::from_millis(50),
+            "{took:?}"
+        );
+        // One that went over once, then paused for more than a second, starts afresh.
+        let other = PeerId::random();
+        for _ in 0..=burst {
+            limits.admit(other, 100, start);
+        }
+        let after_pause = start + BAN_AFTER + Duration::from_secs(2);
+        for _ in 0..=burst {
+            assert_ne!(limits.admit(other, 100, after_pause), Verdict::Ban);
+        }
+    }
+
+    #[test]
+    fn bytes_are_limited_too() {
+        let (peer, now) = (PeerId::random(), Instant::now());
+        let mut limits = RateLimits::default();
+        let big = MAX_BYTES_PER_SEC as usize / 2;
+        assert_eq!(limits.admit(peer, big, now), Verdict::Admit);
+        assert_eq!(limits.admit(peer, big, now), Verdict::Admit);
+        assert_eq!(limits.admit(peer, big, now), Verdict::Throttle);
+        limits.forget(&peer);
+        assert_eq!(limits.admit(peer, big, now), Verdict::Admit);
+    }
+}
