@@ -292,16 +292,38 @@ impl CloudEvent {
             (None, Some(b64)) => format!("<{} base64 {b64}>", self.datacontenttype),
             (None, None) => String::new(),
         };
-        let mut line = format!(
+        let mut line = printable(&format!(
             "{} {} …{}#{} {}",
             self.time, self.topic, short_source, self.seq, data
-        );
+        ));
         if let Some((cut, _)) = line.char_indices().nth(SUMMARY_DATA_CHARS) {
             line.truncate(cut);
             line.push('…');
         }
-        line.replace('\n', " ")
+        line
     }
+}
+
+/// `text` safe to print on a terminal: control characters (ESC, BEL, CR, newline, C1…) and
+/// the bidirectional overrides that reorder what a reader sees become visible escapes like
+/// `\u{1b}`, so event data cannot move the cursor, retitle the window or hide text.
+pub fn printable(text: &str) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Why an event breaks the rules: refused at publish, dropped on arrival.
@@ -439,6 +461,17 @@ mod tests {
         assert_eq!(Payload::guess("42").content_type, JSON);
         assert_eq!(Payload::guess("hello world").content_type, TEXT);
         assert_eq!(Payload::guess("hello world").data, "hello world");
+    }
+
+    #[test]
+    fn terminal_escapes_in_data_are_shown_not_obeyed() {
+        let e = event(TEXT, b"a\x1b]0;owned\x07b\rc\xe2\x80\xaed");
+        let line = e.to_cloudevent().summary_line();
+        assert!(
+            line.ends_with(r"a\u{1b}]0;owned\u{7}b\u{d}c\u{202e}d"),
+            "{line}"
+        );
+        assert!(!line.chars().any(|c| c.is_control()));
     }
 
     #[test]

@@ -16,6 +16,9 @@ use nix::fcntl::{Flock, FlockArg};
 /// File name of the key inside the data directory.
 pub const KEY_FILE: &str = "identity.key";
 
+/// Largest key file read (an ed25519 key takes 68 bytes).
+const MAX_KEY_FILE: usize = 4096;
+
 /// Why the identity could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -87,7 +90,7 @@ pub fn load_or_create(dir: &Path) -> Result<Identity, IdentityError> {
         .map_err(|_| IdentityError::InUse(dir.to_owned()))?;
 
     let key_path = dir.join(KEY_FILE);
-    let keypair = match fs::read(&key_path) {
+    let keypair = match crate::files::read_limited(&key_path, MAX_KEY_FILE) {
         Ok(bytes) => {
             let keypair =
                 Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::BadKey {

@@ -187,6 +187,52 @@ fn duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     })
 }
 
+/// The line where `[node]`'s `key` is set (the first line starting with it), for messages
+/// about values serde has already accepted.
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(0, |i| i + 1)
+}
+
+/// Checks `[node]`'s values, naming the line of a bad one.
+fn check_node(node: &NodeSection, text: &str) -> Result<(), (usize, String)> {
+    if let Some(size) = node.max_event_size {
+        let limit = super::max_event_size_limit();
+        if size == 0 || size > limit {
+            return Err((
+                key_line(text, "max_event_size"),
+                format!(
+                    "[node] max_event_size {size} is out of range: expected 1 to {limit} bytes"
+                ),
+            ));
+        }
+    }
+    let listen = node.listen.iter().flatten().map(|a| ("listen", a));
+    for (key, addr) in listen.chain(node.peers.iter().map(|a| ("peers", a))) {
+        let parsed: libp2p::Multiaddr = addr.parse().map_err(|e| {
+            (
+                key_line(text, key),
+                format!("[node] {key}: `{addr}` is not a multiaddr ({e})"),
+            )
+        })?;
+        if !super::is_tcp(&parsed) {
+            return Err((
+                key_line(text, key),
+                format!("[node] {key}: `{addr}` is not a TCP address (like /ip4/10.0.0.2/tcp/7421); meshbus runs on TCP only"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Largest config file read.
+pub const MAX_FILE: usize = 1024 * 1024;
+
 /// 1-based line of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
@@ -195,11 +241,12 @@ fn line_of(text: &str, offset: usize) -> usize {
 impl ConfigFile {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigFileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError {
-            path: path.to_owned(),
-            line: 0,
-            message: format!("cannot read it: {e}"),
-        })?;
+        let text =
+            crate::files::read_text_limited(path, MAX_FILE).map_err(|e| ConfigFileError {
+                path: path.to_owned(),
+                line: 0,
+                message: format!("cannot read it: {e}"),
+            })?;
         Self::parse(path, &text)
     }
 
@@ -214,7 +261,9 @@ impl ConfigFile {
             let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             error(line, e.message().trim().to_owned())
         })?;
+        check_node(&raw.node, text).map_err(|(line, m)| error(line, m))?;
         let mut handlers = Vec::with_capacity(raw.handler.len());
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
         for spanned in raw.handler {
             let line = line_of(text, spanned.span().start);
             let row = spanned.into_inner();
@@ -223,10 +272,23 @@ impl ConfigFile {
                 .as_deref()
                 .map(|n| format!("handler `{n}`"))
                 .unwrap_or_else(|| format!("handler `{}`", row.pattern));
-            handlers.push(
-                row.into_spec()
-                    .map_err(|m| error(line, format!("{what}: {m}")))?,
-            );
+            if let Some(name) = &row.name {
+                if let Some(first) = names.insert(name.clone(), line) {
+                    return Err(error(
+                        line,
+                        format!("{what}: the name is taken by the handler on line {first}; names must be unique"),
+                    ));
+                }
+            }
+            let spec = row
+                .into_spec()
+                .map_err(|m| error(line, format!("{what}: {m}")))?;
+            crate::handlers::check_jq(spec.filter.as_deref(), spec.transform.as_deref())
+                .map_err(|e| error(line, format!("{what}: {e}")))?;
+            spec.action
+                .check()
+                .map_err(|m| error(line, format!("{what}: {m}")))?;
+            handlers.push(spec);
         }
         let mut rules = Vec::with_capacity(raw.acl.len());
         for spanned in raw.acl {
@@ -348,6 +410,55 @@ mod tests {
     }
 
     #[test]
+    fn what_would_fail_later_is_refused_at_load_with_file_and_line() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("[[handler]]\nname = \"a\"\npattern = \"x\"\n[handler.log]\n\n[[handler]]\nname = \"a\"\npattern = \"y\"\n[handler.log]\n", 6, "taken by the handler on line 1"),
+            ("\n[[handler]]\npattern = \"x\"\nfilter = \".a | [\"\n[handler.log]\n", 2, "jq filter"),
+            ("[node]\nname = \"n\"\nmax_event_size = 0\n", 3, "max_event_size 0 is out of range"),
+            ("[node]\nlisten = [\"/ip4/0.0.0.0/udp/1/quic-v1\"]\n", 2, "not a TCP address"),
+            ("[node]\npeers = [\"not an address\"]\n", 2, "not a multiaddr"),
+            ("[[handler]]\npattern = \"x\"\n[handler.exec]\ncommand = [\"/no/such/program\"]\n", 1, "does not exist"),
+            ("[[handler]]\npattern = \"x\"\n[handler.exec]\ncommand = \"no-such-program-here --flag\"\n", 1, "not on PATH"),
+            ("[[handler]]\npattern = \"x\"\n[handler.exec]\ncommand = \"true\"\ncwd = \"/no/such/dir\"\n", 1, "not a directory"),
+            ("[[handler]]\npattern = \"x\"\n[handler.http]\nurl = \"http://\"\n", 1, "is not a URL: empty host"),
+            ("[[handler]]\npattern = \"x\"\n[handler.http]\nurl = \"http://h/\"\nheaders = { \"bad name\" = \"v\" }\n", 1, "not a valid HTTP header name"),
+            ("[[handler]]\npattern = \"x\"\n[handler.file]\npath = \"/tmp\"\n", 1, "is a directory"),
+            ("[[acl]]\npeers = [\"nobody\"]\npublish = [\"a.*\"]\n", 1, "not a peer id"),
+        ];
+        for (text, line, needle) in cases {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, *line, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+            assert!(err.to_string().starts_with("meshbus.toml:"), "{err}");
+        }
+        let err = ConfigFile::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+    }
+
+    #[test]
+    fn webhook_secrets_stay_out_of_what_is_shown() {
+        let c = parse("[[handler]]\npattern = \"x\"\n[handler.http]\nurl = \"https://user:hunter2@hooks.example/in?token=abc&x=1\"\n").unwrap();
+        let shown = c.handlers[0].action.to_string();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("abc"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("hooks.example") && shown.contains("token="),
+            "{shown}"
+        );
+        let err = "**=https://user:hunter2@/x"
+            .parse::<crate::HandlerSpec>()
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = "**=https:x".parse::<crate::HandlerSpec>().unwrap_err();
+        assert!(
+            err.to_string().contains("not an http:// or https:// URL"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn rows_read_every_key() {
         let c = parse(
             r#"
@@ -366,7 +477,7 @@ backoff = "100ms"
 backoff_max = "2s"
 dead_letter = "/tmp/dead.jsonl"
 [handler.exec]
-command = ["ship", "--fast"]
+command = ["cat", "--fast"]
 cwd = "/tmp"
 timeout = "3s"
 "#,
@@ -385,7 +496,7 @@ timeout = "3s"
         };
         assert_eq!(
             exec.command,
-            CommandLine::Argv(vec!["ship".into(), "--fast".into()])
+            CommandLine::Argv(vec!["cat".into(), "--fast".into()])
         );
         assert_eq!(exec.timeout, Some(Duration::from_secs(3)));
     }

@@ -165,7 +165,7 @@ pub enum ConfigError {
 }
 
 /// Whether `addr` is an IP (or DNS) address with a TCP port and nothing but `/p2p` after.
-fn is_tcp(addr: &Multiaddr) -> bool {
+pub(crate) fn is_tcp(addr: &Multiaddr) -> bool {
     use libp2p::multiaddr::Protocol;
     let mut parts = addr.iter();
     let host = matches!(

@@ -83,7 +83,7 @@ impl fmt::Display for Action {
                 command: CommandLine::Argv(argv),
                 ..
             }) => write!(f, "exec:{}", argv.join(" ")),
-            Action::Http(h) => f.write_str(&h.url),
+            Action::Http(h) => f.write_str(&redact_url(&h.url)),
             Action::Rust(_) => f.write_str("rust"),
         }
     }
@@ -201,6 +201,112 @@ impl std::str::FromStr for Action {
             })),
             "http" | "https" => Ok(Action::Http(HttpAction::new(s))),
             _ => Err(ActionError::Unknown(s.to_owned())),
+        }
+    }
+}
+
+/// `url` with its secrets hidden (a password in it, every query value), for display and
+/// logs: webhook URLs often carry credentials.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return "<not a URL>".to_owned();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if parsed.query().is_some() {
+        let keys: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        parsed
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(keys.iter().map(|k| (k.as_str(), "***")));
+    }
+    parsed.to_string()
+}
+
+/// Shell words that are not programs on `PATH`.
+const SHELL_WORDS: &[&str] = &[
+    ".", ":", "[", "alias", "break", "case", "cd", "command", "continue", "echo", "eval", "exec",
+    "exit", "export", "false", "for", "if", "kill", "printf", "pwd", "read", "return", "set",
+    "shift", "source", "test", "times", "trap", "true", "type", "ulimit", "umask", "unset",
+    "until", "wait", "while", "{", "(", "!",
+];
+
+/// Whether `program` names an executable file: as a path when it has a `/`, else on `PATH`.
+fn find_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let runnable = |path: &std::path::Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return if runnable(std::path::Path::new(program)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "exec program {program} does not exist or is not executable"
+            ))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))) {
+        Ok(())
+    } else {
+        Err(format!("exec program `{program}` is not on PATH"))
+    }
+}
+
+impl Action {
+    /// Checks what can be known before the first event, so that a row that would fail on
+    /// every event is refused when the table is loaded instead: a file path that is a
+    /// directory, an exec program that is not there or a cwd that is not a directory, a
+    /// webhook URL without a host or with a header that cannot be sent.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Action::File(a) if a.path.is_dir() => {
+                Err(format!("file path {} is a directory", a.path.display()))
+            }
+            Action::Exec(x) => {
+                if let Some(cwd) = &x.cwd {
+                    if !cwd.is_dir() {
+                        return Err(format!("exec cwd {} is not a directory", cwd.display()));
+                    }
+                }
+                let program = match &x.command {
+                    CommandLine::Argv(argv) => argv.first().map(String::as_str),
+                    // The first word of a plain command line, unless the shell runs it itself.
+                    CommandLine::Shell(line) => line.split_whitespace().next().filter(|w| {
+                        !SHELL_WORDS.contains(w)
+                            && !w.contains('=')
+                            && w.chars()
+                                .all(|c| c.is_alphanumeric() || "-_./+".contains(c))
+                    }),
+                };
+                program.map_or(Ok(()), find_program)
+            }
+            Action::Http(h) => {
+                let shown = redact_url(&h.url);
+                if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                    return Err(format!("`{shown}` is not an http:// or https:// URL"));
+                }
+                let url = reqwest::Url::parse(&h.url)
+                    .map_err(|e| format!("the webhook URL is not a URL: {e}"))?;
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(format!("`{shown}` has no host"));
+                }
+                for (name, value) in &h.headers {
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                        format!("header name {name:?} is not a valid HTTP header name")
+                    })?;
+                    reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                        format!(
+                            "header {name}: its value is not valid in HTTP (control characters?)"
+                        )
+                    })?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -70,7 +70,7 @@ impl HttpAction {
             request = request.header(name, value);
         }
         let response = request.send().await.map_err(|e| ActionError::HttpSend {
-            url: self.url.clone(),
+            url: super::action::redact_url(&self.url),
             reason: innermost(&e),
         })?;
         let status = response.status();
@@ -83,7 +83,7 @@ impl HttpAction {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         Err(ActionError::HttpStatus {
-            url: self.url.clone(),
+            url: super::action::redact_url(&self.url),
             status: status.as_u16(),
             retry_after,
         })

@@ -74,6 +74,12 @@ impl RowJq {
     }
 }
 
+/// Checks that a row's filter and transform compile (what a config load does before it
+/// accepts the row).
+pub fn check(filter: Option<&str>, transform: Option<&str>) -> Result<(), JqError> {
+    RowJq::compile(filter, transform).map(|_| ())
+}
+
 /// The first output of `filter` on `input`, or its error.
 fn first(filter: &JqFilter, input: Value) -> Result<Option<Value>, String> {
     let input: Val = serde_json::from_value(input).map_err(|e| format!("jq input: {e}"))?;

@@ -41,7 +41,7 @@ use tracing::{warn, Instrument as _};
 pub use action::{Action, ActionError, BoxError, CommandLine, ExecAction, RustHandler};
 pub use file::FileAction;
 pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
-pub use jq::JqError;
+pub use jq::{check as check_jq, JqError};
 pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE};
 pub use spec::{HandlerSpec, SpecError};
 
@@ -145,6 +145,14 @@ pub enum TableError {
         name: String,
         /// What is wrong.
         error: JqError,
+    },
+    /// The row's action would fail on every event.
+    #[error("handler `{name}`: {reason}")]
+    Action {
+        /// The row.
+        name: String,
+        /// What is wrong.
+        reason: String,
     },
     /// Two rows with one name.
     #[error("two handlers are named `{0}`; names must be unique")]
@@ -306,6 +314,13 @@ impl Handlers {
                     return Err(TableError::DuplicateName(name.clone()));
                 }
             }
+            spec.action.check().map_err(|reason| TableError::Action {
+                name: spec
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| spec.pattern.to_string()),
+                reason,
+            })?;
             // Compile first so that a bad row changes nothing.
             jq::RowJq::compile(spec.filter.as_deref(), spec.transform.as_deref()).map_err(
                 |error| TableError::Jq {

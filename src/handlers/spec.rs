@@ -63,21 +63,44 @@ pub enum SpecError {
         /// What is wrong with the action.
         source: ActionError,
     },
+    /// The action would fail on every event.
+    #[error("handler `{spec}`: {reason}")]
+    Check {
+        /// The whole row.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A `--on` row as it may be shown: a webhook URL's secrets hidden.
+fn shown(spec: &str) -> String {
+    match spec.split_once('=') {
+        Some((pattern, action)) if action.starts_with("http") => {
+            format!("{pattern}={}", super::action::redact_url(action))
+        }
+        _ => spec.to_owned(),
+    }
 }
 
 impl std::str::FromStr for HandlerSpec {
     type Err = SpecError;
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let shown = shown(spec);
         let (pattern, action) = spec
             .split_once('=')
-            .ok_or_else(|| SpecError::NoEquals(spec.to_owned()))?;
+            .ok_or_else(|| SpecError::NoEquals(shown.clone()))?;
         let pattern = Pattern::new(pattern).map_err(|source| SpecError::Pattern {
-            spec: spec.to_owned(),
+            spec: shown.clone(),
             source,
         })?;
-        let action = action.parse().map_err(|source| SpecError::Action {
-            spec: spec.to_owned(),
+        let action: Action = action.parse().map_err(|source| SpecError::Action {
+            spec: shown.clone(),
             source,
+        })?;
+        action.check().map_err(|reason| SpecError::Check {
+            spec: shown,
+            reason,
         })?;
         Ok(Self::new(pattern, action))
     }

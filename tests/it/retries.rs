@@ -232,6 +232,11 @@ fn exec_rows_retry_until_success_and_dead_letter_missing_commands() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let dead = dir.path().join("dead.jsonl");
+    // A program that is there when the table loads (a missing one is refused at load) and
+    // gone by the time the event comes.
+    let gone = dir.path().join("gone.sh");
+    std::fs::write(&gone, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&gone, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let config = write_config(
         dir.path(),
         "meshbus.toml",
@@ -252,7 +257,7 @@ retries = 1
 backoff = "20ms"
 dead_letter = "{dead}"
 [handler.exec]
-command = ["/no/such/program", "--flag"]
+command = ["{gone}", "--flag"]
 
 [[handler]]
 name = "argv"
@@ -261,10 +266,12 @@ pattern = "jobs.*"
 command = ["sh", "-c", "cat > {d}/argv.json"]
 cwd = "{d}"
 "#,
-            dead = dead.display()
+            dead = dead.display(),
+            gone = gone.display()
         ),
     );
     let a = Peer::local(&["--config", &config]);
+    std::fs::remove_file(&gone).unwrap();
     a.cli_ok(&["publish", "jobs.run", r#"{"n":1}"#]);
     wait_until(T, "rows to finish", || {
         let s = a.status();
@@ -277,10 +284,7 @@ cwd = "{d}"
     assert_eq!(row(&s, "second-time")["failed"], 0);
     assert_eq!(row(&s, "missing")["retried"], 1);
     let letters = wait_for_events(&dead, 1, T);
-    assert!(letters[0]["error"]
-        .as_str()
-        .unwrap()
-        .contains("/no/such/program"));
+    assert!(letters[0]["error"].as_str().unwrap().contains("gone.sh"));
     let stdin: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("argv.json")).unwrap())
             .unwrap();
