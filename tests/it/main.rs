@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod delivery;
 mod faults;
+mod fuzz;
 mod handlers;
 mod library;
 mod log;
