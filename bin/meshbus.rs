@@ -349,7 +349,21 @@ fn keys(command: KeysCmd, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Raises the open-file limit to what the system allows: a peer holds sockets for its
+/// connections, the API and its handlers, and the common soft limit of 1,024 is low.
+fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    raise_file_limit();
     let resolved = config::resolve(config::Flags {
         name: args.name,
         listen: args.listen,

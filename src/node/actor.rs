@@ -529,7 +529,7 @@ impl Actor {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(event)) => match event {
-                mdns::Event::Discovered(found) => self.peers.discovered(found),
+                mdns::Event::Discovered(found) => self.peers.discovered(found, now()),
                 mdns::Event::Expired(gone) => self.peers.expired(gone),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -574,6 +574,9 @@ impl Actor {
             } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
                 self.peers.dial_failed(connection_id, &error.to_string());
+                if let Some(peer) = peer_id {
+                    self.peers.peer_dial_failed(peer, now());
+                }
             }
             SwarmEvent::NewListenAddr {
                 listener_id,

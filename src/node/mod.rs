@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::Instrument as _;
 
 pub use crate::proto::PeerInfo;
+pub use behaviour::{HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_PENDING, MAX_PER_PEER};
 pub use error::NodeError;
 pub use subscription::Subscription;
 

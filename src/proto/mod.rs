@@ -7,10 +7,12 @@
 //! - [`receive`]: which events of a message from another peer are accepted.
 //! - [`acl`]: who may publish on which topics; [`limits`]: how much one neighbour may send.
 //! - [`inbox`]: every publisher's events once and in order; gaps and what to fetch.
-//! - [`peers`]: connections, liveness, discovery bookkeeping, redials and membership events.
+//! - [`peers`]: connections, liveness, redials and membership events; [`discovery`]: what
+//!   mDNS says, within bounds.
 //! - [`listen`]: when a starting node is ready.
 
 pub mod acl;
+pub mod discovery;
 pub mod inbox;
 pub mod limits;
 pub mod listen;

@@ -30,14 +30,11 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(4);
 /// How often known but disconnected peers (from mDNS or `--peer`) are dialled again.
 pub const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Most peers remembered from mDNS; more are ignored until some expire.
-pub const MAX_KNOWN_PEERS: usize = 1024;
-
 /// Most `--peer` (or dialled) addresses kept and redialled.
 pub const MAX_EXPLICIT_PEERS: usize = 256;
 
-/// Most addresses remembered or shown per peer.
-pub const MAX_ADDRS_PER_PEER: usize = 16;
+use super::discovery::{Discovery, Found};
+pub use super::discovery::{MAX_ADDRS_PER_PEER, MAX_DIALS_PER_ROUND, MAX_KNOWN_PEERS};
 
 /// What the swarm task must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,8 +171,12 @@ struct Explicit {
 pub struct Peers {
     me: PeerId,
     peers: BTreeMap<PeerId, Peer>,
-    /// Addresses learned by mDNS, for redialling peers whose connection dropped.
-    known: BTreeMap<PeerId, Vec<Multiaddr>>,
+    /// Peers learned by mDNS, for dialling (and redialling when a connection drops).
+    known: Discovery,
+    /// Dials of discovered peers started in this redial round.
+    round_dials: usize,
+    /// Discoveries ignored because [`MAX_KNOWN_PEERS`] were known (for throttled logs).
+    ignored_discoveries: u64,
     explicit: Vec<Explicit>,
     next_liveness: Instant,
     next_redial: Instant,
@@ -188,7 +189,9 @@ impl Peers {
         Self {
             me,
             peers: BTreeMap::new(),
-            known: BTreeMap::new(),
+            known: Discovery::default(),
+            round_dials: 0,
+            ignored_discoveries: 0,
             explicit: Vec::new(),
             next_liveness: now + PING_INTERVAL,
             next_redial: now + REDIAL_INTERVAL,
@@ -224,10 +227,8 @@ impl Peers {
         }
         if now >= self.next_redial {
             self.next_redial = now + REDIAL_INTERVAL;
-            let known: Vec<PeerId> = self.known.keys().copied().collect();
-            for peer in known {
-                self.dial_known(peer);
-            }
+            self.round_dials = 0;
+            self.dial_known(now);
             for i in 0..self.explicit.len() {
                 self.dial_explicit(i);
             }
@@ -307,6 +308,7 @@ impl Peers {
         };
         let entry = self.peers.entry(peer).or_default();
         entry.connections.insert(id, connection);
+        self.known.reached(&peer, now);
     }
 
     /// A connection closed. When it was the peer's last, a member has left.
@@ -343,7 +345,7 @@ impl Peers {
     ) {
         if protocol_version != PROTOCOL_VERSION {
             info!(%peer, protocol = %protocol_version, "not a meshbus peer; disconnecting");
-            self.known.remove(&peer);
+            self.known.forget(&peer);
             self.actions.push_back(PeerAction::Disconnect(peer));
             return;
         }
@@ -393,9 +395,13 @@ impl Peers {
         self.actions.push_back(PeerAction::Close(id));
     }
 
-    /// mDNS found peers at these addresses: remember them (within bounds) and dial those
-    /// not connected.
-    pub fn discovered(&mut self, found: impl IntoIterator<Item = (PeerId, Multiaddr)>) {
+    /// mDNS found peers at these addresses: remember them (within the bounds of
+    /// [`super::discovery`]) and dial those not connected, within this round's budget.
+    pub fn discovered(
+        &mut self,
+        found: impl IntoIterator<Item = (PeerId, Multiaddr)>,
+        now: Instant,
+    ) {
         let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
         for (peer, addr) in found {
             if peer != self.me {
@@ -404,30 +410,27 @@ impl Peers {
         }
         for (peer, addrs) in by_peer {
             debug!(%peer, ?addrs, "discovered by mDNS");
-            if !self.known.contains_key(&peer) && self.known.len() >= MAX_KNOWN_PEERS {
-                warn!(%peer, limit = MAX_KNOWN_PEERS, "too many peers known; ignoring this one");
-                continue;
-            }
-            let known = self.known.entry(peer).or_default();
-            for addr in addrs {
-                if !known.contains(&addr) && known.len() < MAX_ADDRS_PER_PEER {
-                    known.push(addr);
+            if self.known.found(peer, addrs, now) == Found::Full {
+                self.ignored_discoveries += 1;
+                if self.ignored_discoveries.is_power_of_two() {
+                    warn!(%peer, limit = MAX_KNOWN_PEERS, ignored_so_far = self.ignored_discoveries,
+                        "too many peers discovered by mDNS; ignoring this one");
                 }
             }
-            self.dial_known(peer);
         }
+        self.dial_known(now);
     }
 
     /// mDNS records expired: those addresses are no longer redialled.
     pub fn expired(&mut self, gone: impl IntoIterator<Item = (PeerId, Multiaddr)>) {
         for (peer, addr) in gone {
-            if let Some(addrs) = self.known.get_mut(&peer) {
-                addrs.retain(|a| a != &addr);
-                if addrs.is_empty() {
-                    self.known.remove(&peer);
-                }
-            }
+            self.known.expired(&peer, &addr);
         }
+    }
+
+    /// A dial of a discovered `peer` failed: it is tried again later and later.
+    pub fn peer_dial_failed(&mut self, peer: PeerId, now: Instant) {
+        self.known.failed(&peer, now, REDIAL_INTERVAL);
     }
 
     /// Remembers an address to dial now and redial whenever its peer is not connected.
@@ -478,12 +481,15 @@ impl Peers {
         }
     }
 
-    fn dial_known(&mut self, peer: PeerId) {
-        if self.is_connected(&peer) {
-            return;
-        }
-        if let Some(addrs) = self.known.get(&peer) {
-            let addrs = addrs.clone();
+    /// Dials the discovered peers that are due, within this round's budget.
+    fn dial_known(&mut self, now: Instant) {
+        let budget = MAX_DIALS_PER_ROUND.saturating_sub(self.round_dials);
+        let peers = &self.peers;
+        let due = self.known.due(now, REDIAL_INTERVAL, budget, |p| {
+            peers.get(p).is_some_and(|p| !p.connections.is_empty())
+        });
+        self.round_dials += due.len();
+        for (peer, addrs) in due {
             self.actions.push_back(PeerAction::Dial { peer, addrs });
         }
     }

@@ -48,7 +48,7 @@ fn a_peer_of_another_protocol_is_disconnected_and_forgotten() {
     let now = Instant::now();
     let mut peers = Peers::new(PeerId::random(), now);
     let stranger = PeerId::random();
-    peers.discovered([(stranger, addr(1))]);
+    peers.discovered([(stranger, addr(1))], now);
     drain(&mut peers);
     peers.connected(stranger, conn(1), addr(1), now);
     peers.identified(stranger, "/other/1", "other".into(), vec![]);
@@ -160,7 +160,7 @@ fn discovered_peers_are_dialled_with_all_their_addresses_but_not_ourselves() {
     let me = PeerId::random();
     let mut peers = Peers::new(me, now);
     let peer = PeerId::random();
-    peers.discovered([(peer, addr(1)), (peer, addr(2)), (me, addr(3))]);
+    peers.discovered([(peer, addr(1)), (peer, addr(2)), (me, addr(3))], now);
     assert_eq!(
         drain(&mut peers),
         [PeerAction::Dial {
@@ -174,7 +174,7 @@ fn discovered_peers_are_dialled_with_all_their_addresses_but_not_ourselves() {
 fn a_discovered_peer_already_connected_is_not_dialled() {
     let now = Instant::now();
     let (mut peers, peer) = with_member(now);
-    peers.discovered([(peer, addr(1))]);
+    peers.discovered([(peer, addr(1))], now);
     assert!(drain(&mut peers).is_empty());
 }
 
@@ -185,11 +185,15 @@ fn known_peers_and_their_addresses_are_bounded() {
     let many: Vec<(PeerId, Multiaddr)> = (0..MAX_KNOWN_PEERS + 10)
         .map(|_| (PeerId::random(), addr(1)))
         .collect();
-    peers.discovered(many);
-    assert_eq!(drain(&mut peers).len(), MAX_KNOWN_PEERS);
+    peers.discovered(many, now);
+    assert_eq!(
+        drain(&mut peers).len(),
+        MAX_DIALS_PER_ROUND,
+        "the rest wait for later rounds"
+    );
     let one = PeerId::random();
     let mut peers = Peers::new(PeerId::random(), now);
-    peers.discovered((0..40).map(|p| (one, addr(p))));
+    peers.discovered((0..40).map(|p| (one, addr(p))), now);
     let Some(PeerAction::Dial { addrs, .. }) = peers.poll_action() else {
         panic!("expected a dial");
     };
@@ -201,7 +205,7 @@ fn disconnected_known_peers_are_redialled_every_redial_interval() {
     let now = Instant::now();
     let mut peers = Peers::new(PeerId::random(), now);
     let peer = PeerId::random();
-    peers.discovered([(peer, addr(1))]);
+    peers.discovered([(peer, addr(1))], now);
     drain(&mut peers);
     peers.handle_timeout(now + REDIAL_INTERVAL / 2);
     assert!(drain(&mut peers).is_empty(), "not due yet");
@@ -226,7 +230,7 @@ fn expired_addresses_are_not_redialled() {
     let now = Instant::now();
     let mut peers = Peers::new(PeerId::random(), now);
     let peer = PeerId::random();
-    peers.discovered([(peer, addr(1)), (peer, addr(2))]);
+    peers.discovered([(peer, addr(1)), (peer, addr(2))], now);
     drain(&mut peers);
     peers.expired([(peer, addr(1))]);
     peers.handle_timeout(now + REDIAL_INTERVAL);

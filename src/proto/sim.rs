@@ -186,7 +186,8 @@ impl Sim {
         // mDNS: everyone hears everyone at start.
         let all: Vec<(PeerId, Multiaddr)> = (0..n).map(|i| (sim.nodes[i].id, addr(i))).collect();
         for i in 0..n {
-            sim.nodes[i].peers.discovered(all.clone());
+            let now = sim.now;
+            sim.nodes[i].peers.discovered(all.clone(), now);
             sim.carry_out(i);
         }
         sim

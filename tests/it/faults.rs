@@ -46,6 +46,12 @@ fn payload(events: Vec<WireEvent>) -> Vec<u8> {
 
 /// A hand-built libp2p peer that speaks gossipsub and publishes whatever bytes it is given.
 async fn rogue_publish(target: Multiaddr, payloads: Vec<Vec<u8>>) {
+    rogue(target, payloads, true).await
+}
+
+/// [`rogue_publish`], its messages signed or not (unsigned ones break meshbus's rule that
+/// every message is signed by its author).
+async fn rogue(target: Multiaddr, payloads: Vec<Vec<u8>>, signed: bool) {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -55,11 +61,32 @@ async fn rogue_publish(target: Multiaddr, payloads: Vec<Vec<u8>>) {
         )
         .unwrap()
         .with_behaviour(|key| {
-            let config = gossipsub::ConfigBuilder::default().build().unwrap();
+            let (authenticity, mode) = if signed {
+                (
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossipsub::ValidationMode::Strict,
+                )
+            } else {
+                (
+                    gossipsub::MessageAuthenticity::Anonymous,
+                    gossipsub::ValidationMode::Anonymous,
+                )
+            };
+            let config = gossipsub::ConfigBuilder::default()
+                .validation_mode(mode)
+                .message_id_fn(|m| {
+                    use std::hash::{Hash as _, Hasher as _};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    m.data.hash(&mut h);
+                    gossipsub::MessageId::from(h.finish().to_string())
+                })
+                .max_transmit_size(1 << 20)
+                .build()
+                .unwrap();
             gossipsub::Behaviour::<
                 gossipsub::IdentityTransform,
                 gossipsub::AllowAllSubscriptionFilter,
-            >::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
+            >::new(authenticity, config)
             .unwrap()
         })
         .unwrap()
@@ -144,4 +171,43 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
         .map(|e| e["topic"].as_str().unwrap())
         .collect();
     assert_eq!(topics, ["orders.ok", "orders.after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unsigned_messages_gets_its_sender_banned_with_a_few_log_lines() {
+    let target = Peer::local(&["--open"]);
+    let addr: Multiaddr = target.tcp_addr().parse().unwrap();
+    let payloads = (0..5000u32)
+        .map(|i| payload(vec![wire_event("orders.x", i.to_string().as_bytes())]))
+        .collect();
+    rogue(addr, payloads, false).await;
+    tokio::task::spawn_blocking(move || {
+        wait_until(T, "the sender banned", || {
+            target.status()["counters"]["peers_banned"] == 1
+        });
+        let counters = target.status()["counters"].clone();
+        assert_eq!(counters["received"], 0, "{counters:#}");
+        let warnings = target
+            .stderr
+            .all()
+            .iter()
+            .filter(|l| l.contains("WARN"))
+            .count();
+        assert!(
+            warnings < 30,
+            "{warnings} WARN lines: {:#?}",
+            target.stderr.all()
+        );
+        // The ban is logged once, naming the peer and why.
+        let bans: Vec<String> = target
+            .stderr
+            .all()
+            .into_iter()
+            .filter(|l| l.contains("banned a peer"))
+            .collect();
+        assert_eq!(bans.len(), 1, "{bans:#?}");
+        assert!(bans[0].contains("invalid messages"), "{}", bans[0]);
+    })
+    .await
+    .unwrap();
 }

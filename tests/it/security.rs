@@ -71,3 +71,33 @@ fn a_forbidden_event_stops_at_the_first_receiver_and_is_counted_there() {
         "{err}"
     );
 }
+
+#[test]
+fn silent_connections_cannot_exhaust_a_peers_sockets() {
+    let peer = Peer::local(&[]);
+    let before = peer.open_files();
+    let port: u16 = peer.tcp_addr().split('/').nth(4).unwrap().parse().unwrap();
+    // Many connections that never say a word (the attack that once ran a peer out of files).
+    let silent: Vec<std::net::TcpStream> = (0..400)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(silent.len() >= 300, "{} connected", silent.len());
+    // The peer holds at most its pending bound of them and answers its API.
+    let holding = peer.open_files();
+    assert!(
+        holding <= before + meshbus::node::MAX_PENDING as usize + 16,
+        "{before} files before, {holding} with {} silent connections",
+        silent.len()
+    );
+    peer.cli_ok(&["status"]);
+    // Silent connections are dropped after the handshake timeout.
+    wait_until(T, "the silent connections closed", || {
+        peer.open_files() <= before + 4
+    });
+    drop(silent);
+    // And a member still gets in.
+    let member = Peer::local(&["--peer", peer.tcp_addr()]);
+    wait_until(T, "the member connected", || {
+        peer.peer_ids() == [member.peer_id.clone()]
+    });
+}
