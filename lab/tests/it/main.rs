@@ -6,4 +6,5 @@ mod bench;
 mod delivery;
 mod durability;
 mod faults;
+mod security;
 mod support;
