@@ -11,13 +11,21 @@ use std::path::Path;
 /// Reads all of `path` if it holds at most `limit` bytes; a longer file (or an endless one)
 /// is an `InvalidData` error naming the limit.
 pub fn read_limited(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
-    let file = fs::File::open(path)?;
-    if file.metadata()?.is_dir() {
+    // Looked at before opening: opening a FIFO would wait for a writer.
+    let kind = fs::metadata(path)?.file_type();
+    if kind.is_dir() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "is a directory, not a file",
         ));
     }
+    if !kind.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file (a device, FIFO or socket)",
+        ));
+    }
+    let file = fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
     if bytes.len() > limit {
@@ -43,11 +51,17 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
+    // A file (or link) left at the temporary name by someone else is not written through:
+    // it is removed, and ours is created afresh, never following a link.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -59,9 +73,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_endless_file_is_refused_not_read_to_the_end() {
+    fn an_endless_or_special_file_is_refused_not_read_to_the_end() {
         let err = read_limited(Path::new("/dev/zero"), 1024).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("config.toml");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(read_limited(&link, 1024).is_err());
+        let big = dir.path().join("big");
+        fs::write(&big, vec![b'x'; 2000]).unwrap();
+        let err = read_limited(&big, 1024).unwrap_err();
         assert!(err.to_string().contains("longer than 1024 bytes"), "{err}");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(
+            read_limited(&fifo, 1024).is_err(),
+            "a FIFO is refused without waiting"
+        );
+    }
+
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, b"theirs").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(".secret.tmp")).unwrap();
+        write_private(&dir.path().join("secret"), b"ours").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"theirs");
+        assert_eq!(fs::read(dir.path().join("secret")).unwrap(), b"ours");
     }
 
     #[test]

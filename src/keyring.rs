@@ -191,9 +191,15 @@ impl Keyring {
                 .find(|k| k.fingerprint().starts_with(&which.to_ascii_lowercase())),
             Err(_) => None,
         };
-        found
-            .copied()
-            .ok_or_else(|| KeyringError::Unknown(which.chars().take(16).collect()))
+        found.copied().ok_or_else(|| {
+            // A fingerprint may be shown; what might be a key is not.
+            let shown = if which.len() <= 16 && which.bytes().all(|b| b.is_ascii_hexdigit()) {
+                which.to_owned()
+            } else {
+                "given".to_owned()
+            };
+            KeyringError::Unknown(shown)
+        })
     }
 
     /// Adds `key` as a secondary key (accepted, not dialled with); `false` if it was there.
@@ -241,7 +247,8 @@ impl Keyring {
             path: path.to_owned(),
             reason,
         };
-        let file: KeyringFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // The message only: toml's full error quotes the line, and the line is a key.
+        let file: KeyringFile = toml::from_str(text).map_err(|e| bad(e.message().to_owned()))?;
         if file.keys.is_empty() {
             return Err(bad("it holds no key".into()));
         }

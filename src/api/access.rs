@@ -32,6 +32,9 @@ pub const TOKEN_ENV: &str = "MESHBUS_TOKEN";
 /// Shortest token accepted: guessing one must be hopeless.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// Longest a publish request waits for its turn before it is refused.
+const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Longest token read or accepted.
 const MAX_TOKEN_LEN: usize = 256;
 
@@ -274,7 +277,14 @@ pub(super) async fn check(
     request.extensions_mut().insert(token);
     if publishing {
         // Held while the body is read and published: bounds the memory bodies take.
-        let _slot = state.publishing.clone().acquire_owned().await;
+        let slot =
+            tokio::time::timeout(PUBLISH_WAIT, state.publishing.clone().acquire_owned()).await;
+        let Ok(Ok(_slot)) = slot else {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many publish requests at once; try again",
+            );
+        };
         return next.run(request).await;
     }
     next.run(request).await

@@ -1,6 +1,7 @@
-//! The API's listener: at most so many connections at once, and a connection that sends and
-//! receives nothing for a while (idle keep-alive, a request sent half-way, a reader that
-//! stopped reading) is closed. Connections beyond the bound wait in the kernel's backlog,
+//! The API's listener: at most so many connections at once, and a connection this side has
+//! written nothing to for a while is closed: an idle keep-alive, a request sent half-way or
+//! a byte at a time (the clock runs on what we write, so trickling bytes does not keep a
+//! connection), a reader that stopped reading. Connections beyond the bound wait in the kernel's backlog,
 //! holding no file descriptor of ours.
 
 use std::io;
@@ -90,14 +91,21 @@ impl Idle {
         Ok(())
     }
 
+    /// Passes on what the stream said; a write restarts the clock, and a read (or a wait)
+    /// on a connection quiet too long ends it.
     fn progress<T>(
         &mut self,
         cx: &mut Context<'_>,
         poll: Poll<io::Result<T>>,
+        wrote: bool,
     ) -> Poll<io::Result<T>> {
         match poll {
             Poll::Ready(r) => {
-                self.last = Instant::now();
+                if wrote {
+                    self.last = Instant::now();
+                } else if let Err(e) = self.check(cx) {
+                    return Poll::Ready(Err(e));
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => match self.check(cx) {
@@ -118,7 +126,7 @@ impl AsyncRead for Idle {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.progress(cx, poll)
+        this.progress(cx, poll, false)
     }
 }
 
@@ -130,13 +138,13 @@ impl AsyncWrite for Idle {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.progress(cx, poll)
+        this.progress(cx, poll, true)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.stream).poll_flush(cx);
-        this.progress(cx, poll)
+        this.progress(cx, poll, true)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -341,7 +341,10 @@ impl RawHandler {
         }
         if let Some(h) = self.http {
             if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-                return Err(format!("key `http.url`: `{}` is not an http:// URL", h.url));
+                return Err(format!(
+                    "key `http.url`: `{}` is not an http:// or https:// URL",
+                    crate::handlers::redact_url(&h.url)
+                ));
             }
             actions.push(Action::Http(HttpAction {
                 url: h.url,
@@ -432,7 +435,7 @@ mod tests {
             assert!(err.to_string().starts_with("meshbus.toml:"), "{err}");
         }
         let err = ConfigFile::load(Path::new("/dev/zero")).unwrap_err();
-        assert!(err.to_string().contains("longer than"), "{err}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -200,13 +200,16 @@ impl std::str::FromStr for Action {
                 timeout: None,
             })),
             "http" | "https" => Ok(Action::Http(HttpAction::new(s))),
-            _ => Err(ActionError::Unknown(s.to_owned())),
+            // Only the kind: what follows may be a URL with credentials.
+            _ => Err(ActionError::Unknown(format!("{kind}:…"))),
         }
     }
 }
 
-/// `url` with its secrets hidden (a password in it, every query value), for display and
-/// logs: webhook URLs often carry credentials.
+/// `url` with its secrets hidden (user and password, every query value, the fragment),
+/// for display and logs: webhook URLs often carry credentials. (A secret in the path, as
+/// some chat webhooks have, is shown: put such URLs only in configs whose readers may see
+/// them.)
 pub fn redact_url(url: &str) -> String {
     let Ok(mut parsed) = reqwest::Url::parse(url) else {
         return "<not a URL>".to_owned();
@@ -214,6 +217,10 @@ pub fn redact_url(url: &str) -> String {
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
     }
+    if !parsed.username().is_empty() {
+        let _ = parsed.set_username("***");
+    }
+    parsed.set_fragment(None);
     if parsed.query().is_some() {
         let keys: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
         parsed

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{warn, Instrument as _};
 
-pub use action::{Action, ActionError, BoxError, CommandLine, ExecAction, RustHandler};
+pub use action::{redact_url, Action, ActionError, BoxError, CommandLine, ExecAction, RustHandler};
 pub use file::FileAction;
 pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
 pub use jq::{check as check_jq, JqError};

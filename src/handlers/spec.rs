@@ -76,8 +76,13 @@ pub enum SpecError {
 /// A `--on` row as it may be shown: a webhook URL's secrets hidden.
 fn shown(spec: &str) -> String {
     match spec.split_once('=') {
-        Some((pattern, action)) if action.starts_with("http") => {
-            format!("{pattern}={}", super::action::redact_url(action))
+        Some((pattern, action)) if action.to_ascii_lowercase().starts_with("http") => {
+            let redacted = super::action::redact_url(action);
+            if redacted == "<not a URL>" {
+                format!("{pattern}=http…")
+            } else {
+                format!("{pattern}={redacted}")
+            }
         }
         _ => spec.to_owned(),
     }

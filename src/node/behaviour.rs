@@ -178,7 +178,7 @@ fn transport(
                     match point {
                         ConnectedPoint::Dialer { .. } => guard.dial(socket).boxed(),
                         ConnectedPoint::Listener { send_back_addr, .. } => {
-                            guard.accept(socket, send_back_addr.to_string()).boxed()
+                            guard.accept(socket, send_back_addr).boxed()
                         }
                     }
                 },

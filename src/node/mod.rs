@@ -220,6 +220,7 @@ impl Node {
         .map(|keys| private::Guard {
             keys: Arc::new(keys),
             stats: stats.clone(),
+            pending: Default::default(),
         });
         let mut swarm = behaviour::build_swarm(keypair, config.mdns, agent, guard)?;
         for addr in &config.listen {

@@ -12,10 +12,16 @@
 //! address. QUIC has no place under such a layer (its TLS handshake is the transport's own),
 //! so a private mesh runs on TCP alone.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
 
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use salsa20::cipher::{KeyIvInit as _, StreamCipher as _};
@@ -33,6 +39,17 @@ const HEADER: &[u8] = b"\x13/multistream/1.0.0\n";
 /// Most plaintext encrypted per write call (one buffer of ciphertext in flight).
 const WRITE_CHUNK: usize = 16 * 1024;
 
+/// How often an open connection checks that its key is still in the keyring.
+pub const KEY_RECHECK: Duration = Duration::from_secs(2);
+
+/// Time an incoming connection gets to prove it holds a mesh key (44 bytes each way): a
+/// silent one holds a pending-connection slot no longer.
+pub const PRELUDE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Incoming connections from one IP address proving their key at once; more are closed at
+/// once, so one host cannot take every pending slot.
+pub const MAX_PENDING_PER_IP: usize = 8;
+
 /// Why an incoming connection was closed before libp2p saw it.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
@@ -45,11 +62,21 @@ pub enum Refused {
     /// The dialer spoke libp2p in the clear.
     #[error("it connected without a mesh key (an --open peer, or not a meshbus peer)")]
     Open,
+    /// The dialer did not finish in time.
+    #[error("it did not prove it holds a mesh key within {PRELUDE_TIMEOUT:?}")]
+    Slow,
+    /// Too many connections from one address at once.
+    #[error("it has {MAX_PENDING_PER_IP} connections proving their key already")]
+    Crowded,
 }
 
 /// A connection encrypted under a mesh key: XSalsa20 each way, keyed by the sender's nonce.
 pub struct Private<S> {
     inner: S,
+    /// The key this connection was made with.
+    key: MeshKey,
+    /// The keyring it must stay in, and when that was last looked at.
+    watch: Option<(Arc<LiveKeyring>, std::time::Instant)>,
     read: XSalsa20,
     write: XSalsa20,
     /// Plaintext already read and decrypted (the header the listener probed with).
@@ -84,6 +111,7 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     let (local, remote) = swap_nonces(&mut socket).await?;
     Ok(Private::new(
         socket,
+        key,
         cipher(&key, &remote),
         cipher(&key, &local),
         Vec::new(),
@@ -99,6 +127,10 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     if remote.starts_with(HEADER) {
         return Err(Refused::Open);
     }
+    if remote == local {
+        // Our own nonce sent back: both directions would share one keystream.
+        return Err(Refused::NoKey);
+    }
     let mut probe = [0u8; HEADER.len()];
     socket.read_exact(&mut probe).await?;
     for key in keys.keys() {
@@ -108,6 +140,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         if plain == HEADER {
             return Ok(Private::new(
                 socket,
+                *key,
                 read,
                 cipher(key, &local),
                 plain.to_vec(),
@@ -118,15 +151,25 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 impl<S> Private<S> {
-    fn new(inner: S, read: XSalsa20, write: XSalsa20, unread: Vec<u8>) -> Self {
+    fn new(inner: S, key: MeshKey, read: XSalsa20, write: XSalsa20, unread: Vec<u8>) -> Self {
         Private {
             inner,
+            key,
+            watch: None,
             read,
             write,
             unread,
             out: Vec::with_capacity(WRITE_CHUNK),
             written: 0,
         }
+    }
+
+    /// Ends the connection (at its next read) once its key is no longer in `keys`, looking
+    /// every [`KEY_RECHECK`]: removing a leaked key shuts out whoever holds it, within
+    /// seconds, not only at their next dial.
+    fn watched(mut self, keys: Arc<LiveKeyring>) -> Self {
+        self.watch = Some((keys, std::time::Instant::now()));
+        self
     }
 }
 
@@ -161,6 +204,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Private<S> {
         }
         let n = ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         this.read.apply_keystream(&mut buf[..n]);
+        if let Some((keys, checked)) = &mut this.watch {
+            if checked.elapsed() >= KEY_RECHECK {
+                *checked = std::time::Instant::now();
+                if !keys.current().keys().contains(&this.key) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("mesh key {} was removed", this.key),
+                    )));
+                }
+            }
+        }
         Poll::Ready(Ok(n))
     }
 }
@@ -204,6 +258,53 @@ pub struct Guard {
     pub keys: Arc<LiveKeyring>,
     /// Where `connections_refused` is counted.
     pub stats: Arc<Stats>,
+    /// Incoming connections proving their key, per IP address.
+    pub pending: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One of an address's [`MAX_PENDING_PER_IP`] slots, given back when dropped.
+struct Slot {
+    pending: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: Option<IpAddr>,
+}
+
+impl Slot {
+    fn claim(pending: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: Option<IpAddr>) -> Option<Slot> {
+        if let Some(ip) = ip {
+            let mut map = pending.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n >= MAX_PENDING_PER_IP {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Slot {
+            pending: pending.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 impl Guard {
@@ -212,10 +313,17 @@ impl Guard {
     pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         self,
         socket: S,
-        from: String,
+        from: Multiaddr,
     ) -> io::Result<Private<S>> {
         let keys = self.keys.current();
-        accept(socket, &keys).await.map_err(|reason| {
+        let outcome = match Slot::claim(&self.pending, ip_of(&from)) {
+            None => Err(Refused::Crowded),
+            Some(_slot) => tokio::time::timeout(PRELUDE_TIMEOUT, accept(socket, &keys))
+                .await
+                .unwrap_or(Err(Refused::Slow))
+                .map(|p| p.watched(self.keys.clone())),
+        };
+        outcome.map_err(|reason| {
             if let Some(n) = bump_throttled(&self.stats.connections_refused) {
                 tracing::warn!(%from, %reason, refused = n, "refused a connection: not a member of this mesh");
             }
@@ -229,7 +337,7 @@ impl Guard {
         socket: S,
     ) -> io::Result<Private<S>> {
         let key = self.keys.current().primary();
-        dial(socket, key).await
+        Ok(dial(socket, key).await?.watched(self.keys))
     }
 }
 
@@ -281,6 +389,46 @@ mod tests {
                 .enumerate()
                 .all(|(i, b)| *b == i as u8));
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_ends_once_its_key_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (MeshKey::generate(), MeshKey::generate());
+        let mut ring = Keyring::new(old);
+        ring.install(new).unwrap();
+        ring.save(dir.path()).unwrap();
+        let live = Arc::new(LiveKeyring::watching(dir.path(), ring.clone()));
+        let (a, b) = pair();
+        let dialer = async {
+            let mut s = dial(a, old).await.unwrap();
+            s.write_all(HEADER).await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            s.flush().await.unwrap();
+            s
+        };
+        let (mut dialer, listener) = tokio::join!(dialer, async {
+            accept(b, &ring).await.map(|p| p.watched(live.clone()))
+        });
+        let mut listener = listener.unwrap();
+        let mut buf = vec![0u8; HEADER.len() + 4];
+        listener.read_exact(&mut buf).await.unwrap();
+        // The old key goes: after the next check, the connection made with it ends.
+        ring.make_primary(&new.encode()).unwrap();
+        ring.remove(&old.encode()).unwrap();
+        ring.save(dir.path()).unwrap();
+        let ended = tokio::time::timeout(KEY_RECHECK * 5, async {
+            loop {
+                dialer.write_all(b"more").await.unwrap();
+                dialer.flush().await.unwrap();
+                if let Err(e) = listener.read(&mut buf).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the connection ends within a few checks");
+        assert_eq!(ended.kind(), io::ErrorKind::PermissionDenied, "{ended}");
     }
 
     #[tokio::test]

@@ -46,6 +46,10 @@ pub const MAX_SEQ: u64 = 1 << 62;
 /// Streams (publishers × epochs) one peer follows.
 pub const MAX_STREAMS: usize = 4096;
 
+/// Most epochs of one publisher followed at once. A publisher starts a new epoch only when
+/// its log is wiped, so more than a few means a peer making up epochs to fill the table.
+pub const MAX_EPOCHS_PER_SOURCE: usize = 4;
+
 /// Most events one fetch asks for.
 pub const FETCH_MAX_EVENTS: u64 = 4096;
 
@@ -80,7 +84,7 @@ pub enum Received {
     Duplicate,
     /// Too far ahead of a gap to buffer; it will be fetched later.
     Deferred,
-    /// From a stream beyond [`MAX_STREAMS`].
+    /// From a stream beyond [`MAX_STREAMS`], or an epoch beyond [`MAX_EPOCHS_PER_SOURCE`].
     TooManyStreams,
 }
 
@@ -230,6 +234,11 @@ impl Inbox {
     /// Everything up to `high` of each stream followed; what anti-entropy tells peers.
     pub fn marks(&self) -> impl Iterator<Item = (StreamId, u64)> + '_ {
         self.streams.iter().map(|(id, s)| (*id, s.high))
+    }
+
+    /// Whether `stream` is followed.
+    pub fn follows(&self, stream: &StreamId) -> bool {
+        self.streams.contains_key(stream)
     }
 
     /// Streams followed.
@@ -491,8 +500,18 @@ fn followed(
     id: StreamId,
     now: Instant,
 ) -> Option<&mut Stream> {
-    if !streams.contains_key(&id) && streams.len() >= MAX_STREAMS {
-        return None;
+    if !streams.contains_key(&id) {
+        let of_source = StreamId {
+            source: id.source,
+            epoch: 0,
+        }..=StreamId {
+            source: id.source,
+            epoch: u64::MAX,
+        };
+        if streams.len() >= MAX_STREAMS || streams.range(of_source).count() >= MAX_EPOCHS_PER_SOURCE
+        {
+            return None;
+        }
     }
     Some(streams.entry(id).or_insert_with(|| Stream::new(0, now)))
 }

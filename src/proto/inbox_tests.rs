@@ -342,3 +342,24 @@ fn an_answer_that_fills_nothing_asks_elsewhere_or_waits_instead_of_asking_again_
     let f = inbox.poll_fetch(t1 + GAP_WAIT, |_| true);
     assert_eq!((f[0].peer, f[0].from, f[0].to), (src, 2, 5));
 }
+
+#[test]
+fn a_publisher_cannot_fill_the_table_with_made_up_epochs() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let mut inbox = Inbox::new(me);
+    let now = Instant::now();
+    let mut outcomes = Vec::new();
+    for epoch in 1..=(MAX_EPOCHS_PER_SOURCE as u64 + 100) {
+        let e = Event {
+            epoch,
+            ..event(src, 1)
+        };
+        outcomes.push(inbox.receive(e, src, now));
+    }
+    let fresh = outcomes.iter().filter(|o| **o == Received::Fresh).count();
+    assert_eq!(fresh, MAX_EPOCHS_PER_SOURCE);
+    assert_eq!(inbox.len(), MAX_EPOCHS_PER_SOURCE);
+    // Another publisher is still followed.
+    let other = PeerId::random();
+    assert_eq!(inbox.receive(event(other, 1), other, now), Received::Fresh);
+}

@@ -1,5 +1,6 @@
-//! How much one peer may make this one spend: a token bucket per neighbour for messages and
-//! bytes per second. A neighbour over its rate has its messages ignored (not handled, not
+//! How much one peer may make this one spend: a token bucket per author (the peer that
+//! signed the messages, whoever relays them) for messages and bytes per second. An author
+//! over its rate has its messages ignored (not handled, not
 //! forwarded; the events come again by repair once it slows down); one that goes over it
 //! again and again, with no second's break, for [`BAN_AFTER`] is disconnected and banned for
 //! [`BAN_FOR`].
@@ -9,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-/// Gossip messages per second one neighbour may send, sustained; a second's worth may come
-/// at once. Each message may carry many events, so this is far above what an honest peer
-/// sends even when it publishes as fast as it can.
-pub const MAX_MESSAGES_PER_SEC: f64 = 20_000.0;
+/// Gossip messages per second one author may send, sustained; a second's worth may come at
+/// once. A busy publisher packs many events into each message, so an honest one sends far
+/// fewer even at full speed.
+pub const MAX_MESSAGES_PER_SEC: f64 = 5_000.0;
 
-/// Bytes per second one neighbour may send in gossip messages, sustained.
-pub const MAX_BYTES_PER_SEC: f64 = 256.0 * 1024.0 * 1024.0;
+/// Bytes per second one author may send in gossip messages, sustained: about what a gigabit
+/// link carries.
+pub const MAX_BYTES_PER_SEC: f64 = 96.0 * 1024.0 * 1024.0;
 
 /// A neighbour throttled at least once a second for this long is banned.
 pub const BAN_AFTER: Duration = Duration::from_secs(5);

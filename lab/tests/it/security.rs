@@ -10,15 +10,17 @@ use crate::support::*;
 
 /// `meshbus ARGS…` on the test's own machine (no network), e.g. for a key.
 fn meshbus(args: &[&str]) -> String {
-    ok(std::process::Command::new(bin()).args(args).output().unwrap())
+    ok(std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap())
 }
 
 /// One of `host`'s peer's counters.
 fn counter(lab: &LabRun, host: &str, name: &str) -> u64 {
-    let status: Value = serde_json::from_str(&lab.ok(&[
-        "exec", host, "--", "meshbus", "status", "--json",
-    ]))
-    .unwrap();
+    let status: Value =
+        serde_json::from_str(&lab.ok(&["exec", host, "--", "meshbus", "status", "--json"]))
+            .unwrap();
     status["counters"][name].as_u64().unwrap_or(0)
 }
 
@@ -50,13 +52,23 @@ fn a_peer_with_another_mesh_key_never_gets_in_and_neither_reads_nor_publishes() 
     }
     for host in ["h0", "h1", "h2"] {
         let ids = ids_in(&lab.events_file(host));
-        assert!(!ids.contains(&outsider_id), "{host} handled the outsider's event");
+        assert!(
+            !ids.contains(&outsider_id),
+            "{host} handled the outsider's event"
+        );
         let sees = lab.sees(host);
         assert!(!sees.contains(&outsider), "{host} lists the outsider");
     }
-    assert!(lab.sees("h3").is_empty(), "the outsider is connected to {:?}", lab.sees("h3"));
+    assert!(
+        lab.sees("h3").is_empty(),
+        "the outsider is connected to {:?}",
+        lab.sees("h3")
+    );
     let outside_ids = ids_in(&lab.events_file("h3"));
-    assert!(!outside_ids.contains(&inside_id), "the outsider read a member's event");
+    assert!(
+        !outside_ids.contains(&inside_id),
+        "the outsider read a member's event"
+    );
     // The members still have each other.
     let members: BTreeSet<String> = ["h0", "h1", "h2"].iter().map(|h| lab.peer_id(h)).collect();
     for host in ["h0", "h1", "h2"] {
@@ -98,9 +110,11 @@ fn the_mesh_key_rotates_under_a_publishing_mesh_without_losing_an_event() {
     assert_eq!(published, N);
     let h0 = lab.peer_id("h0");
     for host in hosts {
-        wait_until(Duration::from_secs(60), &format!("{host} to have every event"), || {
-            seqs(&lab, host, &h0).len() >= N
-        });
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{host} to have every event"),
+            || seqs(&lab, host, &h0).len() >= N,
+        );
         let seqs = seqs(&lab, host, &h0);
         let expected: Vec<u64> = (1..=N as u64).collect();
         assert_eq!(seqs, expected, "{host}: every event once, in order");

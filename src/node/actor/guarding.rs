@@ -26,19 +26,26 @@ impl Actor {
         let stats = self.shared.stats.clone();
         stats::bump(&stats.messages_received);
         let at = now();
-        let verdict = match self.limits.admit(from, message.data.len(), at) {
-            limits::Verdict::Admit => self.judge(from, message, at),
-            limits::Verdict::Throttle => {
-                if let Some(n) = stats::bump_throttled(&stats.messages_throttled) {
-                    warn!(peer = %from, throttled_so_far = n,
-                        limit_per_sec = limits::MAX_MESSAGES_PER_SEC,
-                        "ignoring messages from a peer over its rate");
+        // Rates are the author's, not the relay's: an honest peer forwarding a flood is not
+        // the one throttled or banned.
+        let author = message.source.unwrap_or(from);
+        let verdict = if self.banned.contains_key(&author) {
+            MessageAcceptance::Ignore
+        } else {
+            match self.limits.admit(author, message.data.len(), at) {
+                limits::Verdict::Admit => self.judge(from, message, at),
+                limits::Verdict::Throttle => {
+                    if let Some(n) = stats::bump_throttled(&stats.messages_throttled) {
+                        warn!(peer = %author, via = %from, throttled_so_far = n,
+                            limit_per_sec = limits::MAX_MESSAGES_PER_SEC,
+                            "ignoring messages from a peer over its rate");
+                    }
+                    MessageAcceptance::Ignore
                 }
-                MessageAcceptance::Ignore
-            }
-            limits::Verdict::Ban => {
-                self.ban(from, "it kept sending over its rate", at);
-                MessageAcceptance::Ignore
+                limits::Verdict::Ban => {
+                    self.ban(author, "it kept sending over its rate", at);
+                    MessageAcceptance::Ignore
+                }
             }
         };
         self.swarm
@@ -79,8 +86,9 @@ impl Actor {
                 verdict = MessageAcceptance::Reject;
             }
             let time = event.time;
-            // A forbidden event still goes to the inbox, which keeps its publisher's numbers
-            // in order; it is counted and dropped on its way to the log.
+            // A forbidden event still goes to the inbox, which keeps its publisher's numbers in
+            // order (and follows at most a few epochs of one publisher); it is counted, once,
+            // and dropped on its way to the log.
             if self.take(event, from, at) && allowed {
                 stats::bump(&stats.received);
                 stats.receive_latency.record(crate::clock::age_micros(time));

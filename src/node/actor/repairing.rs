@@ -14,6 +14,10 @@ use crate::node::repair::{self, Request, Response};
 use crate::proto::{self, Fetch, Lost, Received, StreamId};
 use crate::stats;
 
+/// Most streams one marks answer may add to those followed (the answering peer's own
+/// stream aside).
+const MAX_INTRODUCED: usize = 64;
+
 impl Actor {
     /// Passes an event to the inbox; true if it is new.
     pub(super) fn take(&mut self, event: Event, from: PeerId, now: Instant) -> bool {
@@ -184,6 +188,9 @@ impl Actor {
     /// A peer's marks: fetch whatever it holds that we do not.
     fn on_marks(&mut self, peer: PeerId, response: Response) {
         let now = now();
+        // A peer's marks may introduce streams this one does not follow yet (publishers it
+        // never heard), but only so many per answer: marks are not signed.
+        let mut introduced = 0;
         for mark in response.marks.into_iter().take(proto::inbox::MAX_STREAMS) {
             let Ok(source) = PeerId::from_bytes(&mark.source) else {
                 continue;
@@ -192,6 +199,12 @@ impl Actor {
                 source,
                 epoch: mark.epoch,
             };
+            if !self.inbox.follows(&stream) && source != peer {
+                if introduced >= MAX_INTRODUCED {
+                    continue;
+                }
+                introduced += 1;
+            }
             if !self.inbox.learn(stream, mark.high, peer, now) {
                 if let Some(n) = stats::bump_throttled(&self.shared.stats.events_rejected) {
                     warn!(%peer, limit = proto::inbox::MAX_STREAMS, rejected_so_far = n,
