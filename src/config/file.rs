@@ -66,6 +66,10 @@ pub struct NodeSection {
     pub exec_timeout: Option<Duration>,
     /// No default `**=log` row.
     pub quiet: Option<bool>,
+    /// Gossip messages a second one author may send.
+    pub max_messages_per_sec: Option<u32>,
+    /// Gossip bytes a second one author may send.
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +205,20 @@ fn key_line(text: &str, key: &str) -> usize {
 
 /// Checks `[node]`'s values, naming the line of a bad one.
 fn check_node(node: &NodeSection, text: &str) -> Result<(), (usize, String)> {
+    for (key, value) in [
+        (
+            "max_messages_per_sec",
+            node.max_messages_per_sec.map(u64::from),
+        ),
+        ("max_bytes_per_sec", node.max_bytes_per_sec),
+    ] {
+        if value == Some(0) {
+            return Err((
+                key_line(text, key),
+                format!("[node] {key} must be at least 1"),
+            ));
+        }
+    }
     if let Some(size) = node.max_event_size {
         let limit = super::max_event_size_limit();
         if size == 0 || size > limit {

@@ -89,6 +89,11 @@ pub struct Config {
     pub mesh: Mesh,
     /// Who may publish on which topics (see [`crate::proto::acl`]); open by default.
     pub acl: crate::proto::Acl,
+    /// Gossip messages a second one author may send this peer before it is throttled (see
+    /// [`crate::proto::limits`]).
+    pub max_messages_per_sec: u32,
+    /// Gossip bytes a second one author may send this peer before it is throttled.
+    pub max_bytes_per_sec: u64,
 }
 
 /// Who may connect to a peer (see [`crate::keyring`] and `node::private`).
@@ -125,6 +130,8 @@ impl Default for Config {
             handlers: Vec::new(),
             mesh: Mesh::default(),
             acl: crate::proto::Acl::open(),
+            max_messages_per_sec: crate::proto::limits::DEFAULT_MESSAGES_PER_SEC,
+            max_bytes_per_sec: crate::proto::limits::DEFAULT_BYTES_PER_SEC,
         }
     }
 }
@@ -187,6 +194,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_event_size == 0 || self.max_event_size > max_event_size_limit() {
             return Err(ConfigError::MaxEventSize(self.max_event_size));
+        }
+        if self.max_messages_per_sec == 0 {
+            return Err(ConfigError::Zero("max_messages_per_sec"));
+        }
+        if self.max_bytes_per_sec == 0 {
+            return Err(ConfigError::Zero("max_bytes_per_sec"));
         }
         if self.handler_queue == 0 {
             return Err(ConfigError::Zero("handler_queue"));

@@ -185,6 +185,12 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
         data_dir: Some(data_dir),
         replay: flags.replay,
         acl: file.acl.clone(),
+        max_messages_per_sec: n
+            .max_messages_per_sec
+            .unwrap_or(crate::proto::limits::DEFAULT_MESSAGES_PER_SEC),
+        max_bytes_per_sec: n
+            .max_bytes_per_sec
+            .unwrap_or(crate::proto::limits::DEFAULT_BYTES_PER_SEC),
         ..Config::default()
     };
     node.validate()?;

@@ -159,6 +159,7 @@ impl Actor {
             epoch: opened.epoch,
         };
         inbox.published(own, opened.own_seq, start);
+        let limits = proto::limits::RateLimits::new(shared.rate.0, shared.rate.1);
         let mut actor = Self {
             swarm,
             commands,
@@ -178,7 +179,7 @@ impl Actor {
             storing: None,
             asked: HashMap::new(),
             next_anti_entropy: start + ANTI_ENTROPY,
-            limits: Default::default(),
+            limits,
             banned: HashMap::new(),
         };
         for addr in peers {

@@ -143,6 +143,8 @@ struct Shared {
     max_event_size: usize,
     /// Who may publish what: checked on our own events and on every received one.
     acl: crate::proto::Acl,
+    /// Gossip each author may send: messages and bytes a second.
+    rate: (u32, u64),
     stats: Arc<Stats>,
     handlers: Handlers,
     store: Store,
@@ -257,6 +259,7 @@ impl Node {
             mdns: config.mdns,
             max_event_size: config.max_event_size,
             acl: config.acl.clone(),
+            rate: (config.max_messages_per_sec, config.max_bytes_per_sec),
             handlers,
             stats,
             store: store.clone(),

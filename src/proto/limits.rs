@@ -13,11 +13,11 @@ use libp2p::PeerId;
 /// Gossip messages per second one author may send, sustained; a second's worth may come at
 /// once. A busy publisher packs many events into each message, so an honest one sends far
 /// fewer even at full speed.
-pub const MAX_MESSAGES_PER_SEC: f64 = 5_000.0;
+pub const DEFAULT_MESSAGES_PER_SEC: u32 = 5_000;
 
 /// Bytes per second one author may send in gossip messages, sustained: about what a gigabit
 /// link carries.
-pub const MAX_BYTES_PER_SEC: f64 = 96.0 * 1024.0 * 1024.0;
+pub const DEFAULT_BYTES_PER_SEC: u64 = 96 * 1024 * 1024;
 
 /// A neighbour throttled at least once a second for this long is banned.
 pub const BAN_AFTER: Duration = Duration::from_secs(5);
@@ -45,26 +45,48 @@ struct Bucket {
     streak: Option<(Instant, Instant)>,
 }
 
-/// The buckets of the neighbours this peer is connected to.
-#[derive(Debug, Default)]
+/// The buckets of the authors this peer hears from.
+#[derive(Debug)]
 pub struct RateLimits {
     peers: HashMap<PeerId, Bucket>,
+    messages_per_sec: f64,
+    bytes_per_sec: f64,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits::new(DEFAULT_MESSAGES_PER_SEC, DEFAULT_BYTES_PER_SEC)
+    }
 }
 
 impl RateLimits {
+    /// Each author may send `messages_per_sec` messages and `bytes_per_sec` bytes a second.
+    pub fn new(messages_per_sec: u32, bytes_per_sec: u64) -> RateLimits {
+        RateLimits {
+            peers: HashMap::new(),
+            messages_per_sec: f64::from(messages_per_sec.max(1)),
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+        }
+    }
+
+    /// The message rate allowed, for messages.
+    pub fn messages_per_sec(&self) -> f64 {
+        self.messages_per_sec
+    }
+
     /// Accounts for a message of `bytes` from `peer` at `now`.
     pub fn admit(&mut self, peer: PeerId, bytes: usize, now: Instant) -> Verdict {
         let bucket = self.peers.entry(peer).or_insert(Bucket {
-            messages: MAX_MESSAGES_PER_SEC,
-            bytes: MAX_BYTES_PER_SEC,
+            messages: self.messages_per_sec,
+            bytes: self.bytes_per_sec,
             at: now,
             streak: None,
         });
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.at = now;
         bucket.messages =
-            (bucket.messages + elapsed * MAX_MESSAGES_PER_SEC).min(MAX_MESSAGES_PER_SEC);
-        bucket.bytes = (bucket.bytes + elapsed * MAX_BYTES_PER_SEC).min(MAX_BYTES_PER_SEC);
+            (bucket.messages + elapsed * self.messages_per_sec).min(self.messages_per_sec);
+        bucket.bytes = (bucket.bytes + elapsed * self.bytes_per_sec).min(self.bytes_per_sec);
         let bytes = bytes as f64;
         if bucket.messages >= 1.0 && bucket.bytes >= bytes {
             bucket.messages -= 1.0;
@@ -102,7 +124,7 @@ mod tests {
     fn a_flood_is_throttled_then_banned_and_a_pause_refills() {
         let (peer, start) = (PeerId::random(), Instant::now());
         let mut limits = RateLimits::default();
-        let burst = MAX_MESSAGES_PER_SEC as usize;
+        let burst = DEFAULT_MESSAGES_PER_SEC as usize;
         for _ in 0..burst {
             assert_eq!(limits.admit(peer, 100, start), Verdict::Admit);
         }
@@ -149,7 +171,7 @@ mod tests {
     fn bytes_are_limited_too() {
         let (peer, now) = (PeerId::random(), Instant::now());
         let mut limits = RateLimits::default();
-        let big = MAX_BYTES_PER_SEC as usize / 2;
+        let big = DEFAULT_BYTES_PER_SEC as usize / 2;
         assert_eq!(limits.admit(peer, big, now), Verdict::Admit);
         assert_eq!(limits.admit(peer, big, now), Verdict::Admit);
         assert_eq!(limits.admit(peer, big, now), Verdict::Throttle);

@@ -49,9 +49,16 @@ async fn rogue_publish(target: Multiaddr, payloads: Vec<Vec<u8>>) {
     rogue(target, payloads, true).await
 }
 
-/// [`rogue_publish`], its messages signed or not (unsigned ones break meshbus's rule that
-/// every message is signed by its author).
-async fn rogue(target: Multiaddr, payloads: Vec<Vec<u8>>, signed: bool) {
+/// A hand-built gossipsub peer connected to `target` and subscribed with it.
+async fn rogue_swarm(
+    target: Multiaddr,
+    signed: bool,
+) -> (
+    libp2p::Swarm<
+        gossipsub::Behaviour<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>,
+    >,
+    IdentTopic,
+) {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -105,6 +112,13 @@ async fn rogue(target: Multiaddr, payloads: Vec<Vec<u8>>, signed: bool) {
     })
     .await
     .expect("the target subscribes to the mesh topic");
+    (swarm, topic)
+}
+
+/// [`rogue_publish`], its messages signed or not (unsigned ones break meshbus's rule that
+/// every message is signed by its author).
+async fn rogue(target: Multiaddr, payloads: Vec<Vec<u8>>, signed: bool) {
+    let (mut swarm, topic) = rogue_swarm(target, signed).await;
     for p in payloads {
         swarm.behaviour_mut().publish(topic.clone(), p).unwrap();
     }
@@ -207,6 +221,114 @@ async fn a_flood_of_unsigned_messages_gets_its_sender_banned_with_a_few_log_line
             .collect();
         assert_eq!(bans.len(), 1, "{bans:#?}");
         assert!(bans[0].contains("invalid messages"), "{}", bans[0]);
+    })
+    .await
+    .unwrap();
+}
+
+/// Publishes valid one-event messages at `target` as fast as it can for `how_long`; returns
+/// how many gossipsub took.
+async fn flood(target: Multiaddr, how_long: Duration) -> u64 {
+    let (mut swarm, topic) = rogue_swarm(target, true).await;
+    let until = tokio::time::Instant::now() + how_long;
+    let (mut seq, mut sent) = (1u64, 0u64);
+    while tokio::time::Instant::now() < until {
+        for _ in 0..200 {
+            let event = WireEvent {
+                seq,
+                ..wire_event("orders.flood", b"1")
+            };
+            if swarm
+                .behaviour_mut()
+                .publish(topic.clone(), payload(vec![event]))
+                .is_ok()
+            {
+                sent += 1;
+            }
+            seq += 1;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(2), async {
+            loop {
+                swarm.select_next_some().await;
+            }
+        })
+        .await;
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_member_is_throttled_then_banned_and_the_target_stays_responsive() {
+    // A limit this test's flooder outruns several times over on any machine.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "limits.toml",
+        "[node]\nmax_messages_per_sec = 500\n",
+    );
+    let target = Peer::local(&["--open", "--config", &config]);
+    let addr: Multiaddr = target.tcp_addr().parse().unwrap();
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .to_owned();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            / 1024
+    };
+    let before = rss(target.pid());
+    let flooding = tokio::spawn(flood(addr, Duration::from_secs(8)));
+    let (target, slowest) = tokio::task::spawn_blocking(move || {
+        // While the flood lasts, ask for status again and again.
+        let mut slowest = Duration::ZERO;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(7) {
+            let asked = std::time::Instant::now();
+            target.cli_ok(&["status", "--json"]);
+            slowest = slowest.max(asked.elapsed());
+        }
+        (target, slowest)
+    })
+    .await
+    .unwrap();
+    let sent = flooding.await.unwrap();
+    eprintln!("flood: {sent} messages in 8 s; slowest status {slowest:?}");
+    assert!(
+        sent > 8 * 2 * 500,
+        "the flood did not outrun the limit: {sent} messages"
+    );
+    tokio::task::spawn_blocking(move || {
+        wait_until(T, "the flooder banned", || {
+            let c = target.status()["counters"].clone();
+            c["messages_throttled"].as_u64().unwrap_or(0) > 0 && c["peers_banned"] == 1
+        });
+        let throttle_lines = target
+            .stderr
+            .all()
+            .iter()
+            .filter(|l| l.contains("over its rate"))
+            .count();
+        assert!(
+            throttle_lines < 30,
+            "{throttle_lines} lines about the flood"
+        );
+        let after = rss(target.pid());
+        assert!(
+            after < before + 200,
+            "memory grew from {before} MB to {after} MB"
+        );
+        // A status takes a CLI process start and an HTTP round trip; under the flood it
+        // must still come back well within a second.
+        assert!(
+            slowest < Duration::from_secs(1),
+            "slowest status {slowest:?}"
+        );
     })
     .await
     .unwrap();

@@ -37,7 +37,7 @@ impl Actor {
                 limits::Verdict::Throttle => {
                     if let Some(n) = stats::bump_throttled(&stats.messages_throttled) {
                         warn!(peer = %author, via = %from, throttled_so_far = n,
-                            limit_per_sec = limits::MAX_MESSAGES_PER_SEC,
+                            limit_per_sec = self.limits.messages_per_sec(),
                             "ignoring messages from a peer over its rate");
                     }
                     MessageAcceptance::Ignore
