@@ -40,6 +40,9 @@ pub struct ConfigFile {
     pub handlers: Vec<HandlerSpec>,
     /// `[[acl]]` rules: who may publish what (open when there are none).
     pub acl: crate::proto::Acl,
+    /// `[[token]]` rows: more API tokens, each limited to reading or to publishing on some
+    /// patterns (the data directory's `api.token` has full access).
+    pub tokens: Vec<crate::api::Token>,
 }
 
 /// `[node]`: settings that the command line overrides.
@@ -81,6 +84,54 @@ struct Raw {
     handler: Vec<toml::Spanned<RawHandler>>,
     #[serde(default)]
     acl: Vec<toml::Spanned<RawAcl>>,
+    #[serde(default)]
+    token: Vec<toml::Spanned<RawToken>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    /// A file holding the secret (kept out of the config, which more people read).
+    secret_file: PathBuf,
+    /// `read`, or `publish` with `publish` patterns.
+    access: String,
+    #[serde(default)]
+    publish: Vec<String>,
+}
+
+impl RawToken {
+    fn into_token(self) -> Result<crate::api::Token, String> {
+        use crate::api::{Scope, Token};
+        let scope = match (self.access.as_str(), self.publish.is_empty()) {
+            ("read", true) => Scope::Read,
+            ("publish", false) => Scope::Publish(
+                self.publish
+                    .into_iter()
+                    .map(|p| Pattern::new(p).map_err(|e| format!("key `publish`: {e}")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            ("read", false) => {
+                return Err(
+                    "key `publish`: a read token publishes nothing; use access = \"publish\""
+                        .into(),
+                )
+            }
+            ("publish", true) => {
+                return Err(
+                    "key `publish`: a publish token needs the patterns it may publish on".into(),
+                )
+            }
+            (other, _) => {
+                return Err(format!(
+                    "key `access`: `{other}`; expected \"read\" or \"publish\""
+                ))
+            }
+        };
+        let secret = crate::api::access::read_token_file(&self.secret_file)
+            .map_err(|e| format!("key `secret_file`: {}: {e}", self.secret_file.display()))?;
+        Token::new(&self.name, &secret, scope).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,10 +369,21 @@ impl ConfigFile {
                     .map_err(|m| error(line, format!("acl rule: {m}")))?,
             );
         }
+        let mut tokens = Vec::with_capacity(raw.token.len());
+        for spanned in raw.token {
+            let line = line_of(text, spanned.span().start);
+            tokens.push(
+                spanned
+                    .into_inner()
+                    .into_token()
+                    .map_err(|m| error(line, format!("token: {m}")))?,
+            );
+        }
         Ok(ConfigFile {
             node: raw.node,
             handlers,
             acl: crate::proto::Acl::new(rules),
+            tokens,
         })
     }
 }
@@ -454,6 +516,31 @@ mod tests {
         }
         let err = ConfigFile::load(Path::new("/dev/zero")).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn tokens_from_the_config_carry_their_scope_and_keep_their_secret_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("reader.token");
+        std::fs::write(&secret, "reader-secret-0123456789\n").unwrap();
+        let text = format!(
+            "[[token]]\nname = \"dash\"\nsecret_file = \"{p}\"\naccess = \"read\"\n\n[[token]]\nname = \"shop\"\nsecret_file = \"{p}\"\naccess = \"publish\"\npublish = [\"orders.**\"]\n",
+            p = secret.display()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.tokens.len(), 2);
+        assert_eq!(c.tokens[0].scope, crate::api::Scope::Read);
+        assert_eq!(c.tokens[0].secret(), "reader-secret-0123456789");
+        assert!(c.tokens[1].scope.may_publish("orders.created"));
+        let err = parse("[[token]]\nname = \"x\"\nsecret_file = \"/no/such\"\naccess = \"read\"\n")
+            .unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.to_string().contains("secret_file"), "{err}");
+        let err = parse(&text.replace("\"read\"", "\"admin\"")).unwrap_err();
+        assert!(
+            err.to_string().contains("expected \"read\" or \"publish\""),
+            "{err}"
+        );
     }
 
     #[test]

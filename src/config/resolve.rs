@@ -163,7 +163,8 @@ pub fn resolve(flags: Flags) -> Result<Resolved, ResolveError> {
         true => None,
         false => Some(crate::keyring::Keyring::load_or_create(&data_dir)?),
     };
-    let tokens = vec![crate::api::Token::load_or_create(&data_dir)?];
+    let mut tokens = vec![crate::api::Token::load_or_create(&data_dir)?];
+    tokens.extend(file.tokens.iter().cloned());
     let node = Config {
         mesh: match flags.open {
             true => super::Mesh::Open,

@@ -53,6 +53,33 @@ fn the_cli_reads_the_token_from_the_data_dir_and_without_it_is_refused_clearly()
     assert!(!out.status.success());
     let err = stderr_of(&out);
     assert!(err.contains("(401)") && err.contains("api.token"), "{err}");
+    // A read-only token from the config reads but cannot publish.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("reader.token");
+    std::fs::write(&secret, "reader-secret-0123456789").unwrap();
+    let config = write_config(
+        dir.path(),
+        "tokens.toml",
+        &format!(
+            "[[token]]\nname = \"dash\"\nsecret_file = \"{}\"\naccess = \"read\"\n",
+            secret.display()
+        ),
+    );
+    let b = Peer::local(&["--config", &config]);
+    let reader = ["--token", "reader-secret-0123456789"];
+    let out = b.command(&["status"]).args(reader).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = b
+        .command(&["publish", "orders.created", "1"])
+        .args(reader)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("(403)") && err.contains("\"dash\" may not POST"),
+        "{err}"
+    );
     // A wrong token given outright.
     let out = a
         .command(&["status", "--token", "wrong-token-0123456789"])
