@@ -8,7 +8,12 @@
 //! use meshbus::{Config, Node, Pattern};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let node = Node::start(Config::default()).await?;
+//! // The data directory keeps the event log and the mesh key (made at the first start).
+//! let node = Node::start(Config {
+//!     data_dir: Some("meshbus-data".into()),
+//!     ..Config::default()
+//! })
+//! .await?;
 //! node.on(Pattern::new("orders.*")?, |event| async move {
 //!     println!("{} on {}", event.id, event.topic);
 //!     Ok(())
