@@ -71,6 +71,19 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
+        "guard       {} connections refused (no mesh key), {} forbidden events, {} messages throttled, {} peers banned{}",
+        c.connections_refused,
+        c.events_forbidden,
+        c.messages_throttled,
+        c.peers_banned,
+        if s.banned.is_empty() {
+            String::new()
+        } else {
+            format!(" (now: {})", s.banned.join(", "))
+        }
+    );
+    let _ = writeln!(
+        out,
         "repair      {} events repaired, {} fetches ({} failed), {} served, {} lost",
         c.repaired, c.repair_fetches, c.repair_failed, c.repair_served, c.events_lost
     );

@@ -131,6 +131,8 @@ pub(super) struct Actor {
     limits: proto::limits::RateLimits,
     /// Banned peers and when their ban ends.
     banned: HashMap<PeerId, Instant>,
+    /// Events the ACL refused, per publisher (at most [`guarding::MAX_FORBIDDEN_SHOWN`]).
+    forbidden_by: std::collections::BTreeMap<PeerId, u64>,
 }
 
 impl Actor {
@@ -181,6 +183,7 @@ impl Actor {
             next_anti_entropy: start + ANTI_ENTROPY,
             limits,
             banned: HashMap::new(),
+            forbidden_by: Default::default(),
         };
         for addr in peers {
             actor.add_explicit(addr)?;
@@ -335,6 +338,12 @@ impl Actor {
                         .count(),
                     streams: self.inbox.len(),
                     buffered: self.inbox.buffered(),
+                    forbidden_by: self
+                        .forbidden_by
+                        .iter()
+                        .map(|(p, n)| (p.to_string(), *n))
+                        .collect(),
+                    banned: self.banned.keys().map(|p| p.to_string()).collect(),
                 });
             }
             Command::Dial { addr, reply } => {

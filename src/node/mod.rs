@@ -89,6 +89,12 @@ pub struct Status {
     pub streams: usize,
     /// Events held waiting for a gap before them to be filled.
     pub buffered: usize,
+    /// Events the ACL refused, by publisher (the first 256 publishers refused).
+    #[serde(default)]
+    pub forbidden_by: std::collections::BTreeMap<String, u64>,
+    /// Peers banned now, for flooding or invalid messages.
+    #[serde(default)]
+    pub banned: Vec<String>,
     /// The handler table.
     pub handlers: Vec<HandlerInfo>,
     /// Open `tail` subscriptions.
@@ -132,6 +138,8 @@ struct SwarmStatus {
     mesh_peers: usize,
     streams: usize,
     buffered: usize,
+    forbidden_by: std::collections::BTreeMap<String, u64>,
+    banned: Vec<String>,
 }
 
 /// State shared by the actor, the handles and the API; none of it touches the swarm.
@@ -546,6 +554,8 @@ impl NodeHandle {
             log: s.store.status(),
             streams: swarm.streams,
             buffered: swarm.buffered,
+            forbidden_by: swarm.forbidden_by,
+            banned: swarm.banned,
             handlers: s.handlers.list(),
             subscribers: s.tail.receiver_count(),
         })

@@ -14,6 +14,9 @@ use crate::node::behaviour::BAN_SCORE;
 use crate::proto::{self, limits};
 use crate::stats;
 
+/// Publishers whose forbidden events `status` counts one by one (the total counts them all).
+pub(super) const MAX_FORBIDDEN_SHOWN: usize = 256;
+
 impl Actor {
     /// Handles a gossip message, then tells gossipsub whether to forward it: only messages
     /// within their sender's rate, that decode, and whose every event the ACL allows.
@@ -104,7 +107,15 @@ impl Actor {
     }
 
     /// Counts and logs an event the ACL forbids (throttled), naming its publisher.
-    pub(super) fn refuse_forbidden(&self, event: &Event) {
+    pub(super) fn refuse_forbidden(&mut self, event: &Event) {
+        let known = self.forbidden_by.len();
+        match self.forbidden_by.get_mut(&event.source) {
+            Some(n) => *n += 1,
+            None if known < MAX_FORBIDDEN_SHOWN => {
+                self.forbidden_by.insert(event.source, 1);
+            }
+            None => {}
+        }
         if let Some(n) = stats::bump_throttled(&self.shared.stats.events_forbidden) {
             warn!(publisher = %event.source, topic = %event.topic, forbidden_so_far = n,
                 "refused an event: its publisher may not publish on this topic (acl)");
