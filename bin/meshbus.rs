@@ -42,7 +42,8 @@ enum Cmd {
     /// Store an invitation from `meshbus invite`, so the next `up` on this data dir joins
     /// that mesh (replaces the keys held).
     Join {
-        /// The line `meshbus invite` printed.
+        /// The line `meshbus invite` printed; `-` reads it from standard input (a line on
+        /// the command line is visible to other users in `ps`).
         line: String,
         #[command(flatten)]
         data: DataDirArg,
@@ -66,7 +67,7 @@ enum KeysCmd {
     Generate,
     /// Accept KEY on incoming connections too.
     Install {
-        /// The key, as `keys generate` printed it.
+        /// The key, as `keys generate` printed it; `-` reads it from standard input.
         key: String,
     },
     /// Make KEY (the key or its fingerprint) primary: new connections are made with it.
@@ -288,7 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Join { line, data } => {
-            let key = MeshKey::from_invite(&line)?;
+            let key = MeshKey::from_invite(&secret_arg(line)?)?;
             let dir = data.dir()?;
             Keyring::new(key).save(&dir)?;
             println!(
@@ -299,6 +300,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Keys { command, data } => keys(command, &data.dir()?),
     }
+}
+
+/// A secret given as an argument, or read from standard input (one line, bounded) when the
+/// argument is `-`.
+fn secret_arg(arg: String) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut line)
+        .context("cannot read the secret from standard input")?;
+    Ok(line.trim().to_owned())
 }
 
 /// `meshbus keys …`: reads and changes the data dir's keyring.
@@ -320,7 +335,7 @@ fn keys(command: KeysCmd, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         }
         KeysCmd::Generate => println!("{}", MeshKey::generate().encode()),
         KeysCmd::Install { key } => {
-            let key = MeshKey::parse(&key)?;
+            let key = MeshKey::parse(&secret_arg(key)?)?;
             let mut ring = load()?;
             let added = ring.install(key)?;
             ring.save(dir)?;

@@ -99,7 +99,15 @@ fn invite_and_join_carry_the_mesh_key_and_keys_rotate_it() {
     let dir = |d: &tempfile::TempDir| d.path().to_str().unwrap().to_owned();
     let line = run(&["invite", "--data-dir", &dir(&a)]);
     assert!(line.starts_with("meshbus-invite-1:"), "{line}");
-    run(&["join", line.trim(), "--data-dir", &dir(&b)]);
+    // From standard input, so the line is not on a command line.
+    let mut join = Command::new(bin())
+        .args(["join", "-", "--data-dir", &dir(&b)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut join.stdin.take().unwrap(), line.as_bytes()).unwrap();
+    ok(join.wait_with_output().unwrap());
     let list = |d| run(&["keys", "list", "--data-dir", &dir(d)]);
     assert_eq!(list(&a), list(&b), "both hold the same key");
     let mode = std::os::unix::fs::PermissionsExt::mode(
