@@ -430,6 +430,11 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => writeln!(err, "meshbus: OPEN MESH (--open): anyone who reaches this peer can join, read every event and publish")?,
     }
+    writeln!(
+        err,
+        "meshbus: api token in {dir}/{} (the CLI reads it from there)",
+        access::TOKEN_FILE
+    )?;
     if !resolved.api.ip().is_loopback() {
         writeln!(err, "meshbus: WARNING: the API on {} is reachable from the network; it answers only to holders of a token ({dir}/{})", resolved.api, access::TOKEN_FILE)?;
     }

@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use libp2p::identity::Keypair;
@@ -78,7 +78,20 @@ pub fn load_or_create(dir: &Path) -> Result<Identity, IdentityError> {
         let path = path.to_owned();
         move |source| IdentityError::Io { path, source }
     };
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    if !dir.exists() {
+        // The directory holds the keys, the API token and every event: its owner's alone.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    } else if let Ok(meta) = fs::metadata(dir) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %dir.display(), mode = format!("{mode:o}"),
+                "the data directory is open to other users; its event log is readable by them (chmod 700 it)");
+        }
+    }
     let lock_path = dir.join("lock");
     let lock_file = OpenOptions::new()
         .create(true)
@@ -152,6 +165,14 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         drop(first);
+        let fresh = dir.path().join("new");
+        let _made = load_or_create(&fresh).unwrap();
+        let mode = fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "a data dir it makes is its owner's alone"
+        );
         let again = load_or_create(dir.path()).unwrap();
         assert_eq!(again.keypair.public().to_peer_id(), id);
     }

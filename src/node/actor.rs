@@ -253,6 +253,10 @@ impl Actor {
     }
 
     /// Carries out what the peer table decided.
+    ///
+    /// Dials come from a fresh port, not the listening one: two peers that found each other
+    /// at the same moment and dialled from their listening ports would cross SYNs into one
+    /// TCP connection on which both act as dialer, and its handshake fails.
     fn carry_out(&mut self) {
         while let Some(action) = self.peers.poll_action() {
             match action {
@@ -260,6 +264,7 @@ impl Actor {
                     let opts = DialOpts::peer_id(peer)
                         .addresses(addrs)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
                         .build();
                     if let Err(error) = self.swarm.dial(opts) {
                         debug!(%peer, %error, "dial not started");
@@ -282,7 +287,10 @@ impl Actor {
     }
 
     fn dial_address(&mut self, addr: &Multiaddr) -> Result<(), NodeError> {
-        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let opts = DialOpts::unknown_peer_id()
+            .address(addr.clone())
+            .allocate_new_port()
+            .build();
         let id = opts.connection_id();
         self.swarm.dial(opts).map_err(|e| NodeError::Dial {
             addr: addr.clone(),

@@ -20,8 +20,8 @@ pub const MAX_ADDRS_PER_PEER: usize = 16;
 /// Most dials of discovered peers started per redial round ([`super::peers::REDIAL_INTERVAL`]).
 pub const MAX_DIALS_PER_ROUND: usize = 16;
 
-/// Longest wait between dials of a discovered peer that keeps failing (it doubles from the
-/// redial interval with each failure).
+/// Longest wait between dials of a discovered peer that keeps failing (from the second
+/// failure in a row, it doubles from the redial interval with each).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// A discovered peer never reached within this long is forgotten.
@@ -111,8 +111,9 @@ impl Discovery {
                 return;
             }
             known.failures = known.failures.saturating_add(1);
+            // The first failure waits one interval, as any redial; then it doubles.
             let wait = interval
-                .saturating_mul(1 << known.failures.min(16))
+                .saturating_mul(1 << (known.failures - 1).min(16))
                 .min(MAX_BACKOFF);
             known.next = now + wait;
         }
