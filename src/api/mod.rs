@@ -89,7 +89,8 @@ pub struct Limits {
     /// every event).
     pub streams: usize,
     /// Publish requests read and run at once; more wait before their body is read, so
-    /// memory is bounded by this many request bodies.
+    /// memory is bounded by this many request bodies (and their parse). Publishing itself
+    /// goes one round at a time in the node, so one costs little speed.
     pub publishing: usize,
 }
 
@@ -99,7 +100,7 @@ impl Default for Limits {
             connections: 256,
             idle: Duration::from_secs(60),
             streams: 64,
-            publishing: 4,
+            publishing: 1,
         }
     }
 }

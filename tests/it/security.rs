@@ -101,3 +101,68 @@ fn silent_connections_cannot_exhaust_a_peers_sockets() {
         peer.peer_ids() == [member.peer_id.clone()]
     });
 }
+
+/// Resident memory of process `pid`, in MB.
+fn rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn many_large_batches_at_once_are_read_a_few_at_a_time() {
+    // Ten ~28 MB batches at once. Each ends with a bad topic, so it is read and parsed whole,
+    // then refused, and what it leaves behind is only what reading it took: all ten read at
+    // once took ten bodies and their parses (10 × 30 MB once took a peer from 98 MB to
+    // 441 MB); one at a time, one.
+    let peer = Peer::local(&[]);
+    let before = rss_mb(peer.pid());
+    let data = serde_json::value::to_raw_value(&"x".repeat(4000)).unwrap();
+    let mut batch: Vec<meshbus::api::PublishRequest> = (0..7000)
+        .map(|_| meshbus::api::PublishRequest {
+            topic: "bulk.load".into(),
+            data: Some(data.clone()),
+            ..Default::default()
+        })
+        .collect();
+    batch.push(meshbus::api::PublishRequest {
+        topic: "bad..topic".into(),
+        ..Default::default()
+    });
+    let batch = std::sync::Arc::new(batch);
+    let senders: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, batch) = (peer.client(), batch.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().unwrap();
+                runtime.block_on(client.publish_batch(&batch))
+            })
+        })
+        .collect();
+    let mut peak = before;
+    while senders.iter().any(|s| !s.is_finished()) {
+        peak = peak.max(rss_mb(peer.pid()));
+        std::thread::sleep(std::time::Duration::from_millis(20)); // sampling, not waiting
+    }
+    for sender in senders {
+        match sender.join().unwrap() {
+            Err(meshbus::api::ClientError::Refused {
+                status: 400,
+                message,
+            }) => {
+                assert!(message.contains("event 7000"), "{message}")
+            }
+            other => panic!("expected the batch refused for its last event: {other:?}"),
+        }
+    }
+    eprintln!("ten 28 MB batches at once: {before} MB before, {peak} MB at the peak");
+    assert!(
+        peak < before + 150,
+        "memory rose from {before} MB to {peak} MB with ten batches in flight"
+    );
+}
