@@ -26,6 +26,9 @@ enum Cmd {
     Up(UpArgs),
     /// Publish an event through the local peer.
     Publish(PublishArgs),
+    /// Ask the mesh: publish a query and print the answers as they arrive, one line per
+    /// answering peer (rows with `reply = true` answer). Exits 1 when no answer came.
+    Query(QueryArgs),
     /// Show events arriving at the local peer as they come.
     Tail(TailArgs),
     /// List the peers the local peer is connected to.
@@ -200,6 +203,26 @@ struct PublishArgs {
 }
 
 #[derive(Args)]
+struct QueryArgs {
+    /// Topic, e.g. inventory.lookup.
+    topic: String,
+    /// Data: JSON if it parses as JSON, else a string.
+    data: Option<String>,
+    /// How long to wait for answers.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Ask only the reply rows of this handler group: its owner of the query answers, and
+    /// the query ends at the first answer (load-balanced request/reply).
+    #[arg(long)]
+    group: Option<String>,
+    #[command(flatten)]
+    api: ApiArg,
+    /// Print each answer as a JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct TailArgs {
     /// Topic pattern: `*` is one segment, `**` the rest.
     #[arg(default_value = "**")]
@@ -254,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up(args) => up(args).await,
         Cmd::Publish(args) => publish(args).await,
         Cmd::Tail(args) => tail(args).await,
+        Cmd::Query(args) => query(args).await,
         Cmd::Peers(args) => {
             let peers = args.api.client()?.peers().await?;
             show(args.json, &peers[..], view::peers)
@@ -495,6 +519,50 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             "{} sent to {} {peers} (seq {})",
             published.id, published.sent_to, published.seq
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
+    use meshbus::api::{QueryLine, QueryRequest};
+    let payload = args.data.as_deref().map(meshbus::Payload::guess);
+    let published = PublishRequest::new(args.topic.clone(), None, payload.as_ref())?;
+    let request = QueryRequest {
+        topic: args.topic,
+        datacontenttype: published.datacontenttype,
+        data: published.data,
+        timeout_ms: Some(args.timeout.as_millis().try_into().unwrap_or(u64::MAX)),
+        group: args.group,
+    };
+    let stream = args.api.client()?.query(&request).await?;
+    futures::pin_mut!(stream);
+    let mut out = std::io::stdout();
+    let mut answers = 0;
+    while let Some(line) = stream.next().await {
+        match line? {
+            QueryLine::Answer(answer) => {
+                answers += 1;
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&answer)?)?;
+                } else {
+                    writeln!(out, "{}", view::answer(&answer))?;
+                }
+                out.flush()?;
+            }
+            QueryLine::Done {
+                asked, answers: n, ..
+            } => {
+                if n == 0 {
+                    let peers = if asked == 1 { "peer" } else { "peers" };
+                    eprintln!("no answers from {asked} {peers}");
+                    return Ok(ExitCode::from(1));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    if answers == 0 {
+        bail!("the peer ended the query without saying how it ended");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -216,6 +216,24 @@ pub fn local_event(source: PeerId, topic: &str, data: serde_json::Value) -> Opti
     })
 }
 
+/// The type of a query event; `meshbus.query/GROUP` asks only the rows of that group.
+pub const QUERY_TYPE: &str = "meshbus.query";
+
+/// Whether `event` is a query (its rows with `reply` answer it).
+pub fn is_query(event: &Event) -> bool {
+    query_group(event).is_some()
+}
+
+/// `Some(None)` for a query to every reply row, `Some(Some(group))` for a query to one
+/// group's, `None` for any other event.
+pub fn query_group(event: &Event) -> Option<Option<&str>> {
+    let rest = event.event_type.strip_prefix(QUERY_TYPE)?;
+    match rest {
+        "" => Some(None),
+        _ => rest.strip_prefix('/').map(Some),
+    }
+}
+
 /// Peers whose base58 ids each thread remembers.
 const PEER_STRING_CACHE: usize = 32;
 

@@ -43,6 +43,17 @@ pub struct Stats {
     pub messages_throttled: AtomicU64,
     /// Peers disconnected and banned for flooding or for invalid messages.
     pub peers_banned: AtomicU64,
+    /// Group announcements refused (malformed, too many groups or marks).
+    pub groups_refused: AtomicU64,
+    /// Queries this peer asked.
+    pub queries: AtomicU64,
+    /// Answers this peer's reply rows sent (or gave its own queries).
+    pub answers_sent: AtomicU64,
+    /// Answers to this peer's queries taken.
+    pub answers_received: AtomicU64,
+    /// Answers dropped: for an unknown or expired query, from a non-member, a second one
+    /// from one peer, past a query's answer limit, or not deliverable to the asker.
+    pub answers_dropped: AtomicU64,
     /// Events handed to handler queues.
     pub handler_dispatched: AtomicU64,
     /// Handler runs that succeeded.
@@ -94,6 +105,11 @@ pub struct Counters {
     pub events_forbidden: u64,
     pub messages_throttled: u64,
     pub peers_banned: u64,
+    pub groups_refused: u64,
+    pub queries: u64,
+    pub answers_sent: u64,
+    pub answers_received: u64,
+    pub answers_dropped: u64,
     pub handler_dispatched: u64,
     pub handler_succeeded: u64,
     pub handler_failed: u64,
@@ -122,6 +138,11 @@ impl Stats {
             events_forbidden: r(&self.events_forbidden),
             messages_throttled: r(&self.messages_throttled),
             peers_banned: r(&self.peers_banned),
+            groups_refused: r(&self.groups_refused),
+            queries: r(&self.queries),
+            answers_sent: r(&self.answers_sent),
+            answers_received: r(&self.answers_received),
+            answers_dropped: r(&self.answers_dropped),
             handler_dispatched: r(&self.handler_dispatched),
             handler_succeeded: r(&self.handler_succeeded),
             handler_failed: r(&self.handler_failed),

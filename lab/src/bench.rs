@@ -5,7 +5,13 @@
 //! turned into its CloudEvents JSON line and written, so the figures include the handler
 //! table's real work but no disk. Latency is publish (the publisher's node stamps the time)
 //! to that row's write finished on the receiving peer: one machine, one clock.
+//!
+//! With `--group` ([`BenchConfig::group`]) every peer's `bench.**` row is in one handler
+//! group instead ([`GROUP`], from a config file), so each event is handled by one peer rather
+//! than by all: the report adds the rate at which the group as a whole finished every event,
+//! how the events split over the peers, and the takeovers and duplicates.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -13,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use meshbus::handlers::HandlerInfo;
+use meshbus::proto::groups::GroupView;
 
 use crate::{Lab, LabError};
 
@@ -24,6 +31,16 @@ const IN_FLIGHT: usize = 4;
 
 /// A delivery count that does not move for this long ends the wait.
 const STALL: Duration = Duration::from_secs(10);
+
+/// The handler group every peer's row is in with `--group`.
+pub const GROUP: &str = "bench";
+
+/// The bench's topic pattern: its one row on every peer.
+const PATTERN: &str = "bench.**";
+
+/// Time every peer gets to see every member of [`GROUP`] active (the group's join delay
+/// plus a few announcement rounds).
+const GROUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -38,6 +55,9 @@ pub struct BenchConfig {
     pub size: usize,
     /// Events per second offered in all; `None` for as fast as possible.
     pub rate: Option<f64>,
+    /// Every peer's row in one handler group ([`GROUP`]): each event handled once in the
+    /// mesh, not once per peer.
+    pub group: bool,
 }
 
 /// One peer's figures.
@@ -47,7 +67,8 @@ pub struct PeerReport {
     pub host: String,
     /// Events its handler row handled.
     pub delivered: u64,
-    /// Events it should have handled.
+    /// Events it should have handled: every event, or with `--group` those it owned or
+    /// took over.
     pub expected: u64,
     /// delivered / expected.
     pub completeness: f64,
@@ -108,6 +129,48 @@ pub struct BenchReport {
     pub publish_rate: f64,
     /// Per peer.
     pub per_peer: Vec<PeerReport>,
+    /// With `--group`: how the group as a whole did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupReport>,
+}
+
+/// The group as a whole, with `--group`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// The group's name.
+    pub name: String,
+    /// Events the group should have handled, each once: every event published.
+    pub expected: u64,
+    /// Events its members handled, summed.
+    pub handled: u64,
+    /// Events handled more than once (handled beyond `expected`): none without a failure.
+    pub duplicates: u64,
+    /// Events members took over from a member that failed or left.
+    pub taken_over: u64,
+    /// Seconds from the start of the load until the last member finished its last event.
+    pub finished_secs: f64,
+    /// Events per second the group finished as a whole: the events handled (at most
+    /// `expected`) over `finished_secs`.
+    pub handled_per_sec: f64,
+    /// How the events split over the members.
+    pub split: Vec<GroupShare>,
+}
+
+/// One member's part of the group's work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupShare {
+    /// Host name.
+    pub host: String,
+    /// Events its group row handled.
+    pub handled: u64,
+    /// handled / the group's expected.
+    pub share: f64,
+    /// Events it owned when it read them.
+    pub owned: u64,
+    /// Events another member owned.
+    pub not_owned: u64,
+    /// Events of a failed or departed member that fell to it.
+    pub taken_over: u64,
 }
 
 /// What a load generator reports on stdout.
@@ -121,22 +184,87 @@ pub struct LoadReport {
 
 /// Runs the benchmark on a fresh lab named `prefix`, and takes the lab down after.
 pub fn run(root: &Path, prefix: &str, config: &BenchConfig) -> Result<BenchReport, LabError> {
-    let extra = vec![
-        "--quiet".to_owned(),
-        "--on".to_owned(),
-        "bench.**=file:/dev/null".to_owned(),
-    ];
-    let (lab, formed) = Lab::up(
+    let mut extra = vec!["--quiet".to_owned()];
+    // Beside the lab's directory, which `Lab::up` clears first.
+    let group_config = root.join(format!("{prefix}.bench-group.toml"));
+    if config.group {
+        std::fs::create_dir_all(root).map_err(crate::lab::io(root))?;
+        std::fs::write(&group_config, group_row()).map_err(crate::lab::io(&group_config))?;
+        extra.push("--config".to_owned());
+        extra.push(group_config.to_string_lossy().into_owned());
+    } else {
+        extra.push("--on".to_owned());
+        extra.push(format!("{PATTERN}=file:/dev/null"));
+    }
+    let up = Lab::up(
         root,
         prefix,
         config.peers,
         crate::meshbus_bin(),
         extra,
         Duration::from_secs(60),
-    )?;
-    let result = measure(&lab, formed, config);
-    crate::down(root, prefix)?;
+    );
+    let result = up.and_then(|(lab, formed)| {
+        let ready = if config.group {
+            wait_for_group(&lab)
+        } else {
+            Ok(())
+        };
+        let result = ready.and_then(|()| measure(&lab, formed, config));
+        crate::down(root, prefix)?;
+        result
+    });
+    if config.group {
+        let _ = std::fs::remove_file(&group_config);
+    }
     result
+}
+
+/// The config file of `--group` mode: the bench's row, in [`GROUP`].
+fn group_row() -> String {
+    format!(
+        "[[handler]]\nname = \"bench-group\"\npattern = \"{PATTERN}\"\ngroup = \"{GROUP}\"\n\n\
+         [handler.file]\npath = \"/dev/null\"\n"
+    )
+}
+
+/// Waits until every peer sees every peer as an active member of [`GROUP`]: an event
+/// published earlier could fall to a member that is not deciding yet, and the figures would
+/// measure the join rather than the group.
+fn wait_for_group(lab: &Lab) -> Result<(), LabError> {
+    let everyone: BTreeSet<String> = lab
+        .state
+        .hosts
+        .iter()
+        .filter_map(|h| h.peer_id.clone())
+        .collect();
+    for (i, host) in lab.state.hosts.iter().enumerate() {
+        let formed = crate::poll(GROUP_TIMEOUT, Duration::from_millis(100), || {
+            let view = group_view(lab, i)?;
+            let active: BTreeSet<String> = view
+                .members
+                .iter()
+                .filter(|m| m.active)
+                .map(|m| m.peer.clone())
+                .collect();
+            (view.members.len() == everyone.len() && active == everyone).then_some(())
+        });
+        formed.ok_or_else(|| {
+            LabError::Timeout(
+                GROUP_TIMEOUT,
+                format!("{} to see every peer active in group `{GROUP}`", host.name),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Host `i`'s view of [`GROUP`], from its `status`.
+fn group_view(lab: &Lab, i: usize) -> Option<GroupView> {
+    let out = lab.cli(i, &["status", "--json"]).ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let groups: Vec<GroupView> = serde_json::from_value(status.get("groups")?.clone()).ok()?;
+    groups.into_iter().find(|g| g.name == GROUP)
 }
 
 fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchReport, LabError> {
@@ -165,15 +293,19 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
 
     // Follow every peer until it has everything or stops making progress.
     let start_unix_us = meshbus::clock::unix_micros(std::time::SystemTime::now());
-    let done: Vec<Option<HandlerInfo>> = std::thread::scope(|s| {
-        let watchers: Vec<_> = (0..n)
-            .map(|i| s.spawn(move || follow(lab, i, expected)))
-            .collect();
-        watchers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_default())
-            .collect()
-    });
+    let done: Vec<Option<HandlerInfo>> = if config.group {
+        follow_group(lab, expected)
+    } else {
+        std::thread::scope(|s| {
+            let watchers: Vec<_> = (0..n)
+                .map(|i| s.spawn(move || follow(lab, i, expected)))
+                .collect();
+            watchers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_default())
+                .collect()
+        })
+    };
     let mut published = 0;
     let mut publish_secs: f64 = 0.0;
     for loader in loaders {
@@ -186,13 +318,24 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
         }
     }
 
-    let per_peer = (0..n)
-        .map(|i| {
-            let row = done[i].clone().unwrap_or_else(|| HandlerInfo {
+    let rows: Vec<HandlerInfo> = done
+        .into_iter()
+        .map(|row| {
+            row.unwrap_or_else(|| HandlerInfo {
                 last_done_unix_us: start_unix_us,
                 ..HandlerInfo::default()
-            });
+            })
+        })
+        .collect();
+    let per_peer = (0..n)
+        .map(|i| {
+            let row = &rows[i];
             let delivered = row.succeeded + row.failed;
+            let expected = if config.group {
+                row.owned + row.taken_over
+            } else {
+                expected
+            };
             let took = row.last_done_unix_us.saturating_sub(start_unix_us) as f64 / 1e6;
             let latency = &row.latency;
             let ms = |us: u64| us as f64 / 1000.0;
@@ -223,7 +366,43 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
         mesh_formed_ms: formed.as_secs_f64() * 1000.0,
         publish_rate: published as f64 / publish_secs.max(1e-9),
         per_peer,
+        group: config
+            .group
+            .then(|| group_report(lab, &rows, expected, start_unix_us)),
     })
+}
+
+/// The group's figures from its members' rows.
+fn group_report(lab: &Lab, rows: &[HandlerInfo], expected: u64, start_unix_us: u64) -> GroupReport {
+    let handled: u64 = rows.iter().map(|r| r.succeeded + r.failed).sum();
+    let finished_us = rows
+        .iter()
+        .map(|r| r.last_done_unix_us)
+        .max()
+        .unwrap_or(start_unix_us)
+        .saturating_sub(start_unix_us);
+    let finished_secs = finished_us as f64 / 1e6;
+    GroupReport {
+        name: GROUP.to_owned(),
+        expected,
+        handled,
+        duplicates: handled.saturating_sub(expected),
+        taken_over: rows.iter().map(|r| r.taken_over).sum(),
+        finished_secs,
+        handled_per_sec: handled.min(expected) as f64 / finished_secs.max(1e-9),
+        split: rows
+            .iter()
+            .zip(&lab.state.hosts)
+            .map(|(r, h)| GroupShare {
+                host: h.name.clone(),
+                handled: r.succeeded + r.failed,
+                share: (r.succeeded + r.failed) as f64 / expected.max(1) as f64,
+                owned: r.owned,
+                not_owned: r.not_owned,
+                taken_over: r.taken_over,
+            })
+            .collect(),
+    }
 }
 
 /// Polls host `i`'s handler row until it has handled `expected` events or stalls.
@@ -253,10 +432,43 @@ fn follow(lab: &Lab, i: usize, expected: u64) -> Option<HandlerInfo> {
     }
 }
 
+/// Polls every peer's group row until together they have handled `expected` events or
+/// their sum stalls; returns each peer's row as last seen.
+fn follow_group(lab: &Lab, expected: u64) -> Vec<Option<HandlerInfo>> {
+    let n = lab.state.hosts.len();
+    let mut last: Vec<Option<HandlerInfo>> = vec![None; n];
+    let mut last_sum = 0;
+    let mut changed_at = Instant::now();
+    loop {
+        let looks: Vec<Option<HandlerInfo>> = std::thread::scope(|s| {
+            let looks: Vec<_> = (0..n).map(|i| s.spawn(move || row(lab, i))).collect();
+            looks
+                .into_iter()
+                .map(|l| l.join().unwrap_or_default())
+                .collect()
+        });
+        for (slot, look) in last.iter_mut().zip(looks) {
+            if look.is_some() {
+                *slot = look;
+            }
+        }
+        let sum: u64 = last.iter().flatten().map(|r| r.succeeded + r.failed).sum();
+        if sum != last_sum {
+            changed_at = Instant::now();
+            last_sum = sum;
+        }
+        if sum >= expected || changed_at.elapsed() > STALL {
+            return last;
+        }
+        // As in `follow`: each look runs `meshbus handlers` inside every host.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn row(lab: &Lab, i: usize) -> Option<HandlerInfo> {
     let out = lab.cli(i, &["handlers", "--json"]).ok()?;
     let rows: Vec<HandlerInfo> = serde_json::from_slice(&out.stdout).ok()?;
-    rows.into_iter().find(|r| r.pattern == "bench.**")
+    rows.into_iter().find(|r| r.pattern == PATTERN)
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -380,6 +592,30 @@ impl BenchReport {
                 p.cpu_secs,
                 p.gossip_links_lost
             );
+        }
+        if let Some(g) = &self.group {
+            out += &format!(
+                "group `{}` as a whole: {} of {} events handled in {:.2} s, {:.0} events/s; {} duplicate(s), {} taken over\n",
+                g.name,
+                g.handled,
+                g.expected,
+                g.finished_secs,
+                g.handled_per_sec,
+                g.duplicates,
+                g.taken_over
+            );
+            out += "host    handled    share     owned  not owned  taken over\n";
+            for m in &g.split {
+                out += &format!(
+                    "{:<5} {:>9} {:>7.2}% {:>9} {:>10} {:>11}\n",
+                    m.host,
+                    m.handled,
+                    m.share * 100.0,
+                    m.owned,
+                    m.not_owned,
+                    m.taken_over
+                );
+            }
         }
         out
     }

@@ -34,7 +34,8 @@
 //! - `lab.rs`: [`Lab`], a lasting LAN with a running peer on every host, its state file
 //!   ([`LabState`]), faults, and waiting for the full mesh.
 //! - [`process`]: what `/proc` says about the peers (alive, scheduler fields).
-//! - [`bench`]: the mesh benchmark on a fresh lab, and its load generator.
+//! - [`bench`]: the mesh benchmark on a fresh lab (every peer handling every event, or a
+//!   handler group sharing them), and its load generator.
 //! - [`testing`]: helpers for tests that drive peers and labs (waiting, reading what file
 //!   handlers wrote, skipping where namespaces cannot be made).
 //! - `main.rs`: the `meshbus-lab` binary, a thin CLI over all of this.

@@ -84,6 +84,12 @@ enum Cmd {
     /// Stop every peer and remove every namespace of this lab.
     Down,
     /// Run the mesh benchmark on a fresh lab (taken down afterwards) and print a table.
+    ///
+    /// Every peer handles every event with one row, `bench.**=file:/dev/null`. With
+    /// `--group` that row is in a handler group (`bench`) on every peer instead, so each event
+    /// is handled by one peer: the table then adds the rate at which the group as a whole
+    /// finished every event, how the events split over the peers, and takeovers and
+    /// duplicates.
     Bench {
         /// Peers in the lab.
         #[arg(long, default_value_t = 5)]
@@ -100,6 +106,10 @@ enum Cmd {
         /// Events per second in all (default: as fast as the peers take them).
         #[arg(long)]
         rate: Option<f64>,
+        /// Put every peer's row in one handler group, `bench`: each event is handled once in
+        /// the mesh, and the report adds the group's throughput as a whole and its split.
+        #[arg(long)]
+        group: bool,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -237,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events,
             size,
             rate,
+            group,
             json,
         } => {
             lab::netns::available()
@@ -251,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 size,
                 rate,
+                group,
             };
             let report = lab::bench::run(&root, prefix, &config)?;
             if json {

@@ -179,6 +179,59 @@ impl Client {
         self.get("/v1/handlers").await
     }
 
+    /// Handler groups as the peer sees them.
+    pub async fn groups(&self) -> Result<Vec<crate::proto::groups::GroupView>, ClientError> {
+        self.get("/v1/groups").await
+    }
+
+    /// Asks the mesh through the peer: its answers as they come, then the line saying how
+    /// the query ended.
+    pub async fn query(
+        &self,
+        request: &super::QueryRequest,
+    ) -> Result<impl Stream<Item = Result<super::QueryLine, ClientError>>, ClientError> {
+        let response = self
+            .request(reqwest::Method::POST, "/v1/query")
+            .json(request)
+            .send()
+            .await;
+        let response = response.map_err(|e| self.error(e))?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let message = response
+                .json::<ApiError>()
+                .await
+                .map(|e| e.error)
+                .unwrap_or_default();
+            return Err(ClientError::Refused { status, message });
+        }
+        let addr = self.addr;
+        let mut buf: Vec<u8> = Vec::new();
+        let stream = response.bytes_stream().flat_map(move |chunk| {
+            let mut items = Vec::new();
+            match chunk {
+                Ok(bytes) => {
+                    buf.extend_from_slice(&bytes);
+                    while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=end).collect();
+                        items.push(
+                            serde_json::from_slice(&line).map_err(|e| ClientError::Http {
+                                addr,
+                                reason: format!("a query answer line is not valid: {e}"),
+                            }),
+                        );
+                    }
+                }
+                Err(e) => items.push(Err(ClientError::Http {
+                    addr,
+                    reason: e.to_string(),
+                })),
+            }
+            futures::stream::iter(items)
+        });
+        Ok(stream)
+    }
+
     /// Events arriving at the peer whose topic matches `pattern`, until the peer stops.
     pub async fn events(
         &self,

@@ -9,6 +9,8 @@
 //! | `GET /v1/status`           |                                        | [`Status`] JSON           |
 //! | `GET /v1/handlers`         |                                        | [`HandlerInfo`] JSON array|
 //! | `POST /v1/reload`          |                                        | names of the new rows     |
+//! | `GET /v1/groups`           |                                        | [`GroupView`] JSON array  |
+//! | `POST /v1/query`           | [`QueryRequest`] JSON                  | [`QueryLine`] JSON lines  |
 //!
 //! A batch is checked whole before anything is published (a bad entry refuses the batch and
 //! names its index), then published in one go, so the node packs it into few messages. At
@@ -28,6 +30,12 @@
 //! [`Status`]: types::Status
 //! [`HandlerInfo`]: types::HandlerInfo
 //! [`PublishRequest`]: types::PublishRequest
+//! [`QueryRequest`]: types::QueryRequest
+//! [`QueryLine`]: types::QueryLine
+//!
+//! `/v1/query` publishes a query and streams the answers as they arrive, one JSON object per
+//! line, until its `timeout_ms` (or, with a `group`, the first answer); its last line is
+//! `{"done": true, "id": …, "asked": N, "answers": k}`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -60,8 +68,10 @@ pub mod view;
 
 pub use access::{Access, Scope, Token};
 pub use client::{Client, ClientError};
-pub use types::{ApiError, PublishRequest};
+pub use types::{ApiError, PublishRequest, QueryLine, QueryRequest};
 
+use crate::node::QueryOptions;
+use crate::proto::groups::GroupView;
 use types::{HandlerInfo, PeerInfo, Published, Status};
 
 /// Time the API gets at shutdown to finish requests before they are cut.
@@ -127,7 +137,9 @@ fn status_of(e: &NodeError) -> StatusCode {
         | NodeError::Encode(_)
         | NodeError::Table(_)
         | NodeError::Reload(_)
+        | NodeError::BadQuery(_)
         | NodeError::NoReloadSource => StatusCode::BAD_REQUEST,
+        NodeError::TooManyQueries(_) => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
@@ -185,6 +197,8 @@ pub async fn serve(
         .route("/v1/peers", get(peers))
         .route("/v1/status", get(status))
         .route("/v1/handlers", get(handlers))
+        .route("/v1/groups", get(groups))
+        .route("/v1/query", post(query))
         .route("/v1/reload", post(reload))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -381,4 +395,76 @@ async fn reload(State(state): State<AppState>) -> Result<Json<Vec<String>>, Fail
 
 async fn handlers(State(state): State<AppState>) -> Json<Vec<HandlerInfo>> {
     Json(state.node.handlers())
+}
+
+async fn groups(State(state): State<AppState>) -> Result<Json<Vec<GroupView>>, Failure> {
+    Ok(Json(state.node.groups().await?))
+}
+
+/// Asks the mesh and streams the answers as they come, one JSON object per line, then a
+/// last line `{"done": true, …}`. With a group, it ends at the first answer.
+async fn query(
+    State(state): State<AppState>,
+    Extension(token): Extension<Token>,
+    body: Result<Json<QueryRequest>, JsonRejection>,
+) -> Result<Response, Failure> {
+    let Json(request) = body.map_err(|e| json_failure(e, "{\"topic\": …, \"data\": …}"))?;
+    may_publish(&token, &request.topic)?;
+    let payload = request
+        .payload()
+        .map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
+    let timeout = Duration::from_millis(request.timeout_ms.unwrap_or(2_000));
+    let one = request.group.is_some();
+    let slot = state.streams.clone().try_acquire_owned().map_err(|_| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} streams are open already, the most this peer serves; close one",
+                state.max_streams
+            ),
+        )
+    })?;
+    let options = QueryOptions {
+        timeout,
+        group: request.group,
+    };
+    let mut asked = state.node.query(&request.topic, payload, options).await?;
+    let lines = async_stream_lines(move |tx| async move {
+        let _slot = slot;
+        let mut n = 0;
+        while let Some(answer) = asked.next().await {
+            n += 1;
+            if tx.send(QueryLine::Answer(answer)).await.is_err() || one {
+                break;
+            }
+        }
+        let _ = tx
+            .send(QueryLine::Done {
+                done: true,
+                id: asked.id.clone(),
+                asked: asked.asked,
+                answers: n,
+            })
+            .await;
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// A stream of JSON lines that `produce` sends.
+fn async_stream_lines<F, Fut>(produce: F) -> impl Stream<Item = Result<String, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<QueryLine>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(produce(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(|line| {
+        let mut text = serde_json::to_string(&line).unwrap_or_default();
+        text.push('\n');
+        Ok(text)
+    })
 }

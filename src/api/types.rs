@@ -29,6 +29,58 @@ pub struct PublishRequest {
     pub data_base64: Option<String>,
 }
 
+/// `POST /v1/query`: a query and how long to wait for answers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QueryRequest {
+    /// Topic to ask on.
+    pub topic: String,
+    /// Media type; `application/json` unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    /// The query's data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+    /// How long to wait for answers, in milliseconds (2,000 unless given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Ask only this group's reply rows (one answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl QueryRequest {
+    /// The query's payload, read like a publish's.
+    pub fn payload(&self) -> Result<Payload, String> {
+        PublishRequest {
+            topic: self.topic.clone(),
+            datacontenttype: self.datacontenttype.clone(),
+            data: self.data.clone(),
+            ..PublishRequest::default()
+        }
+        .payload()
+    }
+}
+
+/// One line of `POST /v1/query`'s streamed answer (newline-delimited JSON): an answer, or
+/// the last line, which says how the query ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum QueryLine {
+    /// How it ended.
+    Done {
+        /// Always true.
+        done: bool,
+        /// The query event's id.
+        id: String,
+        /// Mesh members connected when it was asked.
+        asked: usize,
+        /// Answers that came.
+        answers: usize,
+    },
+    /// A peer's answer.
+    Answer(crate::node::QueryAnswer),
+}
+
 impl PublishRequest {
     /// A request for `payload` (JSON, text, or other bytes as base64), or for `null` data.
     pub fn new(

@@ -94,7 +94,63 @@ pub fn status(s: &Status) -> String {
         c.handler_succeeded,
         c.handler_failed
     );
+    for g in &s.groups {
+        let members: Vec<String> = g
+            .members
+            .iter()
+            .map(|m| {
+                let short: String = m
+                    .peer
+                    .chars()
+                    .rev()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!(
+                    "…{short}{}{}",
+                    if m.me { " (me)" } else { "" },
+                    if m.active { "" } else { " (joining)" }
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "group       {}: {} members: {}{}",
+            g.name,
+            g.members.len(),
+            members.join(", "),
+            if g.held > 0 {
+                format!("; {} events held for their owners", g.held)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "queries     {} asked ({} open), {} answers received, {} sent, {} dropped, {} group announcements refused",
+        c.queries, s.open_queries, c.answers_received, c.answers_sent, c.answers_dropped, c.groups_refused
+    );
     out
+}
+
+/// One answer to a query: peer, name, handler, latency and the answer (or its error).
+pub fn answer(a: &crate::node::QueryAnswer) -> String {
+    let answer = match (&a.answer, &a.error) {
+        (_, Some(error)) => format!("error: {}", crate::event::printable(error)),
+        (Some(value), None) => crate::event::printable(&value.to_string()),
+        (None, None) => "null".into(),
+    };
+    format!(
+        "{}  {:<10} {:<12} {:>8.2} ms  {}",
+        a.peer,
+        a.name.as_deref().unwrap_or("-"),
+        a.handler,
+        a.latency_ms,
+        answer
+    )
 }
 
 /// Widest action shown in the handler table before it is cut.
@@ -114,6 +170,15 @@ pub fn handlers(rows: &[HandlerInfo]) -> String {
         let mut action = r.action.clone();
         if action.chars().count() > ACTION_WIDTH {
             action = action.chars().take(ACTION_WIDTH - 1).collect::<String>() + "…";
+        }
+        if let Some(group) = &r.group {
+            action = format!(
+                "{action} [group {group}: owned {}, not owned {}, took over {}]",
+                r.owned, r.not_owned, r.taken_over
+            );
+        }
+        if r.reply {
+            action.push_str(" [reply]");
         }
         let _ = writeln!(
             out,

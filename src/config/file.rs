@@ -184,6 +184,10 @@ struct RawHandler {
     #[serde(default, deserialize_with = "duration_opt")]
     backoff_max: Option<Duration>,
     dead_letter: Option<PathBuf>,
+    group: Option<String>,
+    key: Option<String>,
+    #[serde(default)]
+    reply: bool,
     log: Option<RawLog>,
     file: Option<RawFile>,
     exec: Option<RawExec>,
@@ -333,6 +337,7 @@ impl ConfigFile {
         check_node(&raw.node, text).map_err(|(line, m)| error(line, m))?;
         let mut handlers = Vec::with_capacity(raw.handler.len());
         let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut groups: BTreeMap<String, usize> = BTreeMap::new();
         for spanned in raw.handler {
             let line = line_of(text, spanned.span().start);
             let row = spanned.into_inner();
@@ -354,6 +359,16 @@ impl ConfigFile {
                 .map_err(|m| error(line, format!("{what}: {m}")))?;
             crate::handlers::check_jq(spec.filter.as_deref(), spec.transform.as_deref())
                 .map_err(|e| error(line, format!("{what}: {e}")))?;
+            spec.check_group()
+                .map_err(|m| error(line, format!("{what}: {m}")))?;
+            if let Some(group) = &spec.group {
+                if let Some(first) = groups.insert(group.clone(), line) {
+                    return Err(error(
+                        line,
+                        format!("{what}: key `group`: the handler on line {first} is in group `{group}` already; a peer has one row per group"),
+                    ));
+                }
+            }
             spec.action
                 .check()
                 .map_err(|m| error(line, format!("{what}: {m}")))?;
@@ -468,6 +483,9 @@ impl RawHandler {
             filter: self.filter,
             transform: self.transform,
             options,
+            group: self.group,
+            key: self.key,
+            reply: self.reply,
             action: actions.remove(0),
         })
     }

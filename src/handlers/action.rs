@@ -24,6 +24,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type RustHandler =
     Arc<dyn Fn(Arc<Event>) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
 
+/// An async Rust function that answers queries ([`crate::node::NodeHandle::on_query`]).
+pub type QueryHandler = Arc<
+    dyn Fn(Arc<Event>) -> BoxFuture<'static, Result<serde_json::Value, BoxError>> + Send + Sync,
+>;
+
 /// Most bytes of an `exec` handler's stdout (and of its stderr) kept for the log; the rest is
 /// read and thrown away so a chatty command never blocks on a full pipe.
 pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024;
@@ -62,6 +67,15 @@ pub enum Action {
     Http(HttpAction),
     /// Call Rust code.
     Rust(RustHandler),
+    /// Call Rust code that answers queries with a JSON value.
+    Query(QueryHandler),
+}
+
+impl Action {
+    /// Whether the action has an output a query can be answered with.
+    pub fn answers(&self) -> bool {
+        matches!(self, Action::Exec(_) | Action::Http(_) | Action::Query(_))
+    }
 }
 
 impl fmt::Debug for Action {
@@ -85,6 +99,7 @@ impl fmt::Display for Action {
             }) => write!(f, "exec:{}", argv.join(" ")),
             Action::Http(h) => f.write_str(&redact_url(&h.url)),
             Action::Rust(_) => f.write_str("rust"),
+            Action::Query(_) => f.write_str("rust (answers queries)"),
         }
     }
 }
@@ -333,13 +348,14 @@ pub(super) async fn log(events: &[Arc<Event>]) -> Result<(), ActionError> {
     stdout.flush().await.map_err(ActionError::Stdout)
 }
 
-/// Runs the command once for `event`, with `input` (its JSON line) on stdin.
+/// Runs the command once for `event`, with `input` (its JSON line) on stdin; returns its
+/// stdout (the first [`EXEC_OUTPUT_LIMIT`] bytes).
 pub(super) async fn exec(
     action: &ExecAction,
     default_timeout: Duration,
     event: &Event,
     input: &str,
-) -> Result<(), ActionError> {
+) -> Result<String, ActionError> {
     let timeout = action.timeout.unwrap_or(default_timeout);
     let (mut cmd, shown) = match &action.command {
         CommandLine::Shell(line) => {
@@ -399,14 +415,14 @@ pub(super) async fn exec(
         Ok((out, err, status)) => {
             group.0 = None;
             let status = status.map_err(ActionError::Wait)?;
-            if !out.is_empty() {
+            if !out.is_empty() && !crate::event::is_query(event) {
                 info!(event = %event.id, output = %out.trim_end(), "handler output");
             }
             if status.success() {
                 if !err.is_empty() {
                     debug!(event = %event.id, stderr = %err.trim_end(), "handler stderr");
                 }
-                Ok(())
+                Ok(out)
             } else {
                 Err(ActionError::Exit {
                     status,

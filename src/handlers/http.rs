@@ -44,8 +44,15 @@ impl HttpAction {
         }
     }
 
-    /// Sends one event; `json` is its CloudEvents JSON (after any transform).
-    pub(super) async fn post(&self, event: &Event, json: &str) -> Result<(), ActionError> {
+    /// Sends one event; `json` is its CloudEvents JSON (after any transform). Returns the
+    /// response body when `keep_body` (a reply row's answer), at most
+    /// [`crate::node::MAX_ANSWER`] bytes of it.
+    pub(super) async fn post(
+        &self,
+        event: &Event,
+        json: &str,
+        keep_body: bool,
+    ) -> Result<Vec<u8>, ActionError> {
         let client = CLIENT.get_or_init(crate::http_client::build);
         let mut request = client.post(&self.url).timeout(self.timeout);
         request = match self.mode {
@@ -75,7 +82,19 @@ impl HttpAction {
         })?;
         let status = response.status();
         if status.is_success() {
-            return Ok(());
+            if !keep_body {
+                return Ok(Vec::new());
+            }
+            let mut body = Vec::new();
+            let mut response = response;
+            while let Ok(Some(chunk)) = response.chunk().await {
+                let room = (crate::node::MAX_ANSWER + 1).saturating_sub(body.len());
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if room <= chunk.len() {
+                    break;
+                }
+            }
+            return Ok(body);
         }
         let retry_after = response
             .headers()

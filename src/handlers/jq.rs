@@ -74,6 +74,36 @@ impl RowJq {
     }
 }
 
+/// A group row's key expression: which events go to the same member.
+pub(super) struct KeyJq(JqFilter);
+
+impl KeyJq {
+    pub(super) fn compile(code: &str) -> Result<KeyJq, JqError> {
+        compile(code).map(KeyJq).map_err(|message| JqError {
+            which: "key",
+            code: code.to_owned(),
+            message,
+        })
+    }
+
+    /// The key of `event`: a string's own bytes, any other value's JSON. No output, or
+    /// `null`, is an error: an event without a key cannot be placed.
+    pub(super) fn apply(&self, event: &Event) -> Result<Vec<u8>, String> {
+        let input: Value =
+            serde_json::from_str(&event.to_json_line()).map_err(|e| format!("event JSON: {e}"))?;
+        match first(&self.0, input)? {
+            None | Some(Value::Null) => Err("jq key: no key (null or no output)".into()),
+            Some(Value::String(s)) => Ok(s.into_bytes()),
+            Some(other) => Ok(other.to_string().into_bytes()),
+        }
+    }
+}
+
+/// Checks that a group row's key expression compiles.
+pub fn check_key(code: &str) -> Result<(), JqError> {
+    KeyJq::compile(code).map(|_| ())
+}
+
 /// Checks that a row's filter and transform compile (what a config load does before it
 /// accepts the row).
 pub fn check(filter: Option<&str>, transform: Option<&str>) -> Result<(), JqError> {

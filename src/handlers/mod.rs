@@ -24,6 +24,7 @@
 
 mod action;
 mod file;
+mod group;
 mod http;
 mod jq;
 mod row;
@@ -38,13 +39,20 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{warn, Instrument as _};
 
-pub use action::{redact_url, Action, ActionError, BoxError, CommandLine, ExecAction, RustHandler};
+pub use action::{
+    redact_url, Action, ActionError, BoxError, CommandLine, ExecAction, QueryHandler, RustHandler,
+};
 pub use file::FileAction;
 pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
-pub use jq::{check as check_jq, JqError};
+pub use jq::{check as check_jq, check_key, JqError};
 pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE};
 pub use spec::{HandlerSpec, SpecError};
 
+use group::GroupRow;
+use libp2p::PeerId;
+
+use crate::proto::groups::{GroupCounters, GroupView};
+use crate::proto::StreamId;
 use crate::stats::{Latency, Stats};
 use crate::store::{Store, StoreError};
 use crate::topic::Pattern;
@@ -65,11 +73,39 @@ struct Row {
     /// The action as text, for listings.
     action: String,
     origin: Origin,
+    /// It answers queries.
+    reply: bool,
     /// Turned true to stop the row's feeder (its worker then drains the queue and ends).
     stop: Arc<watch::Sender<bool>>,
     counters: Arc<row::RowCounters>,
     /// Turns true when the row's worker has finished (its queue closed and drained).
     done: watch::Receiver<bool>,
+    /// Its group, if it is in one.
+    group: Option<Arc<GroupRow>>,
+}
+
+/// A reply row's answer to a query, on its way to the asker.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The asker.
+    pub to: PeerId,
+    /// The query's event id.
+    pub query: String,
+    /// The row that answered.
+    pub handler: String,
+    /// The action's output, or why it failed.
+    pub answer: Result<serde_json::Value, String>,
+}
+
+/// One group this peer is in, as it announces it to the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The group.
+    pub name: String,
+    /// When this member owns events from, µs since the Unix epoch.
+    pub since: u64,
+    /// Its done-marks.
+    pub marks: Vec<(StreamId, u64)>,
 }
 
 /// A row and its counters, as `meshbus handlers`, `status` and the API show it.
@@ -111,6 +147,21 @@ pub struct HandlerInfo {
     /// Events the log dropped (retention) before this row read them.
     #[serde(default)]
     pub skipped: u64,
+    /// The row's handler group, if any.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Group rows: events this member owned when it read them.
+    #[serde(default)]
+    pub owned: u64,
+    /// Group rows: events another member owned, so this one skipped them.
+    #[serde(default)]
+    pub not_owned: u64,
+    /// Group rows: events of a failed or departed member that fell to this one.
+    #[serde(default)]
+    pub taken_over: u64,
+    /// Reply rows: the row answers queries.
+    #[serde(default)]
+    pub reply: bool,
     /// Time from publish to this row's action finished.
     pub latency: Latency,
     /// When the last run finished, microseconds since the Unix epoch (0: never).
@@ -132,6 +183,8 @@ pub struct Handlers {
     store: Store,
     /// A replay: rows built before [`Handlers::end_replay`] start no later than this offset.
     replay_from: Mutex<Option<u64>>,
+    /// This peer (a group member's identity) and where reply rows send their answers.
+    peer: Mutex<Option<(PeerId, mpsc::Sender<Answer>)>>,
 }
 
 /// Why a table could not be built; nothing was changed.
@@ -157,6 +210,14 @@ pub enum TableError {
     /// Two rows with one name.
     #[error("two handlers are named `{0}`; names must be unique")]
     DuplicateName(String),
+    /// Two rows in one group, or a bad group setting.
+    #[error("handler `{name}`: {reason}")]
+    Group {
+        /// The row.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The row's cursor could not be read from the log.
     #[error("handler `{name}`: {error}")]
     Store {
@@ -187,7 +248,14 @@ impl Handlers {
             next_id: AtomicU64::new(1),
             store,
             replay_from: Mutex::new(replay_from),
+            peer: Mutex::new(None),
         }
+    }
+
+    /// Tells the table who this peer is (for its groups) and where answers go. Rows built
+    /// before this can be in no group and answer no query.
+    pub fn connect(&self, me: PeerId, answers: mpsc::Sender<Answer>) {
+        *lock(&self.peer) = Some((me, answers));
     }
 
     /// Rows built from now on start where they stopped, or at the end of the log: the
@@ -228,6 +296,36 @@ impl Handlers {
             })?
             .map(Arc::new);
         let options = spec.options;
+        let peer = lock(&self.peer).clone();
+        let group = match (&spec.group, &peer) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(TableError::Group {
+                    name,
+                    reason: "a group row needs a running node".into(),
+                })
+            }
+            (Some(g), Some((me, _))) => Some(match previous.and_then(|p| p.group.clone()) {
+                Some(same) if &same.name == g && spec.key.is_none() == same.key.is_none() => same,
+                _ => {
+                    let key = spec
+                        .key
+                        .as_deref()
+                        .map(jq::KeyJq::compile)
+                        .transpose()
+                        .map_err(|error| TableError::Jq {
+                            name: name.clone(),
+                            error,
+                        })?
+                        .map(Arc::new);
+                    Arc::new(GroupRow::new(g.clone(), *me, key))
+                }
+            }),
+        };
+        let answers = match (spec.reply, peer) {
+            (true, Some((_, answers))) => Some(answers),
+            _ => None,
+        };
         let capacity = options
             .queue
             .unwrap_or(self.queue_capacity)
@@ -247,9 +345,11 @@ impl Handlers {
             event_type: spec.event_type.clone(),
             action: spec.action.to_string(),
             origin,
+            reply: spec.reply,
             stop: Arc::new(stop),
             counters: counters.clone(),
             done,
+            group: group.clone(),
         };
         let feeder = row::Feeder {
             name: name.clone(),
@@ -258,6 +358,8 @@ impl Handlers {
             counters: counters.clone(),
             stats: self.stats.clone(),
             store: self.store.clone(),
+            group: group.clone(),
+            reply: spec.reply,
         };
         let worker = row::Worker {
             name: name.clone(),
@@ -268,6 +370,8 @@ impl Handlers {
             stats: self.stats.clone(),
             jq,
             store: self.store.clone(),
+            group,
+            answers,
         };
         let previous = previous.map(|p| p.done.clone());
         let span = tracing::info_span!("handler", name = %name);
@@ -295,6 +399,21 @@ impl Handlers {
             .name
             .clone()
             .unwrap_or_else(|| format!("lib{}", self.next_id.fetch_add(1, Ordering::Relaxed)));
+        spec.check_group().map_err(|reason| TableError::Group {
+            name: name.clone(),
+            reason,
+        })?;
+        if let Some(g) = &spec.group {
+            if let Some(other) = read(&self.rows).iter().find(|r| in_group(r, g)) {
+                return Err(TableError::Group {
+                    name,
+                    reason: format!(
+                        "row `{}` is in group `{g}` already; a peer has one row per group",
+                        other.name
+                    ),
+                });
+            }
+        }
         let row = self.start_row(spec, name, Origin::Library, None)?;
         let name = row.name.clone();
         let mut rows = write(&self.rows);
@@ -308,6 +427,31 @@ impl Handlers {
     /// refused, nothing changes. Events already queued finish under the row they matched.
     pub fn replace(&self, specs: Vec<HandlerSpec>) -> Result<Vec<String>, TableError> {
         let mut seen = std::collections::HashSet::new();
+        let mut groups = std::collections::HashMap::new();
+        let library = read(&self.rows).clone();
+        for (i, spec) in specs.iter().enumerate() {
+            let name = spec.name.clone().unwrap_or_else(|| format!("h{}", i + 1));
+            spec.check_group().map_err(|reason| TableError::Group {
+                name: name.clone(),
+                reason,
+            })?;
+            if let Some(g) = &spec.group {
+                let taken = groups.insert(g.clone(), name.clone()).or_else(|| {
+                    library
+                        .iter()
+                        .find(|r| r.origin == Origin::Library && in_group(r, g))
+                        .map(|r| r.name.clone())
+                });
+                if let Some(other) = taken {
+                    return Err(TableError::Group {
+                        name,
+                        reason: format!(
+                            "row `{other}` is in group `{g}` already; a peer has one row per group"
+                        ),
+                    });
+                }
+            }
+        }
         for spec in &specs {
             if let Some(name) = &spec.name {
                 if !seen.insert(name.clone()) {
@@ -370,30 +514,110 @@ impl Handlers {
         let head = self.store.last();
         read(&self.rows)
             .iter()
-            .map(|row| HandlerInfo {
-                name: row.name.clone(),
-                pattern: row.pattern.to_string(),
-                event_type: row.event_type.as_ref().map(|t| t.to_string()),
-                action: row.action.clone(),
-                matched: r(&row.counters.matched),
-                filtered_out: r(&row.counters.filtered_out),
-                succeeded: r(&row.counters.succeeded),
-                failed: r(&row.counters.failed),
-                retried: r(&row.counters.retried),
-                dead_lettered: r(&row.counters.dead_lettered),
-                in_flight: r(&row.counters.in_flight),
-                queue_depth: r(&row.counters.queued),
-                lag: head.saturating_sub(row.counters.progress().done()),
-                skipped: r(&row.counters.skipped),
-                latency: row.counters.latency.summary(),
-                last_done_unix_us: r(&row.counters.last_done),
-                last_error: row
-                    .counters
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
+            .map(|row| {
+                let group = row
+                    .group
+                    .as_ref()
+                    .map(|g| (g.name.clone(), g.state().counters));
+                let (
+                    group,
+                    GroupCounters {
+                        owned,
+                        not_owned,
+                        taken_over,
+                    },
+                ) = match group {
+                    Some((name, counters)) => (Some(name), counters),
+                    None => (None, GroupCounters::default()),
+                };
+                HandlerInfo {
+                    name: row.name.clone(),
+                    group,
+                    owned,
+                    not_owned,
+                    taken_over,
+                    reply: row.reply,
+                    pattern: row.pattern.to_string(),
+                    event_type: row.event_type.as_ref().map(|t| t.to_string()),
+                    action: row.action.clone(),
+                    matched: r(&row.counters.matched),
+                    filtered_out: r(&row.counters.filtered_out),
+                    succeeded: r(&row.counters.succeeded),
+                    failed: r(&row.counters.failed),
+                    retried: r(&row.counters.retried),
+                    dead_lettered: r(&row.counters.dead_lettered),
+                    in_flight: r(&row.counters.in_flight),
+                    queue_depth: r(&row.counters.queued),
+                    lag: head.saturating_sub(row.counters.progress().done()),
+                    skipped: r(&row.counters.skipped),
+                    latency: row.counters.latency.summary(),
+                    last_done_unix_us: r(&row.counters.last_done),
+                    last_error: row
+                        .counters
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                }
             })
+            .collect()
+    }
+
+    /// The groups this peer's rows are in, as announced to the other peers.
+    pub fn announcements(&self) -> Vec<Announcement> {
+        read(&self.rows)
+            .iter()
+            .filter_map(|row| row.group.as_ref())
+            .map(|g| {
+                let mut state = g.state();
+                Announcement {
+                    name: g.name.clone(),
+                    since: state.since(),
+                    marks: state.marks(),
+                }
+            })
+            .collect()
+    }
+
+    /// What `peer` announced: for each group of ours, its `since` and marks; a group of
+    /// ours it no longer lists, it left.
+    pub fn announced(&self, peer: PeerId, groups: &[Announcement]) {
+        for row in read(&self.rows).iter() {
+            let Some(g) = &row.group else { continue };
+            {
+                let mut state = g.state();
+                match groups.iter().find(|a| a.name == g.name) {
+                    Some(a) => state.announced(peer, a.since, &a.marks),
+                    None if state.has_member(&peer) => state.failed(&peer),
+                    None => continue,
+                }
+            }
+            g.notify.notify_one();
+        }
+    }
+
+    /// `peer` failed or left the mesh: what it owned and had not finished is decided again.
+    pub fn member_gone(&self, peer: &PeerId) {
+        for row in read(&self.rows).iter() {
+            let Some(g) = &row.group else { continue };
+            let was = {
+                let mut state = g.state();
+                let was = state.has_member(peer);
+                state.failed(peer);
+                was
+            };
+            if was {
+                g.notify.notify_one();
+            }
+        }
+    }
+
+    /// This peer's own groups as it sees them.
+    pub fn groups(&self) -> Vec<GroupView> {
+        read(&self.rows)
+            .iter()
+            .filter_map(|row| row.group.as_ref())
+            .map(|g| g.view())
             .collect()
     }
 
@@ -417,6 +641,10 @@ impl Handlers {
             workers.shutdown().await;
         }
     }
+}
+
+fn in_group(row: &Row, group: &str) -> bool {
+    row.group.as_ref().is_some_and(|g| g.name == group)
 }
 
 /// Poison only follows a panic elsewhere; the data (plain rows) stays usable, so go on.

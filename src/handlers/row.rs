@@ -12,7 +12,10 @@ use tracing::warn;
 
 use super::action::{self, Action, ActionError};
 use super::file::FileAction;
+use super::group::GroupRow;
+use super::Answer;
 use crate::event::Event;
+use crate::proto::StreamId;
 use crate::stats::{self, Histogram, Stats};
 use crate::store::Store;
 use crate::topic::Pattern;
@@ -124,6 +127,17 @@ pub(super) struct Feeder {
     pub counters: Arc<RowCounters>,
     pub stats: Arc<Stats>,
     pub store: Store,
+    /// The row's group, if it is in one.
+    pub group: Option<Arc<GroupRow>>,
+    /// The row answers queries.
+    pub reply: bool,
+}
+
+/// What a group row's feeder does next.
+enum Turn {
+    Go,
+    Wait(Duration),
+    Stop,
 }
 
 impl Feeder {
@@ -133,6 +147,70 @@ impl Feeder {
                 .event_type
                 .as_ref()
                 .is_none_or(|t| t.matches_str(&event.event_type))
+            && self.addressed(event)
+    }
+
+    /// A reply row takes a query addressed to a group only if it is in that group.
+    fn addressed(&self, event: &Event) -> bool {
+        match crate::event::query_group(event) {
+            Some(Some(group)) if self.reply => self.group.as_ref().is_some_and(|g| g.name == group),
+            _ => true,
+        }
+    }
+
+    /// A group row's housekeeping before it reads on: forget the held events their owners
+    /// finished, queue those that fell to this member, and wait until it may decide.
+    async fn group_turn(
+        &self,
+        group: &GroupRow,
+        queue: &mpsc::Sender<(u64, Arc<Event>)>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Turn {
+        let released = group.state().take_released();
+        if !released.is_empty() {
+            let done = {
+                let mut p = self.counters.progress();
+                for offset in &released {
+                    p.pending.remove(offset);
+                }
+                p.done()
+            };
+            self.store.set_cursor(&self.name, done);
+        }
+        loop {
+            let Some(held) = group.state().poll_takeover() else {
+                break;
+            };
+            let offset = held.offset;
+            let (event, error) = held.item.clone();
+            self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::select! {
+                sent = queue.send((offset, event)) => sent.is_ok(),
+                _ = stop.changed() => false,
+            };
+            if !sent {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                group.state().untake(held);
+                return Turn::Stop;
+            }
+            if let Some(error) = error {
+                group
+                    .key_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(offset, error);
+            }
+            stats::bump(&self.stats.handler_dispatched);
+        }
+        let now = crate::clock::unix_micros(std::time::SystemTime::now());
+        let state = group.state();
+        if !state.ready(now) {
+            return Turn::Wait(Duration::from_micros(state.since() - now));
+        }
+        if state.full() {
+            return Turn::Wait(Duration::from_millis(100));
+        }
+        Turn::Go
     }
 
     /// Feeds until `stop` turns true; what it read and did not queue is read again by the
@@ -147,6 +225,20 @@ impl Feeder {
             if *stop.borrow_and_update() {
                 return;
             }
+            if let Some(group) = &self.group {
+                match self.group_turn(group, &queue, &mut stop).await {
+                    Turn::Go => {}
+                    Turn::Stop => return,
+                    Turn::Wait(wait) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = group.notify.notified() => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
             head.borrow_and_update();
             let fed = self.counters.progress().fed;
             let batch = match self.store.read_after(fed, FEED_BATCH) {
@@ -160,9 +252,16 @@ impl Feeder {
                 }
             };
             let Some(&(first, _)) = batch.first() else {
+                let woken = async {
+                    match &self.group {
+                        Some(group) => group.notify.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     changed = head.changed() => if changed.is_err() { return },
                     _ = stop.changed() => {}
+                    _ = woken => {}
                 }
                 continue;
             };
@@ -172,8 +271,27 @@ impl Feeder {
                 warn!(handler = %self.name, events = n, from = fed + 1, to = first - 1,
                     "the log dropped events (retention) before this handler read them");
             }
+            let batch: Vec<(u64, Arc<Event>)> = match &self.group {
+                Some(_) => {
+                    // Only the events it matches take part in the group.
+                    let last = batch.last().map(|(o, _)| *o);
+                    let matching: Vec<_> =
+                        batch.into_iter().filter(|(_, e)| self.matches(e)).collect();
+                    if matching.is_empty() {
+                        if let Some(last) = last {
+                            self.counters.progress().fed = last;
+                        }
+                    }
+                    matching
+                }
+                None => batch,
+            };
+            let mut keys = match &self.group {
+                Some(group) => group.keys(&batch).await.into_iter(),
+                None => Vec::new().into_iter(),
+            };
             for (offset, event) in batch {
-                if !self.matches(&event) {
+                if self.group.is_none() && !self.matches(&event) {
                     self.counters.progress().fed = offset;
                     continue;
                 }
@@ -183,6 +301,14 @@ impl Feeder {
                     p.fed = offset;
                     p.pending.insert(offset);
                 }
+                let event = match (&self.group, keys.next()) {
+                    (Some(group), Some(key)) => match group.decide(offset, event, key) {
+                        Some(event) => event,
+                        // Held for its owner: the cursor stays before it until released.
+                        None => continue,
+                    },
+                    _ => event,
+                };
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
                 let sent = tokio::select! {
                     sent = queue.send((offset, event)) => sent.is_ok(),
@@ -214,6 +340,10 @@ pub(super) struct Worker {
     pub stats: Arc<Stats>,
     pub jq: Option<Arc<super::jq::RowJq>>,
     pub store: Store,
+    /// The row's group, if it is in one.
+    pub group: Option<Arc<GroupRow>>,
+    /// Where a reply row's answers go (to the swarm task), if it answers.
+    pub answers: Option<mpsc::Sender<Answer>>,
 }
 
 impl Worker {
@@ -238,15 +368,20 @@ impl Worker {
             this.counters
                 .queued
                 .fetch_sub(offsets.len() as u64, Ordering::Relaxed);
-            let events = this.select(events).await;
+            let done: Done = offsets
+                .iter()
+                .zip(&events)
+                .map(|(o, e)| (*o, StreamId::of(e), e.seq))
+                .collect();
+            let events = this.select(&offsets, events).await;
             if events.is_empty() {
-                this.finished(&offsets).await;
+                this.finished(&done).await;
                 continue;
             }
             let worker = this.clone();
             running.spawn(async move {
                 worker.attempt_all(events).await;
-                worker.finished(&offsets).await;
+                worker.finished(&done).await;
                 drop(permit);
             });
             while running.try_join_next().is_some() {}
@@ -257,10 +392,16 @@ impl Worker {
     /// These events are done with (handled, failed or filtered out): the row's cursor moves
     /// past them once everything before them is done too, and is on disk before the row
     /// takes more, so a crash repeats at most what was in flight.
-    async fn finished(&self, offsets: &[u64]) {
+    async fn finished(&self, events: &Done) {
+        if let Some(group) = &self.group {
+            let mut state = group.state();
+            for (_, stream, seq) in events {
+                state.finished(*stream, *seq);
+            }
+        }
         let done = {
             let mut p = self.counters.progress();
-            for o in offsets {
+            for (o, _, _) in events {
                 p.pending.remove(o);
             }
             p.done()
@@ -280,7 +421,24 @@ impl Worker {
 
     /// Applies the row's jq filter and transform; returns each kept event with what the
     /// action gets (its JSON line, or the transform's output).
-    async fn select(&self, events: Vec<Arc<Event>>) -> Vec<(Arc<Event>, String)> {
+    async fn select(&self, offsets: &[u64], events: Vec<Arc<Event>>) -> Vec<(Arc<Event>, String)> {
+        // An event whose group key failed is this row's failure for it (dead-lettered).
+        let events = match &self.group {
+            Some(group) if group.key.is_some() => {
+                let mut kept = Vec::with_capacity(events.len());
+                for (offset, event) in offsets.iter().zip(events) {
+                    match group.key_error(*offset) {
+                        Some(error) => {
+                            self.finish(&event, Some(ActionError::Jq(error).to_string()), 1)
+                                .await
+                        }
+                        None => kept.push(event),
+                    }
+                }
+                kept
+            }
+            _ => events,
+        };
         let Some(jq) = &self.jq else {
             // Only the actions that send the JSON pay for it.
             return events
@@ -288,7 +446,7 @@ impl Worker {
                 .map(|event| {
                     let line = match self.action {
                         Action::File(_) | Action::Exec(_) | Action::Http(_) => event.to_json_line(),
-                        Action::Log | Action::Rust(_) => String::new(),
+                        Action::Log | Action::Rust(_) | Action::Query(_) => String::new(),
                     };
                     (event, line)
                 })
@@ -349,7 +507,26 @@ impl Worker {
                 _ => break result,
             }
         };
-        let error = result.err().map(|e| e.to_string());
+        let (answer, error) = match result {
+            Ok(answer) => (answer.map(Ok), None),
+            Err(e) => (Some(Err(e.to_string())), Some(e.to_string())),
+        };
+        if let (Some(answers), Some(answer), [(event, _)]) = (&self.answers, answer, &events[..]) {
+            if crate::event::is_query(event) {
+                let answer = Answer {
+                    to: event.source,
+                    query: event.id.to_string(),
+                    handler: self.name.clone(),
+                    answer,
+                };
+                if answers.try_send(answer).is_err() {
+                    if let Some(n) = stats::bump_throttled(&self.stats.answers_dropped) {
+                        warn!(handler = %self.name, dropped_so_far = n,
+                            "an answer was dropped: the swarm task is not taking them");
+                    }
+                }
+            }
+        }
         for (event, _) in &events {
             self.finish(event, error.clone(), attempt + 1).await;
         }
@@ -358,11 +535,17 @@ impl Worker {
             .fetch_sub(events.len() as u64, Ordering::Relaxed);
     }
 
-    async fn attempt(&self, events: &[(Arc<Event>, String)]) -> Result<(), ActionError> {
+    /// Runs the action once on the events. A reply row (which runs one event at a time)
+    /// returns the action's output as its answer.
+    async fn attempt(
+        &self,
+        events: &[(Arc<Event>, String)],
+    ) -> Result<Option<serde_json::Value>, ActionError> {
+        let reply = self.answers.is_some();
         match &self.action {
             Action::Log => {
                 let events: Vec<Arc<Event>> = events.iter().map(|(e, _)| e.clone()).collect();
-                action::log(&events).await
+                action::log(&events).await.map(|()| None)
             }
             Action::File(file) => {
                 let mut lines = Vec::with_capacity(events.len() * 384);
@@ -370,40 +553,36 @@ impl Worker {
                     lines.extend_from_slice(input.as_bytes());
                     lines.push(b'\n');
                 }
-                file.append(&lines).await
+                file.append(&lines).await.map(|()| None)
             }
             Action::Exec(exec) => {
+                let mut out = String::new();
                 for (event, input) in events {
                     let mut line = input.clone();
                     line.push('\n');
-                    action::exec(exec, self.exec_timeout, event, &line).await?;
+                    out = action::exec(exec, self.exec_timeout, event, &line).await?;
                 }
-                Ok(())
+                Ok(reply.then(|| answer_from(out.as_bytes())))
             }
             Action::Http(http) => {
+                let mut body = Vec::new();
                 for (event, input) in events {
-                    http.post(event, input).await?;
+                    body = http.post(event, input, reply).await?;
                 }
-                Ok(())
+                Ok(reply.then(|| answer_from(&body)))
+            }
+            Action::Query(f) => {
+                let mut answer = serde_json::Value::Null;
+                for (event, _) in events {
+                    answer = caught(f(event.clone())).await?;
+                }
+                Ok(Some(answer))
             }
             Action::Rust(f) => {
-                use futures::FutureExt as _;
                 for (event, _) in events {
-                    // A panicking handler is a failed run of this row, not a dead worker.
-                    std::panic::AssertUnwindSafe(f(event.clone()))
-                        .catch_unwind()
-                        .await
-                        .map_err(|panic| {
-                            let what = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_default();
-                            ActionError::Rust(format!("handler panicked: {what}").into())
-                        })?
-                        .map_err(ActionError::Rust)?;
+                    caught(f(event.clone())).await?;
                 }
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -451,9 +630,48 @@ impl Worker {
     }
 }
 
+/// Offsets with the stream and seq of their events: what a worker finished.
+type Done = Vec<(u64, StreamId, u64)>;
+
+/// Runs Rust handler code; a panic is a failed run of the row, not a dead worker.
+async fn caught<T>(
+    run: impl std::future::Future<Output = Result<T, action::BoxError>>,
+) -> Result<T, ActionError> {
+    use futures::FutureExt as _;
+    std::panic::AssertUnwindSafe(run)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            ActionError::Rust(format!("handler panicked: {what}").into())
+        })?
+        .map_err(ActionError::Rust)
+}
+
+/// An action's output as an answer: JSON if it parses, else the text; nothing is `null`.
+pub(super) fn answer_from(out: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(out);
+    let text = text.trim();
+    if text.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_json_or_text() {
+        assert_eq!(answer_from(b"{\"a\":1}\n"), serde_json::json!({"a": 1}));
+        assert_eq!(answer_from(b"h1\n"), serde_json::json!("h1"));
+        assert_eq!(answer_from(b"  "), serde_json::Value::Null);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -21,6 +21,13 @@ pub struct HandlerSpec {
     pub transform: Option<String>,
     /// Concurrency, queue, retries, dead letters.
     pub options: RowOptions,
+    /// A handler group: among the live peers with a row in it, each event this row matches
+    /// is handled by one of them ([`crate::proto::groups`]).
+    pub group: Option<String>,
+    /// A jq expression giving a group row's ownership key; the event id when `None`.
+    pub key: Option<String>,
+    /// The row answers queries: its action's output goes back to the asker.
+    pub reply: bool,
     /// What it does.
     pub action: Action,
 }
@@ -35,8 +42,37 @@ impl HandlerSpec {
             filter: None,
             transform: None,
             options: RowOptions::default(),
+            group: None,
+            key: None,
+            reply: false,
             action,
         }
+    }
+
+    /// Checks the group, key and reply settings (what a config load and a table build do).
+    pub fn check_group(&self) -> Result<(), String> {
+        if let Some(group) = &self.group {
+            crate::proto::groups::check_name(group).map_err(|e| format!("key `group`: {e}"))?;
+            if self.pattern.as_str().starts_with("_mesh") {
+                return Err(format!(
+                    "key `group`: `{}` matches this peer's own `_mesh.` events, which no other member sees",
+                    self.pattern
+                ));
+            }
+        }
+        if let Some(key) = &self.key {
+            if self.group.is_none() {
+                return Err("key `key`: only a row with a `group` has a key".into());
+            }
+            super::jq::check_key(key).map_err(|e| format!("key `key`: {e}"))?;
+        }
+        if self.reply && !self.action.answers() {
+            return Err(format!(
+                "key `reply`: a {} row has no output to answer with; use exec, http or Rust",
+                self.action
+            ));
+        }
+        Ok(())
     }
 }
 

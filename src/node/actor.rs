@@ -13,6 +13,8 @@
 //! on once and in order; what is ready is appended to the log. Gaps, new members and an
 //! anti-entropy round every [`ANTI_ENTROPY`] fetch what is missing ([`repairing`]).
 
+mod asking;
+mod grouping;
 mod guarding;
 mod repairing;
 
@@ -31,8 +33,9 @@ use tracing::{debug, info, warn};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::repair::{self, Request};
-use super::{Command, NodeError, Published, Shared, SwarmStatus};
+use super::{Command, NodeError, Published, QueryAnswer, Shared, SwarmStatus};
 use crate::event::{local_event, Event};
+use crate::handlers::{Announcement, Answer};
 use crate::proto::{
     self, Fetch, Inbox, Listening, Membership, PeerAction, Peers, Publisher, StreamId, Unstamped,
 };
@@ -60,6 +63,13 @@ fn now() -> Instant {
 enum Replier {
     One(oneshot::Sender<Result<Published, NodeError>>),
     Many(oneshot::Sender<Result<Vec<Published>, NodeError>>),
+    /// A query: registered for answers when stamped; answered with the members asked.
+    Query {
+        reply: oneshot::Sender<Result<(Published, usize), NodeError>>,
+        answers: mpsc::Sender<QueryAnswer>,
+        deadline: Instant,
+        asked: usize,
+    },
 }
 
 impl Replier {
@@ -67,6 +77,7 @@ impl Replier {
         match self {
             Replier::One(reply) => drop(reply.send(Err(error))),
             Replier::Many(reply) => drop(reply.send(Err(error))),
+            Replier::Query { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 
@@ -78,6 +89,11 @@ impl Replier {
                 }
             }
             Replier::Many(reply) => drop(reply.send(Ok(published))),
+            Replier::Query { reply, asked, .. } => {
+                if let Some(p) = published.into_iter().next() {
+                    let _ = reply.send(Ok((p, asked)));
+                }
+            }
         }
     }
 }
@@ -93,6 +109,7 @@ enum Asked {
     Marks,
     Fetch(Fetch),
     Goodbye,
+    Groups,
 }
 
 type Storing = oneshot::Receiver<Result<(), StoreError>>;
@@ -133,12 +150,24 @@ pub(super) struct Actor {
     banned: HashMap<PeerId, Instant>,
     /// Events the ACL refused, per publisher (at most [`guarding::MAX_FORBIDDEN_SHOWN`]).
     forbidden_by: std::collections::BTreeMap<PeerId, u64>,
+    /// Answers of this peer's reply rows.
+    answers: mpsc::Receiver<Answer>,
+    /// Queries of ours open for answers, and those we answered.
+    queries: asking::Queries,
+    /// The groups other peers announced.
+    groups: grouping::Directory,
+    /// What this peer last announced, its announcement number, and the next heartbeat.
+    last_announced: Vec<Announcement>,
+    group_round: u64,
+    next_group_push: Instant,
+    next_heartbeat: Instant,
 }
 
 impl Actor {
     pub(super) fn new(
         mut swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
+        answers: mpsc::Receiver<Answer>,
         shared: Arc<Shared>,
         opened: &Opened,
         peers: Vec<Multiaddr>,
@@ -184,6 +213,14 @@ impl Actor {
             limits,
             banned: HashMap::new(),
             forbidden_by: Default::default(),
+            answers,
+            queries: Default::default(),
+            groups: Default::default(),
+            last_announced: Vec::new(),
+            // Announcement numbers start at the clock, so a restarted peer's are larger.
+            group_round: crate::clock::unix_micros(SystemTime::now()),
+            next_group_push: start + grouping::GROUP_PUSH,
+            next_heartbeat: start,
         };
         for addr in peers {
             actor.add_explicit(addr)?;
@@ -193,7 +230,11 @@ impl Actor {
 
     /// When the core's next timer is due.
     fn deadline(&self) -> Instant {
-        let at = self.peers.poll_timeout().min(self.next_anti_entropy);
+        let at = self
+            .peers
+            .poll_timeout()
+            .min(self.next_anti_entropy)
+            .min(self.next_group_push);
         self.inbox.poll_timeout().map_or(at, |fetch| at.min(fetch))
     }
 
@@ -215,6 +256,10 @@ impl Actor {
                 result = stored(&mut self.storing) => {
                     self.storing = None;
                     self.on_stored(result);
+                    continue;
+                }
+                Some(answer) = self.answers.recv() => {
+                    self.send_answer(answer);
                     continue;
                 }
                 command = self.commands.recv(), if room => match command {
@@ -248,6 +293,11 @@ impl Actor {
             for peer in self.peers.member_ids() {
                 self.ask(peer, Asked::Marks);
             }
+        }
+        if now >= self.next_group_push {
+            self.next_group_push = now + grouping::GROUP_PUSH;
+            self.announce_groups(now, None);
+            self.queries.expire(now);
         }
         self.fetch_due(now);
     }
@@ -314,8 +364,14 @@ impl Actor {
     /// Delivers a membership change locally as a `_mesh.peer.…` event; they never travel.
     /// A peer that joins is asked at once what it holds, so what we missed is fetched now.
     fn membership(&mut self, change: Membership) {
-        if let Membership::Joined { peer, .. } = &change {
-            self.ask(*peer, Asked::Marks);
+        match &change {
+            Membership::Joined { peer, .. } => {
+                self.ask(*peer, Asked::Marks);
+                self.announce_groups(now(), Some(*peer));
+            }
+            Membership::Left { peer } | Membership::Failed { peer } => {
+                self.group_member_gone(peer);
+            }
         }
         self.local(change.topic(), change.data());
     }
@@ -331,6 +387,29 @@ impl Actor {
         match command {
             Command::Publish { event, reply } => self.enqueue(vec![event], Replier::One(reply)),
             Command::PublishMany { events, reply } => self.enqueue(events, Replier::Many(reply)),
+            Command::Query {
+                event,
+                answers,
+                deadline,
+                reply,
+            } => {
+                self.queries.expire(now());
+                if self.queries.len() >= super::MAX_OPEN_QUERIES {
+                    let _ = reply.send(Err(NodeError::TooManyQueries(super::MAX_OPEN_QUERIES)));
+                    return;
+                }
+                stats::bump(&self.shared.stats.queries);
+                let asked = self.peers.members();
+                self.enqueue(
+                    vec![event],
+                    Replier::Query {
+                        reply,
+                        answers,
+                        deadline,
+                        asked,
+                    },
+                );
+            }
             Command::Peers { reply } => {
                 let _ = reply.send(self.peers.list());
             }
@@ -352,6 +431,8 @@ impl Actor {
                         .map(|(p, n)| (p.to_string(), *n))
                         .collect(),
                     banned: self.banned.keys().map(|p| p.to_string()).collect(),
+                    groups: self.group_views(),
+                    open_queries: self.queries.len(),
                 });
             }
             Command::Dial { addr, reply } => {
@@ -406,6 +487,21 @@ impl Actor {
             return;
         }
         let all: Vec<Arc<Event>> = messages.iter().flatten().cloned().collect();
+        // A query is open for answers from the moment it has an id, before anyone sees it.
+        let mut at = 0;
+        for (replier, n) in &waiters {
+            if let (
+                Replier::Query {
+                    answers, deadline, ..
+                },
+                Some(event),
+            ) = (replier, all.get(at))
+            {
+                self.queries
+                    .register(event.id.to_string(), answers.clone(), *deadline);
+            }
+            at += n;
+        }
         self.storing = Some(self.store.append(all, true));
         self.round = Some(Round { messages, waiters });
     }
@@ -519,6 +615,7 @@ impl Actor {
     /// Sends a repair request.
     fn ask(&mut self, peer: PeerId, what: Asked) {
         let request = match &what {
+            Asked::Groups => return,
             Asked::Marks => Request {
                 kind: repair::MARKS,
                 ..Request::default()
@@ -529,12 +626,17 @@ impl Actor {
                 epoch: f.stream.epoch,
                 from: f.from,
                 to: f.to,
+                ..Request::default()
             },
             Asked::Goodbye => Request {
                 kind: repair::GOODBYE,
                 ..Request::default()
             },
         };
+        self.ask_with(peer, what, request);
+    }
+
+    fn ask_with(&mut self, peer: PeerId, what: Asked, request: Request) {
         let id = self
             .swarm
             .behaviour_mut()
@@ -564,6 +666,7 @@ impl Actor {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(event)) => self.on_ping(event),
             SwarmEvent::Behaviour(BehaviourEvent::Repair(event)) => self.on_repair(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Answer(event)) => self.on_answer(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,

@@ -19,7 +19,7 @@ use crate::config::MAX_MESSAGE_SIZE;
 use crate::proto::peers::{PING_INTERVAL, PROTOCOL_VERSION};
 
 use super::private::Guard;
-use super::{repair, NodeError};
+use super::{answer, repair, NodeError};
 
 /// Time a connection gets from its first byte to a working, authenticated, multiplexed
 /// link (mesh key, noise, yamux). A silent or half-open connection holds a socket no
@@ -150,8 +150,10 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     /// Liveness and round-trip times.
     pub ping: ping::Behaviour,
-    /// Marks, fetches and goodbyes ([`repair`]).
+    /// Marks, fetches, goodbyes and group announcements ([`repair`]).
     pub repair: request_response::Behaviour<repair::Codec>,
+    /// Answers to queries, straight to the asker ([`answer`]).
+    pub answer: answer::Behaviour,
 }
 
 /// TCP, guarded by the mesh key unless the mesh is open, then noise and yamux.
@@ -274,6 +276,7 @@ pub fn build_swarm(
                 identify,
                 ping,
                 repair,
+                answer: answer::behaviour(REPAIR_TIMEOUT),
             })
         })
         .map_err(|e| setup("protocols")(e.into()))?

@@ -80,6 +80,12 @@ pub enum NodeError {
     /// Nothing to reload from.
     #[error("this node has no config to reload (it was not started with --config)")]
     NoReloadSource,
+    /// A query that cannot be asked.
+    #[error("query refused: {0}")]
+    BadQuery(String),
+    /// As many queries are open as one peer may have.
+    #[error("query refused: {0} queries are open already; wait for one to end")]
+    TooManyQueries(usize),
     /// One event of a batch was refused, so none was published.
     #[error("event {index}: {error}")]
     InBatch {

@@ -7,6 +7,7 @@
 //! in that order, and waits for each.
 
 mod actor;
+pub mod answer;
 mod behaviour;
 mod error;
 pub mod private;
@@ -23,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::Instrument as _;
 
 pub use crate::proto::PeerInfo;
+pub use answer::MAX_ANSWER;
 pub use behaviour::{HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_PENDING, MAX_PER_PEER};
 pub use error::NodeError;
 pub use subscription::Subscription;
@@ -32,6 +34,7 @@ use crate::config::{Config, Mesh};
 use crate::event::{self, Event, EventError, Payload};
 use crate::handlers::{Action, BoxError, HandlerInfo, HandlerSpec, Handlers};
 use crate::keyring::{Keyring, LiveKeyring};
+use crate::proto::groups::GroupView;
 use crate::proto::Unstamped;
 use crate::stats::{Counters, Stats};
 use crate::store::{LogStatus, Store};
@@ -39,6 +42,9 @@ use crate::topic::{Pattern, Topic};
 
 /// Commands waiting for the actor. Publishers wait when it is full (backpressure).
 const COMMAND_CAPACITY: usize = 1024;
+
+/// Answers of this peer's reply rows waiting for the swarm task.
+const ANSWER_QUEUE: usize = 1024;
 
 /// How long [`Node::start`] waits for its listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,10 +101,82 @@ pub struct Status {
     /// Peers banned now, for flooding or invalid messages.
     #[serde(default)]
     pub banned: Vec<String>,
+    /// Handler groups as this peer sees them: its own, and those it heard of.
+    #[serde(default)]
+    pub groups: Vec<GroupView>,
+    /// Queries of this peer's still open for answers.
+    #[serde(default)]
+    pub open_queries: usize,
     /// The handler table.
     pub handlers: Vec<HandlerInfo>,
     /// Open `tail` subscriptions.
     pub subscribers: usize,
+}
+
+/// Most queries of one peer open at once.
+pub const MAX_OPEN_QUERIES: usize = 256;
+
+/// Most answers one query takes; later ones are dropped and counted.
+pub const MAX_ANSWERS: usize = 1024;
+
+/// Longest a query waits for answers.
+pub const MAX_QUERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How a query is asked.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// How long to wait for answers.
+    pub timeout: Duration,
+    /// Ask only the reply rows of this group; its owner of the query answers, so one answer
+    /// comes (load-balanced request/reply).
+    pub group: Option<String>,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            group: None,
+        }
+    }
+}
+
+/// One peer's answer to a query.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueryAnswer {
+    /// The answering peer.
+    pub peer: String,
+    /// Its name, if it has one.
+    pub name: Option<String>,
+    /// The row that answered.
+    pub handler: String,
+    /// From the query's publish to the answer's arrival.
+    pub latency_ms: f64,
+    /// The answer, when the row succeeded.
+    pub answer: Option<serde_json::Value>,
+    /// Why the row failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A query on its way: its answers as they come, until its timeout.
+pub struct Query {
+    /// The query event's id.
+    pub id: String,
+    /// Mesh members connected when it was asked.
+    pub asked: usize,
+    answers: mpsc::Receiver<QueryAnswer>,
+    deadline: tokio::time::Instant,
+}
+
+impl Query {
+    /// The next answer, or `None` once the timeout has passed.
+    pub async fn next(&mut self) -> Option<QueryAnswer> {
+        tokio::time::timeout_at(self.deadline, self.answers.recv())
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 /// Requests to the actor; each carries its reply channel.
@@ -111,6 +189,13 @@ enum Command {
     PublishMany {
         events: Vec<Unstamped>,
         reply: oneshot::Sender<Result<Vec<Published>, NodeError>>,
+    },
+    /// A query: published like an event, then open for answers until `deadline`.
+    Query {
+        event: Unstamped,
+        answers: mpsc::Sender<QueryAnswer>,
+        deadline: std::time::Instant,
+        reply: oneshot::Sender<Result<(Published, usize), NodeError>>,
     },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
@@ -140,6 +225,8 @@ struct SwarmStatus {
     buffered: usize,
     forbidden_by: std::collections::BTreeMap<String, u64>,
     banned: Vec<String>,
+    groups: Vec<GroupView>,
+    open_queries: usize,
 }
 
 /// State shared by the actor, the handles and the API; none of it touches the swarm.
@@ -258,6 +345,8 @@ impl Node {
             store.clone(),
             replay_from,
         );
+        let (answers_tx, answers_rx) = mpsc::channel(ANSWER_QUEUE);
+        handlers.connect(peer_id, answers_tx);
         handlers.replace(config.handlers.clone())?;
         handlers.end_replay();
         let shared = Arc::new(Shared {
@@ -278,6 +367,7 @@ impl Node {
         let actor = actor::Actor::new(
             swarm,
             rx,
+            answers_rx,
             shared.clone(),
             &opened,
             config.peers.clone(),
@@ -556,6 +646,8 @@ impl NodeHandle {
             buffered: swarm.buffered,
             forbidden_by: swarm.forbidden_by,
             banned: swarm.banned,
+            groups: swarm.groups,
+            open_queries: swarm.open_queries,
             handlers: s.handlers.list(),
             subscribers: s.tail.receiver_count(),
         })
@@ -564,5 +656,68 @@ impl NodeHandle {
     /// The handler table with its counters.
     pub fn handlers(&self) -> Vec<HandlerInfo> {
         self.shared.handlers.list()
+    }
+
+    /// Handler groups as this peer sees them.
+    pub async fn groups(&self) -> Result<Vec<GroupView>, NodeError> {
+        Ok(self.status().await?.groups)
+    }
+
+    /// Asks the mesh: publishes a query event on `topic` and returns its answers as they
+    /// come, one per answering peer, until `options.timeout`. Rows with `reply` whose pattern
+    /// matches answer (with `options.group`, only that group's owner of the query).
+    pub async fn query(
+        &self,
+        topic: &str,
+        payload: Payload,
+        options: QueryOptions,
+    ) -> Result<Query, NodeError> {
+        let event_type = match &options.group {
+            Some(group) => {
+                crate::proto::groups::check_name(group).map_err(NodeError::BadQuery)?;
+                format!("{}/{group}", event::QUERY_TYPE)
+            }
+            None => event::QUERY_TYPE.to_owned(),
+        };
+        if options.timeout.is_zero() || options.timeout > MAX_QUERY_TIMEOUT {
+            return Err(NodeError::BadQuery(format!(
+                "a query waits more than 0 and at most {MAX_QUERY_TIMEOUT:?}"
+            )));
+        }
+        let event = self.check(topic, Some(&event_type), payload)?;
+        let (tx, answers) = mpsc::channel(MAX_ANSWERS);
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Query {
+            event,
+            answers: tx,
+            deadline: deadline.into_std(),
+            reply,
+        })
+        .await?;
+        let (published, asked) = rx.await.map_err(|_| NodeError::Stopped)??;
+        Ok(Query {
+            id: published.id,
+            asked,
+            answers,
+            deadline,
+        })
+    }
+
+    /// Registers async Rust code that answers queries matching `pattern`: its value goes
+    /// back to the asker. Like [`NodeHandle::on`] otherwise.
+    pub fn on_query<F, Fut>(&self, pattern: Pattern, f: F) -> Result<String, NodeError>
+    where
+        F: Fn(Arc<Event>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, BoxError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let action = Action::Query(Arc::new(move |event| {
+            let f = f.clone();
+            Box::pin(async move { f(event).await })
+        }));
+        let mut spec = HandlerSpec::new(pattern, action);
+        spec.reply = true;
+        self.add_handler(spec)
     }
 }

@@ -11,8 +11,9 @@ use libp2p::StreamProtocol;
 /// The protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshbus/repair/1");
 
-/// Largest request a peer reads.
-pub const MAX_REQUEST: usize = 4 * 1024;
+/// Largest request a peer reads: a group announcement with every group and mark a peer
+/// may send ([`crate::proto::groups`]) fits.
+pub const MAX_REQUEST: usize = 128 * 1024;
 
 /// Events' bytes in one fetch answer; a single larger event is sent alone.
 pub const FETCH_BYTES: usize = 1024 * 1024;
@@ -39,6 +40,26 @@ pub struct Request {
     /// Fetch: the last seq wanted.
     #[prost(uint64, tag = "5")]
     pub to: u64,
+    /// Groups: the announcement's number; a peer's later announcements have larger ones.
+    #[prost(uint64, tag = "6")]
+    pub round: u64,
+    /// Groups: every handler group the sender has a row in.
+    #[prost(message, repeated, tag = "7")]
+    pub groups: Vec<GroupAnnounce>,
+}
+
+/// One group a peer is in (`meshbus.repair.v1.GroupAnnounce`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupAnnounce {
+    /// The group's name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The sender owns events published from this time, µs since the Unix epoch.
+    #[prost(uint64, tag = "2")]
+    pub since: u64,
+    /// Its done-marks: per stream, everything it owned up to `high` is finished.
+    #[prost(message, repeated, tag = "3")]
+    pub marks: Vec<Mark>,
 }
 
 /// Request kinds.
@@ -47,6 +68,8 @@ pub const MARKS: u32 = 1;
 pub const FETCH: u32 = 2;
 /// Request kinds.
 pub const GOODBYE: u32 = 3;
+/// Request kinds: the sender's handler groups (the answer is empty).
+pub const GROUPS: u32 = 4;
 
 /// One stream a peer holds up to `high` (`meshbus.repair.v1.Mark`).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -156,5 +179,37 @@ impl libp2p::request_response::Codec for Codec {
         T: AsyncWrite + Unpin + Send,
     {
         write_message(io, &res).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::groups::{MAX_GROUPS, MAX_MARKS, MAX_NAME};
+
+    /// What one side may send, the other accepts: the largest group announcement a peer
+    /// makes fits in a request.
+    #[test]
+    fn the_largest_group_announcement_fits_a_request() {
+        let mark = Mark {
+            source: libp2p::PeerId::random().to_bytes(),
+            epoch: u64::MAX,
+            high: u64::MAX,
+        };
+        let request = Request {
+            kind: GROUPS,
+            round: u64::MAX,
+            groups: (0..MAX_GROUPS)
+                .map(|_| GroupAnnounce {
+                    name: "g".repeat(MAX_NAME),
+                    since: u64::MAX,
+                    marks: vec![mark.clone(); MAX_MARKS],
+                })
+                .collect(),
+            ..Request::default()
+        };
+        use prost::Message as _;
+        let len = request.encoded_len();
+        assert!(len <= MAX_REQUEST, "{len} bytes");
     }
 }

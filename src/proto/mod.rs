@@ -10,9 +10,12 @@
 //! - [`peers`]: connections, liveness, redials and membership events; [`discovery`]: what
 //!   mDNS says, within bounds.
 //! - [`listen`]: when a starting node is ready.
+//! - [`groups`]: which member of a handler group handles an event, and takeover when one
+//!   fails.
 
 pub mod acl;
 pub mod discovery;
+pub mod groups;
 pub mod inbox;
 pub mod limits;
 pub mod listen;

@@ -242,6 +242,11 @@ impl Peers {
             .is_some_and(|p| !p.connections.is_empty())
     }
 
+    /// Whether `peer` is connected and identified as a meshbus peer.
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.identity.is_some())
+    }
+
     /// Connected peers that identified as meshbus peers.
     pub fn members(&self) -> usize {
         self.peers.values().filter(|p| p.identity.is_some()).count()

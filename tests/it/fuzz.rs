@@ -124,7 +124,7 @@ proptest! {
     fn the_repair_codec_survives_mutated_messages(edits in edits()) {
         let protocol = StreamProtocol::new("/meshbus/repair/1");
         let mut codec = meshbus::node::repair::Codec;
-        let request = meshbus::node::repair::Request { kind: 2, source: PeerId::random().to_bytes(), epoch: 1, from: 1, to: 9 };
+        let request = meshbus::node::repair::Request { kind: 2, source: PeerId::random().to_bytes(), epoch: 1, from: 1, to: 9, ..Default::default() };
         let response = meshbus::node::repair::Response { marks: vec![], first: 1, events: vec![sample_batch()], error: String::new() };
         let frame = |body: Vec<u8>| {
             let mut out = (body.len() as u32).to_be_bytes().to_vec();

@@ -6,5 +6,6 @@ mod bench;
 mod delivery;
 mod durability;
 mod faults;
+mod groups;
 mod security;
 mod support;
