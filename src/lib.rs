@@ -30,14 +30,16 @@
 //! - [`wire`]: the versioned binary encoding between peers (no IO); see `docs/wire.md`.
 //! - [`proto`]: the mesh's rules as IO-free state machines (publishing, receiving, the inbox
 //!   that orders, de-duplicates and repairs each publisher's stream, peers and membership,
-//!   start-up), unit-tested and simulated without a network.
+//!   handler groups and who owns an event, start-up), unit-tested and simulated without a
+//!   network.
 //! - [`node`]: the task that owns the libp2p swarm and carries out what [`proto`] decides,
-//!   the repair protocol, and the handle everything else uses.
+//!   the repair protocol (which also carries group announcements), the answer protocol of
+//!   queries, and the handle everything else uses.
 //! - [`store`]: the event log (redb): every event once, in order, bounded, persistent; and
 //!   the handler rows' cursors.
 //! - [`handlers`]: the handler table, its rows (cursors over the log, queues, workers,
-//!   retries, dead letters) and actions (log, file, exec, http, Rust), with jq filters and
-//!   transforms.
+//!   retries, dead letters, groups, answers to queries) and actions (log, file, exec, http,
+//!   Rust), with jq filters and transforms.
 //! - [`api`]: the HTTP control API ([`api::serve`]), its JSON types and its client.
 //! - [`config`]: settings and defaults, the TOML config file, and [`config::resolve`], which
 //!   turns flags, environment, file and defaults into what a peer runs with.

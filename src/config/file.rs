@@ -249,13 +249,20 @@ fn duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
 /// The line where `[node]`'s `key` is set (the first line starting with it), for messages
 /// about values serde has already accepted.
 fn key_line(text: &str, key: &str) -> usize {
+    key_line_from(text, 1, key).unwrap_or(0)
+}
+
+/// The first line from `from` (1-based) on that sets `key`.
+fn key_line_from(text: &str, from: usize, key: &str) -> Option<usize> {
     text.lines()
-        .position(|l| {
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| {
             l.trim_start()
                 .strip_prefix(key)
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
-        .map_or(0, |i| i + 1)
+        .map(|(i, _)| i + 1)
 }
 
 /// Checks `[node]`'s values, naming the line of a bad one.
@@ -359,8 +366,16 @@ impl ConfigFile {
                 .map_err(|m| error(line, format!("{what}: {m}")))?;
             crate::handlers::check_jq(spec.filter.as_deref(), spec.transform.as_deref())
                 .map_err(|e| error(line, format!("{what}: {e}")))?;
-            spec.check_group()
-                .map_err(|m| error(line, format!("{what}: {m}")))?;
+            spec.check_group().map_err(|m| {
+                // Name the line of the key at fault (`group`, `key` or `reply`).
+                let key = ["group", "key", "reply"]
+                    .into_iter()
+                    .find(|k| m.starts_with(&format!("key `{k}`")));
+                let at = key
+                    .and_then(|k| key_line_from(text, line, k))
+                    .unwrap_or(line);
+                error(at, format!("{what}: {m}"))
+            })?;
             if let Some(group) = &spec.group {
                 if let Some(first) = groups.insert(group.clone(), line) {
                     return Err(error(
@@ -497,6 +512,55 @@ mod tests {
 
     fn parse(text: &str) -> Result<ConfigFile, ConfigFileError> {
         ConfigFile::parse(Path::new("meshbus.toml"), text)
+    }
+
+    #[test]
+    fn group_rows_load_and_bad_ones_name_the_line_and_key() {
+        let ok = parse(
+            "[[handler]]\nname = \"b\"\npattern = \"orders.**\"\ngroup = \"billing\"\nkey = \".data.customer\"\n[handler.log]\n\n[[handler]]\nname = \"q\"\npattern = \"ask.*\"\nreply = true\n[handler.exec]\ncommand = [\"true\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.handlers[0].group.as_deref(), Some("billing"));
+        assert_eq!(ok.handlers[0].key.as_deref(), Some(".data.customer"));
+        assert!(ok.handlers[1].reply);
+        let cases = [
+            (
+                "group = \"bill ing\"",
+                4,
+                "key `group`: group name `bill ing`",
+            ),
+            ("group = \"\"", 4, "key `group`: a group name has 1 to 64"),
+            (
+                "group = \"g\"\nkey = \".data | nosuch\"",
+                5,
+                "key `key`: jq key",
+            ),
+            (
+                "key = \".data.x\"",
+                4,
+                "key `key`: only a row with a `group`",
+            ),
+            ("reply = true", 4, "key `reply`: a log row has no output"),
+        ];
+        for (extra, line, message) in cases {
+            let text = format!(
+                "[[handler]]\nname = \"b\"\npattern = \"orders.**\"\n{extra}\n[handler.log]\n"
+            );
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.line, line, "{extra}: {err}");
+            assert!(err.to_string().contains(message), "{extra}: {err}");
+            assert!(err.to_string().contains("handler `b`"), "{err}");
+        }
+        let err = parse("[[handler]]\npattern = \"_mesh.**\"\ngroup = \"g\"\n[handler.log]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("`_mesh.` events"), "{err}");
+        let two = "[[handler]]\npattern = \"a.*\"\ngroup = \"g\"\n[handler.log]\n[[handler]]\npattern = \"b.*\"\ngroup = \"g\"\n[handler.log]\n";
+        let err = parse(two).unwrap_err();
+        assert_eq!(err.line, 5, "{err}");
+        assert!(
+            err.to_string().contains("line 1 is in group `g` already"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod config;
 mod delivery;
 mod faults;
 mod fuzz;
+mod groups;
 mod handlers;
 mod library;
 mod log;
