@@ -45,6 +45,8 @@ pub struct Stats {
     pub peers_banned: AtomicU64,
     /// Group announcements refused (malformed, too many groups or marks).
     pub groups_refused: AtomicU64,
+    /// Group members found whose row takes other events than this peer's row in the group.
+    pub groups_conflicting: AtomicU64,
     /// Queries this peer asked.
     pub queries: AtomicU64,
     /// Answers this peer's reply rows sent (or gave its own queries).
@@ -106,6 +108,7 @@ pub struct Counters {
     pub messages_throttled: u64,
     pub peers_banned: u64,
     pub groups_refused: u64,
+    pub groups_conflicting: u64,
     pub queries: u64,
     pub answers_sent: u64,
     pub answers_received: u64,
@@ -139,6 +142,7 @@ impl Stats {
             messages_throttled: r(&self.messages_throttled),
             peers_banned: r(&self.peers_banned),
             groups_refused: r(&self.groups_refused),
+            groups_conflicting: r(&self.groups_conflicting),
             queries: r(&self.queries),
             answers_sent: r(&self.answers_sent),
             answers_received: r(&self.answers_received),

@@ -263,7 +263,8 @@ pub(super) async fn check(
     let path = request.uri().path();
     let allowed = match (&token.scope, request.method() == Method::GET) {
         (_, true) | (Scope::Full, false) => true,
-        (Scope::Publish(_), false) => path.starts_with("/v1/publish"),
+        // A query is a publish that waits for answers.
+        (Scope::Publish(_), false) => path.starts_with("/v1/publish") || path == "/v1/query",
         (Scope::Read, false) => false,
     };
     if !allowed {

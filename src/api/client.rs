@@ -227,6 +227,13 @@ impl Client {
                     reason: e.to_string(),
                 })),
             }
+            if buf.len() > MAX_QUERY_LINE {
+                buf.clear();
+                items.push(Err(ClientError::Http {
+                    addr,
+                    reason: format!("a query answer line is over {MAX_QUERY_LINE} bytes"),
+                }));
+            }
             futures::stream::iter(items)
         });
         Ok(stream)
@@ -267,6 +274,10 @@ impl Client {
         Ok(stream)
     }
 }
+
+/// Longest answer line read from `POST /v1/query`: an answer at its limit, escaped, with
+/// its names.
+const MAX_QUERY_LINE: usize = 8 * crate::node::MAX_ANSWER;
 
 /// Splits a server-sent event stream into items; keeps at most one partial event.
 #[derive(Default)]

@@ -432,7 +432,13 @@ async fn query(
     let lines = async_stream_lines(move |tx| async move {
         let _slot = slot;
         let mut n = 0;
-        while let Some(answer) = asked.next().await {
+        loop {
+            // A caller that went away frees its stream and its query at once.
+            let answer = tokio::select! {
+                answer = asked.next() => answer,
+                _ = tx.closed() => return,
+            };
+            let Some(answer) = answer else { break };
             n += 1;
             if tx.send(QueryLine::Answer(answer)).await.is_err() || one {
                 break;

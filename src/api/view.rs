@@ -127,11 +127,19 @@ pub fn status(s: &Status) -> String {
                 String::new()
             }
         );
+        if !g.conflicting.is_empty() {
+            let _ = writeln!(
+                out,
+                "            {}: rows differ (pattern, type, filter or key) on {}",
+                g.name,
+                g.conflicting.join(", ")
+            );
+        }
     }
     let _ = writeln!(
         out,
-        "queries     {} asked ({} open), {} answers received, {} sent, {} dropped, {} group announcements refused",
-        c.queries, s.open_queries, c.answers_received, c.answers_sent, c.answers_dropped, c.groups_refused
+        "queries     {} asked ({} open), {} answers received, {} sent, {} dropped; {} group announcements refused, {} conflicting members",
+        c.queries, s.open_queries, c.answers_received, c.answers_sent, c.answers_dropped, c.groups_refused, c.groups_conflicting
     );
     out
 }

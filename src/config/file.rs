@@ -377,6 +377,15 @@ impl ConfigFile {
                 error(at, format!("{what}: {m}"))
             })?;
             if let Some(group) = &spec.group {
+                if groups.len() >= crate::proto::groups::MAX_GROUPS && !groups.contains_key(group) {
+                    return Err(error(
+                        key_line_from(text, line, "group").unwrap_or(line),
+                        format!(
+                            "{what}: key `group`: a peer is in at most {} groups",
+                            crate::proto::groups::MAX_GROUPS
+                        ),
+                    ));
+                }
                 if let Some(first) = groups.insert(group.clone(), line) {
                     return Err(error(
                         line,
@@ -555,6 +564,14 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("`_mesh.` events"), "{err}");
         let two = "[[handler]]\npattern = \"a.*\"\ngroup = \"g\"\n[handler.log]\n[[handler]]\npattern = \"b.*\"\ngroup = \"g\"\n[handler.log]\n";
+        let many: String = (0..17)
+            .map(|i| {
+                format!("[[handler]]\npattern = \"a{i}.*\"\ngroup = \"g{i}\"\n[handler.log]\n")
+            })
+            .collect();
+        let err = parse(&many).unwrap_err();
+        assert_eq!(err.line, 16 * 4 + 3, "{err}");
+        assert!(err.to_string().contains("at most 16 groups"), "{err}");
         let err = parse(two).unwrap_err();
         assert_eq!(err.line, 5, "{err}");
         assert!(

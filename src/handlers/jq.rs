@@ -79,11 +79,18 @@ pub(super) struct KeyJq(JqFilter);
 
 impl KeyJq {
     pub(super) fn compile(code: &str) -> Result<KeyJq, JqError> {
-        compile(code).map(KeyJq).map_err(|message| JqError {
+        let error = |message: String| JqError {
             which: "key",
             code: code.to_owned(),
             message,
-        })
+        };
+        // Every member must compute the same key for an event, or the group's views split.
+        if let Some(word) = varying_word(code) {
+            return Err(error(format!(
+                "`{word}` gives different results on different peers; a key must depend on the event alone"
+            )));
+        }
+        compile(code).map(KeyJq).map_err(error)
     }
 
     /// The key of `event`: a string's own bytes, any other value's JSON. No output, or
@@ -97,6 +104,46 @@ impl KeyJq {
             Some(other) => Ok(other.to_string().into_bytes()),
         }
     }
+}
+
+/// Builtins whose output depends on the peer or the moment, not the event.
+const VARYING: [&str; 8] = [
+    "now",
+    "env",
+    "$ENV",
+    "input",
+    "inputs",
+    "localtime",
+    "strflocaltime",
+    "$__loc__",
+];
+
+/// The first word of `code` (outside string literals) that makes it vary between peers.
+fn varying_word(code: &str) -> Option<&'static str> {
+    let mut words = Vec::new();
+    let (mut word, mut in_string, mut escaped) = (String::new(), false, false);
+    for c in code.chars().chain(std::iter::once(' ')) {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if c.is_alphanumeric() || c == '_' || c == '$' {
+            word.push(c);
+            continue;
+        }
+        if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        if c == '"' {
+            in_string = true;
+        }
+    }
+    VARYING.into_iter().find(|v| words.iter().any(|w| w == v))
 }
 
 /// Checks that a group row's key expression compiles.
@@ -408,6 +455,32 @@ mod tests {
         let out = jq.apply(&event(r#"{"id":42,"x":1}"#)).unwrap().unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v, serde_json::json!({"id": 42, "topic": "orders.created"}));
+    }
+
+    #[test]
+    fn keys_that_vary_between_peers_are_refused() {
+        for code in [
+            "now",
+            ".data.a + now",
+            "env.HOME",
+            "$ENV.X",
+            "input",
+            "[inputs]",
+        ] {
+            let err = check_key(code).unwrap_err().to_string();
+            assert!(
+                err.contains("different results on different peers"),
+                "{code}: {err}"
+            );
+        }
+        for code in [
+            ".data.customer",
+            "\"now\" + .id",
+            ".data.environment",
+            ".data.nowhere",
+        ] {
+            assert!(check_key(code).is_ok(), "{code}");
+        }
     }
 
     #[test]

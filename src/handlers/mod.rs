@@ -51,7 +51,7 @@ pub use spec::{HandlerSpec, SpecError};
 use group::GroupRow;
 use libp2p::PeerId;
 
-use crate::proto::groups::{GroupCounters, GroupView};
+use crate::proto::groups::{GroupCounters, GroupView, MAX_GROUPS};
 use crate::proto::StreamId;
 use crate::stats::{Latency, Stats};
 use crate::store::{Store, StoreError};
@@ -106,6 +106,8 @@ pub struct Announcement {
     pub since: u64,
     /// Its done-marks.
     pub marks: Vec<(StreamId, u64)>,
+    /// A digest of what its row takes: pattern, type, filter and key.
+    pub shape: u64,
 }
 
 /// A row and its counters, as `meshbus handlers`, `status` and the API show it.
@@ -295,6 +297,7 @@ impl Handlers {
                 error,
             })?
             .map(Arc::new);
+        let shape = group::shape(&spec);
         let options = spec.options;
         let peer = lock(&self.peer).clone();
         let group = match (&spec.group, &peer) {
@@ -306,7 +309,7 @@ impl Handlers {
                 })
             }
             (Some(g), Some((me, _))) => Some(match previous.and_then(|p| p.group.clone()) {
-                Some(same) if &same.name == g && spec.key.is_none() == same.key.is_none() => same,
+                Some(same) if &same.name == g && same.shape == shape => same,
                 _ => {
                     let key = spec
                         .key
@@ -318,7 +321,7 @@ impl Handlers {
                             error,
                         })?
                         .map(Arc::new);
-                    Arc::new(GroupRow::new(g.clone(), *me, key))
+                    Arc::new(GroupRow::new(g.clone(), *me, key, shape))
                 }
             }),
         };
@@ -373,12 +376,24 @@ impl Handlers {
             group,
             answers,
         };
+        // A row that leaves its group (a reload dropped or changed it) stops waiting for the
+        // events it held for the others: they are theirs.
+        let left = previous
+            .and_then(|p| p.group.clone())
+            .filter(|old| !row.group.as_ref().is_some_and(|new| Arc::ptr_eq(old, new)));
         let previous = previous.map(|p| p.done.clone());
         let span = tracing::info_span!("handler", name = %name);
         let run = async move {
             if let Some(mut previous) = previous {
                 // An error means that worker is gone already: nothing to wait for.
                 let _ = previous.wait_for(|done| *done).await;
+            }
+            if let Some(old) = left {
+                let offsets = old.state().abandon();
+                let mut p = counters.progress();
+                for offset in offsets {
+                    p.pending.remove(&offset);
+                }
             }
             if let Some(start) = start {
                 counters.progress().fed = start;
@@ -404,7 +419,14 @@ impl Handlers {
             reason,
         })?;
         if let Some(g) = &spec.group {
-            if let Some(other) = read(&self.rows).iter().find(|r| in_group(r, g)) {
+            let rows = read(&self.rows).clone();
+            if rows.iter().filter(|r| r.group.is_some()).count() >= MAX_GROUPS {
+                return Err(TableError::Group {
+                    name,
+                    reason: format!("a peer is in at most {MAX_GROUPS} groups"),
+                });
+            }
+            if let Some(other) = rows.iter().find(|r| in_group(r, g)) {
                 return Err(TableError::Group {
                     name,
                     reason: format!(
@@ -451,6 +473,16 @@ impl Handlers {
                     });
                 }
             }
+        }
+        let library_groups = library
+            .iter()
+            .filter(|r| r.origin == Origin::Library && r.group.is_some())
+            .count();
+        if groups.len() + library_groups > MAX_GROUPS {
+            return Err(TableError::Group {
+                name: groups.values().last().cloned().unwrap_or_default(),
+                reason: format!("a peer is in at most {MAX_GROUPS} groups"),
+            });
         }
         for spec in &specs {
             if let Some(name) = &spec.name {
@@ -574,6 +606,7 @@ impl Handlers {
                     name: g.name.clone(),
                     since: state.since(),
                     marks: state.marks(),
+                    shape: g.shape,
                 }
             })
             .collect()
@@ -587,7 +620,10 @@ impl Handlers {
             {
                 let mut state = g.state();
                 match groups.iter().find(|a| a.name == g.name) {
-                    Some(a) => state.announced(peer, a.since, &a.marks),
+                    Some(a) => {
+                        g.check_shape(peer, a.shape, &self.stats);
+                        state.announced(peer, a.since, &a.marks)
+                    }
                     None if state.has_member(&peer) => state.failed(&peer),
                     None => continue,
                 }

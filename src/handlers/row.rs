@@ -150,12 +150,19 @@ impl Feeder {
             && self.addressed(event)
     }
 
-    /// A reply row takes a query addressed to a group only if it is in that group.
+    /// A reply row takes a query addressed to a group only if it is in that group, and no
+    /// query older than the longest a query waits (after downtime or a `--replay`: no one
+    /// is listening for the answer).
     fn addressed(&self, event: &Event) -> bool {
-        match crate::event::query_group(event) {
-            Some(Some(group)) if self.reply => self.group.as_ref().is_some_and(|g| g.name == group),
-            _ => true,
+        if !self.reply {
+            return true;
         }
+        let Some(group) = crate::event::query_group(event) else {
+            return true;
+        };
+        let stale = crate::clock::age_micros(event.time)
+            > crate::node::MAX_QUERY_TIMEOUT.as_micros() as u64;
+        !stale && group.is_none_or(|group| self.group.as_ref().is_some_and(|g| g.name == group))
     }
 
     /// A group row's housekeeping before it reads on: forget the held events their owners
@@ -181,8 +188,28 @@ impl Feeder {
             let Some(held) = group.state().poll_takeover() else {
                 break;
             };
-            let offset = held.offset;
-            let (event, error) = held.item.clone();
+            // Held events keep only their place: read the event from the log again.
+            let event = match self.store.read_after(held.offset - 1, 1) {
+                Ok(found) => found
+                    .into_iter()
+                    .next()
+                    .filter(|(offset, _)| *offset == held.offset),
+                Err(error) => {
+                    crate::store::warn_log_failed(&self.name, &error);
+                    group.state().untake(held);
+                    return Turn::Wait(crate::store::FLUSH_EVERY * 10);
+                }
+            };
+            let Some((offset, event)) = event else {
+                // The log dropped it (retention) before it fell to this member.
+                stats::bump(&self.counters.skipped);
+                warn!(handler = %self.name, offset = held.offset,
+                    "an event taken over from a failed member was dropped by the log first");
+                group.state().finished(held.stream, held.seq);
+                self.counters.progress().pending.remove(&held.offset);
+                continue;
+            };
+            group.run(&held);
             self.counters.queued.fetch_add(1, Ordering::Relaxed);
             let sent = tokio::select! {
                 sent = queue.send((offset, event)) => sent.is_ok(),
@@ -190,15 +217,9 @@ impl Feeder {
             };
             if !sent {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                group.key_error(offset);
                 group.state().untake(held);
                 return Turn::Stop;
-            }
-            if let Some(error) = error {
-                group
-                    .key_errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(offset, error);
             }
             stats::bump(&self.stats.handler_dispatched);
         }

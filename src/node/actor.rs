@@ -497,8 +497,11 @@ impl Actor {
                 Some(event),
             ) = (replier, all.get(at))
             {
+                let group = crate::event::query_group(event)
+                    .flatten()
+                    .map(str::to_owned);
                 self.queries
-                    .register(event.id.to_string(), answers.clone(), *deadline);
+                    .register(event.id.to_string(), answers.clone(), *deadline, group);
             }
             at += n;
         }

@@ -60,6 +60,10 @@ pub struct GroupAnnounce {
     /// Its done-marks: per stream, everything it owned up to `high` is finished.
     #[prost(message, repeated, tag = "3")]
     pub marks: Vec<Mark>,
+    /// A digest of what its row takes (pattern, type, filter, key): members whose rows
+    /// differ would split events, so a difference is reported.
+    #[prost(uint64, tag = "4")]
+    pub shape: u64,
 }
 
 /// Request kinds.
@@ -204,6 +208,7 @@ mod tests {
                     name: "g".repeat(MAX_NAME),
                     since: u64::MAX,
                     marks: vec![mark.clone(); MAX_MARKS],
+                    shape: u64::MAX,
                 })
                 .collect(),
             ..Request::default()

@@ -2,7 +2,7 @@
 //!
 //! Ownership is rendezvous (highest-random-weight) hashing: every member of the group gets a
 //! weight for the event's key, `SipHash-1-3` (keys 0, 0) over the member's peer-id bytes
-//! followed by the key's bytes, and the heaviest member owns the event. Each member decides
+//! followed by the key's 128-bit digest ([`digest`]), and the heaviest member owns the event. Each member decides
 //! alone from its own view; no one coordinates.
 //!
 //! Views agree because a member's ownership is bound to the publish time, which every peer
@@ -11,7 +11,8 @@
 //! published at or after it. Announcements reach the others within a push round (well inside
 //! [`JOIN_DELAY`]), so when an event is published every member already knows who may own it.
 //! A member also decides nothing before its own `since`, by which time it has heard everyone.
-//! Events published when no member was active yet go to the heaviest of all members.
+//! Events published when no member was active yet go to the heaviest of the members whose row
+//! had started by then (so read them), or of all members if none had.
 //!
 //! An event another member owns is *held* until that member's *done-mark* for the event's
 //! stream covers it. Each member's marks say, per publisher stream, the highest seq up to
@@ -22,9 +23,12 @@
 //! finished after its last marks reached us (at most one push interval's worth) or had in
 //! flight are handled again. With no failure each event is handled exactly once.
 //!
-//! What this does not cover: a member that took over an event and fails within a push
-//! interval, before its lowered marks reach the others, may have that event released by
-//! them on its earlier marks; two failures that close together can lose such an event.
+//! When events are decided again, the marks heard before are dropped, since a member's mark
+//! passes events it did not own when it read them and may now have taken over: only marks
+//! announced afterwards release anything. What this does not cover: a second member that
+//! fails before it has noticed the first failure (so before it took over its share) while the
+//! others already released what it held on its marks; two failures that close together can
+//! lose such an event.
 //!
 //! Everything here is IO-free: times are microseconds since the Unix epoch, passed in.
 
@@ -50,6 +54,9 @@ pub const MAX_NAME: usize = 64;
 /// announcement.
 pub const MAX_MARKS: usize = 64;
 
+/// Most members a view lists as conflicting.
+pub const MAX_MEMBERS_SHOWN: usize = 256;
+
 /// Most events one row holds for other members; past this its row waits (lags) until
 /// marks release some.
 pub const MAX_HELD: usize = 64 * 1024;
@@ -71,8 +78,21 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// A member's weight for a key.
-pub fn weight(member: &PeerId, key: &[u8]) -> u64 {
+/// An event's ownership key as kept and weighed: SipHash-1-3-128 (keys 0, 0) of the key's
+/// bytes, so a held event costs the same whatever its key.
+pub type KeyDigest = [u8; 16];
+
+/// The digest of a key.
+pub fn digest(key: &[u8]) -> KeyDigest {
+    use siphasher::sip128::Hasher128 as _;
+    let mut h = siphasher::sip128::SipHasher13::new_with_keys(0, 0);
+    h.write(key);
+    h.finish128().as_bytes()
+}
+
+/// A member's weight for a key's digest: SipHash-1-3 (keys 0, 0) over the member's peer-id
+/// bytes followed by the digest.
+pub fn weight(member: &PeerId, key: &KeyDigest) -> u64 {
     let mut h = siphasher::sip::SipHasher13::new_with_keys(0, 0);
     h.write(&member.to_bytes());
     h.write(key);
@@ -81,7 +101,7 @@ pub fn weight(member: &PeerId, key: &[u8]) -> u64 {
 
 /// The heaviest of `members` for `key` (ties, which need a hash collision, go to the
 /// smaller peer id).
-pub fn owner<'a>(key: &[u8], members: impl IntoIterator<Item = &'a PeerId>) -> Option<PeerId> {
+pub fn owner<'a>(key: &KeyDigest, members: impl IntoIterator<Item = &'a PeerId>) -> Option<PeerId> {
     members
         .into_iter()
         .map(|m| (weight(m, key), std::cmp::Reverse(*m)))
@@ -100,8 +120,8 @@ pub struct Held<T> {
     pub seq: u64,
     /// When it was published, µs since the Unix epoch.
     pub time: u64,
-    /// Its ownership key.
-    pub key: Vec<u8>,
+    /// Its ownership key's digest.
+    pub key: KeyDigest,
     /// What the row keeps with it.
     pub item: T,
 }
@@ -148,6 +168,10 @@ pub struct GroupView {
     /// Events this peer's row holds for other members (0 when it has no row).
     #[serde(default)]
     pub held: usize,
+    /// Members whose row takes other events than this peer's (pattern, type, filter or key
+    /// differ): the group may split events between them.
+    #[serde(default)]
+    pub conflicting: Vec<String>,
 }
 
 /// A group row's membership view and bookkeeping.
@@ -219,16 +243,29 @@ impl<T> Group<T> {
         self.members.contains_key(peer)
     }
 
-    /// Who owns an event published at `time` with `key`: the heaviest member active then,
-    /// or of all members if none was.
-    fn owner_of(&self, time: u64, key: &[u8]) -> PeerId {
-        let active = std::iter::once((&self.me, self.since))
-            .chain(self.members.iter().map(|(p, m)| (p, m.since)))
-            .filter(|(_, since)| *since <= time)
-            .map(|(p, _)| p);
-        owner(key, active)
-            .or_else(|| owner(key, std::iter::once(&self.me).chain(self.members.keys())))
-            .unwrap_or(self.me)
+    /// Who owns an event published at `time` with `key`: the heaviest member active then;
+    /// if none was, the heaviest of those whose row had started (so read it); if none had,
+    /// the heaviest of all.
+    fn owner_of(&self, time: u64, key: &KeyDigest) -> PeerId {
+        let delay = JOIN_DELAY.as_micros() as u64;
+        let all = || {
+            std::iter::once((&self.me, self.since))
+                .chain(self.members.iter().map(|(p, m)| (p, m.since)))
+        };
+        owner(
+            key,
+            all().filter(|(_, since)| *since <= time).map(|(p, _)| p),
+        )
+        .or_else(|| {
+            owner(
+                key,
+                all()
+                    .filter(|(_, since)| since.saturating_sub(delay) < time)
+                    .map(|(p, _)| p),
+            )
+        })
+        .or_else(|| owner(key, all().map(|(p, _)| p)))
+        .unwrap_or(self.me)
     }
 
     /// Decides an event the row read: returns it if this member owns it (the row runs it
@@ -334,6 +371,12 @@ impl<T> Group<T> {
         let Some(held) = self.held.remove(&peer) else {
             return;
         };
+        // Marks sent before the others heard of this could cover events they now take over
+        // (a member's mark passes events it did not own when it read them): only marks
+        // announced from now on release anything.
+        for member in self.members.values_mut() {
+            member.marks.clear();
+        }
         self.held_count -= held.len();
         for (_, event) in held {
             let owner = self.owner_of(event.time, &event.key);
@@ -345,6 +388,22 @@ impl<T> Group<T> {
                 self.hold(owner, event);
             }
         }
+    }
+
+    /// The row leaves the group (a reload dropped or changed it): the offsets of the events
+    /// it holds for others or was to take over, which it no longer waits for.
+    pub fn abandon(&mut self) -> Vec<u64> {
+        let mut offsets: Vec<u64> = self
+            .held
+            .values()
+            .flat_map(|h| h.values().map(|e| e.offset))
+            .chain(self.takeovers.iter().map(|e| e.offset))
+            .collect();
+        offsets.append(&mut self.released);
+        self.held.clear();
+        self.held_count = 0;
+        self.takeovers.clear();
+        offsets
     }
 
     /// The next held event that fell to this member; the row runs it.
@@ -404,6 +463,7 @@ impl<T> Group<T> {
             name: self.name.clone(),
             members,
             held: self.held_count,
+            conflicting: Vec::new(),
         }
     }
 }

@@ -295,3 +295,71 @@ async fn queries_get_one_answer_per_peer_from_the_library_and_the_api() {
         node.shutdown().await;
     }
 }
+
+/// A group row whose action blocks until `gate` opens.
+fn blocked_row(node: &Node, group: &str, key: Option<&str>, gate: &Arc<tokio::sync::Semaphore>) {
+    let gate = gate.clone();
+    let mut spec = HandlerSpec::new(
+        Pattern::new("jobs.**").unwrap(),
+        Action::Rust(Arc::new(move |_| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                gate.acquire().await?.forget();
+                Ok(())
+            })
+        })),
+    );
+    spec.name = Some("worker".into());
+    spec.group = Some(group.into());
+    spec.key = key.map(str::to_owned);
+    node.set_handlers(vec![spec]).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_leaves_its_group_stops_waiting_and_rows_that_differ_are_reported() {
+    let nodes = mesh(2).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    for node in &nodes {
+        blocked_row(node, "g", None, &gate);
+    }
+    wait_active(&nodes, "g", 2).await;
+    let events: Vec<_> = (0..40)
+        .map(|i| {
+            (
+                "jobs.run".to_owned(),
+                None,
+                meshbus::Payload::json(&i).unwrap(),
+            )
+        })
+        .collect();
+    nodes[0].publish_many(events).await.unwrap();
+    // Nothing finishes, so each member holds the other's share and lags.
+    wait(|| async {
+        let held = nodes[0].groups().await.unwrap()[0].held;
+        let row = &nodes[0].handlers()[0];
+        held > 0 && row.owned + row.not_owned == 40
+    })
+    .await;
+    assert!(nodes[0].handlers()[0].lag > 0);
+    // A reload moves node 0's row to another group: it no longer waits for node 1.
+    blocked_row(&nodes[0], "g2", None, &gate);
+    gate.add_permits(1000);
+    wait(|| async { nodes[0].handlers()[0].lag == 0 }).await;
+
+    // Members whose rows take other events are reported by both.
+    blocked_row(&nodes[0], "g", Some(".data"), &gate);
+    wait(|| async {
+        let mut both = true;
+        for node in &nodes {
+            let status = node.status().await.unwrap();
+            let g = status.groups.iter().find(|g| g.name == "g");
+            both &= g.is_some_and(|g| g.conflicting.len() == 1)
+                && status.counters.groups_conflicting >= 1;
+        }
+        both
+    })
+    .await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

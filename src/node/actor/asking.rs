@@ -26,6 +26,8 @@ pub(super) struct Open {
     deadline: Instant,
     /// Peers that answered it.
     from: HashSet<PeerId>,
+    /// The group it asked, if any: only its members' answers are taken.
+    group: Option<String>,
 }
 
 /// Open queries and the queries this peer answered.
@@ -46,6 +48,7 @@ impl Queries {
         id: String,
         answers: mpsc::Sender<QueryAnswer>,
         deadline: Instant,
+        group: Option<String>,
     ) {
         let now = now();
         self.open.insert(
@@ -55,6 +58,7 @@ impl Queries {
                 started: now,
                 deadline,
                 from: HashSet::new(),
+                group,
             },
         );
     }
@@ -162,6 +166,24 @@ impl Actor {
             }
             return;
         };
+        if let Some(group) = &open.group {
+            let member = if peer == self.shared.peer_id {
+                self.shared
+                    .handlers
+                    .groups()
+                    .iter()
+                    .any(|g| &g.name == group)
+            } else {
+                self.groups.is_in(&peer, group)
+            };
+            if !member {
+                if let Some(n) = stats::bump_throttled(&stats.answers_dropped) {
+                    warn!(%peer, %group, dropped_so_far = n,
+                        "dropped an answer to a group query from a peer not in the group");
+                }
+                return;
+            }
+        }
         if !open.from.insert(peer) {
             stats::bump(&stats.answers_dropped);
             return;

@@ -27,6 +27,15 @@ pub(super) struct Directory {
     peers: BTreeMap<PeerId, (u64, Vec<(String, u64)>)>,
 }
 
+impl Directory {
+    /// Whether `peer` announced `group`.
+    pub(super) fn is_in(&self, peer: &PeerId, group: &str) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|(_, groups)| groups.iter().any(|(name, _)| name == group))
+    }
+}
+
 impl Actor {
     /// Announces this peer's groups to every member if they changed (or a heartbeat is
     /// due); to one peer only, when it just joined.
@@ -55,6 +64,7 @@ impl Actor {
                 .map(|a| GroupAnnounce {
                     name: a.name,
                     since: a.since,
+                    shape: a.shape,
                     marks: a
                         .marks
                         .into_iter()
@@ -81,6 +91,16 @@ impl Actor {
     /// A peer's announcement: checked, then handed to the group rows. An older one than
     /// the last taken (requests may overtake each other) is ignored.
     pub(super) fn on_groups(&mut self, peer: PeerId, request: Request) -> Result<(), String> {
+        if !self.peers.is_member(&peer) {
+            // Only identified members leave the mesh with a `left` or `failed` that takes
+            // them out of the groups again.
+            return Err("announcements are taken from identified mesh members only".into());
+        }
+        // A member owns events from at most its row's start plus JOIN_DELAY: a `since` past
+        // that (and the clock skew allowed) is refused.
+        let latest = crate::clock::unix_micros(
+            std::time::SystemTime::now() + crate::proto::receive::MAX_CLOCK_SKEW,
+        ) + groups::JOIN_DELAY.as_micros() as u64;
         if request.groups.len() > groups::MAX_GROUPS {
             return Err(format!(
                 "{} groups announced; at most {} are taken",
@@ -112,10 +132,17 @@ impl Actor {
                     m.high,
                 ));
             }
+            if g.since > latest {
+                return Err(format!(
+                    "group `{}` owns events from {} µs, beyond this peer's clock and its skew limit",
+                    g.name, g.since
+                ));
+            }
             announced.push(Announcement {
                 name: g.name,
                 since: g.since,
                 marks,
+                shape: g.shape,
             });
         }
         let known = self.groups.peers.get(&peer).map_or(0, |(round, _)| *round);
@@ -166,6 +193,7 @@ impl Actor {
                     name: name.clone(),
                     members: Vec::new(),
                     held: 0,
+                    conflicting: Vec::new(),
                 });
                 let peer = peer.to_string();
                 if view.members.iter().all(|m| m.peer != peer) {
