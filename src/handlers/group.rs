@@ -56,11 +56,16 @@ impl GroupRow {
     }
 
     /// The key of each event (the event id's text by default). A key expression that fails
-    /// falls back to the event id, with the error for the owner to dead-letter.
-    pub async fn keys(&self, events: &[(u64, Arc<Event>)]) -> Vec<(KeyDigest, Option<String>)> {
+    /// falls back to the event id, with the error for the owner to dead-letter: every member
+    /// fails the same way. One that did not finish in time (or panicked) is `Err`: that
+    /// depends on this peer's load, so the batch is not decided now but tried again.
+    pub async fn keys(
+        &self,
+        events: &[(u64, Arc<Event>)],
+    ) -> Result<Vec<(KeyDigest, Option<String>)>, String> {
         let by_id = |e: &Event| groups::digest(e.id.to_string().as_bytes());
         let Some(key) = &self.key else {
-            return events.iter().map(|(_, e)| (by_id(e), None)).collect();
+            return Ok(events.iter().map(|(_, e)| (by_id(e), None)).collect());
         };
         // jq is user code: off the async threads, given up on after the row's jq time limit.
         let (key, batch) = (key.clone(), events.to_vec());
@@ -73,16 +78,15 @@ impl GroupRow {
         .await;
         let results = match evaluated {
             Ok(Ok(results)) => results,
-            Ok(Err(join)) => vec![Err(format!("jq key failed: {join}")); events.len()],
-            Err(_) => vec![
-                Err(format!(
+            Ok(Err(join)) => return Err(format!("jq key failed: {join}")),
+            Err(_) => {
+                return Err(format!(
                     "jq key did not finish within {:?}",
                     super::row::JQ_TIMEOUT
-                ));
-                events.len()
-            ],
+                ))
+            }
         };
-        events
+        Ok(events
             .iter()
             .zip(results)
             .map(|((_, event), result)| match result {
@@ -98,7 +102,7 @@ impl GroupRow {
                     (by_id(event), Some(error))
                 }
             })
-            .collect()
+            .collect())
     }
 
     /// Takes the key error of the event at `offset`, if its key failed.
@@ -151,6 +155,14 @@ impl GroupRow {
             .map(|p| p.to_string())
             .collect();
         view
+    }
+
+    /// `peer` left the group or the mesh: it conflicts no more.
+    pub fn forget(&self, peer: &PeerId) {
+        self.conflicting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
     }
 
     /// Notes whether `peer`'s row takes what this one takes; a new difference is counted

@@ -118,16 +118,31 @@ const VARYING: [&str; 8] = [
     "$__loc__",
 ];
 
-/// The first word of `code` (outside string literals) that makes it vary between peers.
+/// The first word of `code` that makes it vary between peers: words in code and in string
+/// interpolations `\(…)`, not in string text, and not field names (`.now`).
 fn varying_word(code: &str) -> Option<&'static str> {
-    let mut words = Vec::new();
-    let (mut word, mut in_string, mut escaped) = (String::new(), false, false);
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    // Nesting: each entry is whether that level is a string (true) or code (false); inside
+    // code, the parentheses opened since an interpolation began.
+    let mut modes: Vec<(bool, usize)> = vec![(false, 0)];
+    let mut escaped = false;
+    let mut after_dot = false;
     for c in code.chars().chain(std::iter::once(' ')) {
+        let Some(&(in_string, _)) = modes.last() else {
+            break;
+        };
         if in_string {
             match (escaped, c) {
+                (true, '(') => {
+                    escaped = false;
+                    modes.push((false, 0));
+                }
                 (true, _) => escaped = false,
                 (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
+                (false, '"') => {
+                    modes.pop();
+                }
                 _ => {}
             }
             continue;
@@ -137,10 +152,30 @@ fn varying_word(code: &str) -> Option<&'static str> {
             continue;
         }
         if !word.is_empty() {
-            words.push(std::mem::take(&mut word));
+            let w = std::mem::take(&mut word);
+            if !after_dot {
+                words.push(w);
+            }
         }
-        if c == '"' {
-            in_string = true;
+        after_dot = c == '.';
+        match c {
+            '"' => modes.push((true, 0)),
+            '(' => {
+                if let Some(top) = modes.last_mut() {
+                    top.1 += 1;
+                }
+            }
+            ')' => {
+                let depth = modes.len();
+                match modes.last_mut() {
+                    Some((false, 0)) if depth > 1 => {
+                        modes.pop(); // the end of an interpolation: back in its string
+                    }
+                    Some((_, open)) => *open = open.saturating_sub(1),
+                    None => {}
+                }
+            }
+            _ => {}
         }
     }
     VARYING.into_iter().find(|v| words.iter().any(|w| w == v))
@@ -466,6 +501,8 @@ mod tests {
             "$ENV.X",
             "input",
             "[inputs]",
+            r#""\(.id)-\(now)""#,
+            r#""a\("b\(env.X)")""#,
         ] {
             let err = check_key(code).unwrap_err().to_string();
             assert!(
@@ -478,6 +515,9 @@ mod tests {
             "\"now\" + .id",
             ".data.environment",
             ".data.nowhere",
+            ".data.now",
+            ".data | .env",
+            r#""\(.id) now""#,
         ] {
             assert!(check_key(code).is_ok(), "{code}");
         }

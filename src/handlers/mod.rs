@@ -82,6 +82,11 @@ struct Row {
     done: watch::Receiver<bool>,
     /// Its group, if it is in one.
     group: Option<Arc<GroupRow>>,
+    /// The group its previous version was in, announced instead until that version's
+    /// worker has finished (so events it still runs are not taken over meanwhile).
+    left: Option<Arc<GroupRow>>,
+    /// Turns true when this version of the row starts taking events.
+    started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A reply row's answer to a query, on its way to the asker.
@@ -297,6 +302,12 @@ impl Handlers {
                 error,
             })?
             .map(Arc::new);
+        // The cursor first: a group row's start (and so its `since`) must come after it, so
+        // every event published after the start is one this row reads.
+        let start = match previous {
+            Some(_) => None,
+            None => Some(self.start_cursor(&name)?),
+        };
         let shape = group::shape(&spec);
         let options = spec.options;
         let peer = lock(&self.peer).clone();
@@ -334,10 +345,6 @@ impl Handlers {
             .unwrap_or(self.queue_capacity)
             .clamp(1, row::MAX_QUEUE);
         let (queue, rx) = mpsc::channel(capacity);
-        let start = match previous {
-            Some(_) => None,
-            None => Some(self.start_cursor(&name)?),
-        };
         let counters: Arc<row::RowCounters> =
             previous.map(|p| p.counters.clone()).unwrap_or_default();
         let (done_tx, done) = watch::channel(false);
@@ -353,6 +360,8 @@ impl Handlers {
             counters: counters.clone(),
             done,
             group: group.clone(),
+            left: None,
+            started: Arc::new(std::sync::atomic::AtomicBool::new(previous.is_none())),
         };
         let feeder = row::Feeder {
             name: name.clone(),
@@ -381,6 +390,9 @@ impl Handlers {
         let left = previous
             .and_then(|p| p.group.clone())
             .filter(|old| !row.group.as_ref().is_some_and(|new| Arc::ptr_eq(old, new)));
+        let mut row = row;
+        row.left = left.clone();
+        let started = row.started.clone();
         let previous = previous.map(|p| p.done.clone());
         let span = tracing::info_span!("handler", name = %name);
         let run = async move {
@@ -395,6 +407,7 @@ impl Handlers {
                     p.pending.remove(&offset);
                 }
             }
+            started.store(true, Ordering::Relaxed);
             if let Some(start) = start {
                 counters.progress().fed = start;
             }
@@ -597,19 +610,32 @@ impl Handlers {
 
     /// The groups this peer's rows are in, as announced to the other peers.
     pub fn announcements(&self) -> Vec<Announcement> {
-        read(&self.rows)
-            .iter()
-            .filter_map(|row| row.group.as_ref())
-            .map(|g| {
-                let mut state = g.state();
-                Announcement {
-                    name: g.name.clone(),
-                    since: state.since(),
-                    marks: state.marks(),
-                    shape: g.shape,
+        let announce = |g: &GroupRow| {
+            let mut state = g.state();
+            Announcement {
+                name: g.name.clone(),
+                since: state.since(),
+                marks: state.marks(),
+                shape: g.shape,
+            }
+        };
+        let mut out: Vec<Announcement> = Vec::new();
+        for row in read(&self.rows).iter() {
+            // Until a reloaded row's new version starts, its old group is what it is in.
+            let old = row
+                .left
+                .as_ref()
+                .filter(|_| !row.started.load(Ordering::Relaxed));
+            if let Some(old) = old {
+                out.push(announce(old));
+            }
+            if let Some(g) = &row.group {
+                if old.is_none_or(|old| old.name != g.name) {
+                    out.push(announce(g));
                 }
-            })
-            .collect()
+            }
+        }
+        out
     }
 
     /// What `peer` announced: for each group of ours, its `since` and marks; a group of
@@ -624,7 +650,10 @@ impl Handlers {
                         g.check_shape(peer, a.shape, &self.stats);
                         state.announced(peer, a.since, &a.marks)
                     }
-                    None if state.has_member(&peer) => state.failed(&peer),
+                    None if state.has_member(&peer) => {
+                        g.forget(&peer);
+                        state.failed(&peer)
+                    }
                     None => continue,
                 }
             }
@@ -636,6 +665,7 @@ impl Handlers {
     pub fn member_gone(&self, peer: &PeerId) {
         for row in read(&self.rows).iter() {
             let Some(g) = &row.group else { continue };
+            g.forget(peer);
             let was = {
                 let mut state = g.state();
                 let was = state.has_member(peer);

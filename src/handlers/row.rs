@@ -89,6 +89,8 @@ pub(super) struct RowCounters {
     /// Events the log dropped (retention) before this row read them.
     pub skipped: AtomicU64,
     pub filtered_out: AtomicU64,
+    /// Batches whose group key expression did not finish in time, read again.
+    pub key_retries: AtomicU64,
     /// How far the row has read and which of those are unfinished.
     pub progress: Mutex<Progress>,
     /// Publish (the publisher's clock) to this row's action finished.
@@ -150,19 +152,13 @@ impl Feeder {
             && self.addressed(event)
     }
 
-    /// A reply row takes a query addressed to a group only if it is in that group, and no
-    /// query older than the longest a query waits (after downtime or a `--replay`: no one
-    /// is listening for the answer).
+    /// A reply row takes a query addressed to a group only if it is in that group (the same
+    /// on every member: matching must not depend on the peer or the moment).
     fn addressed(&self, event: &Event) -> bool {
-        if !self.reply {
-            return true;
+        match crate::event::query_group(event) {
+            Some(Some(group)) if self.reply => self.group.as_ref().is_some_and(|g| g.name == group),
+            _ => true,
         }
-        let Some(group) = crate::event::query_group(event) else {
-            return true;
-        };
-        let stale = crate::clock::age_micros(event.time)
-            > crate::node::MAX_QUERY_TIMEOUT.as_micros() as u64;
-        !stale && group.is_none_or(|group| self.group.as_ref().is_some_and(|g| g.name == group))
     }
 
     /// A group row's housekeeping before it reads on: forget the held events their owners
@@ -206,7 +202,12 @@ impl Feeder {
                 warn!(handler = %self.name, offset = held.offset,
                     "an event taken over from a failed member was dropped by the log first");
                 group.state().finished(held.stream, held.seq);
-                self.counters.progress().pending.remove(&held.offset);
+                let done = {
+                    let mut p = self.counters.progress();
+                    p.pending.remove(&held.offset);
+                    p.done()
+                };
+                self.store.set_cursor(&self.name, done);
                 continue;
             };
             group.run(&held);
@@ -308,7 +309,21 @@ impl Feeder {
                 None => batch,
             };
             let mut keys = match &self.group {
-                Some(group) => group.keys(&batch).await.into_iter(),
+                Some(group) => match group.keys(&batch).await {
+                    Ok(keys) => keys.into_iter(),
+                    Err(error) => {
+                        // Nothing of the batch is decided: it is read again.
+                        if let Some(n) = stats::bump_throttled(&self.counters.key_retries) {
+                            warn!(handler = %self.name, %error, retries_so_far = n,
+                                "the group key expression did not finish; the batch is tried again");
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                },
                 None => Vec::new().into_iter(),
             };
             for (offset, event) in batch {
@@ -459,6 +474,18 @@ impl Worker {
                 kept
             }
             _ => events,
+        };
+        // A reply row does not run a query older than the longest a query waits (found after
+        // downtime or a `--replay`): nobody listens for its answer. It counts as filtered out.
+        let events = if self.answers.is_some() {
+            let max = crate::node::MAX_QUERY_TIMEOUT.as_micros() as u64;
+            let (stale, fresh): (Vec<_>, Vec<_>) = events
+                .into_iter()
+                .partition(|e| crate::event::is_query(e) && crate::clock::age_micros(e.time) > max);
+            stats::add(&self.counters.filtered_out, stale.len() as u64);
+            fresh
+        } else {
+            events
         };
         let Some(jq) = &self.jq else {
             // Only the actions that send the JSON pay for it.
