@@ -464,10 +464,7 @@ impl Worker {
                 let mut kept = Vec::with_capacity(events.len());
                 for (offset, event) in offsets.iter().zip(events) {
                     match group.key_error(*offset) {
-                        Some(error) => {
-                            self.finish(&event, Some(ActionError::Jq(error).to_string()), 1)
-                                .await
-                        }
+                        Some(error) => self.fail_early(&event, ActionError::Jq(error)).await,
                         None => kept.push(event),
                     }
                 }
@@ -524,10 +521,7 @@ impl Worker {
                 Ok(Some(input)) => kept.push((event, input)),
                 Ok(None) => stats::bump(&self.counters.filtered_out),
                 // A filter that fails on an event is a failure of this row for it.
-                Err(error) => {
-                    self.finish(&event, Some(ActionError::Jq(error).to_string()), 1)
-                        .await
-                }
+                Err(error) => self.fail_early(&event, ActionError::Jq(error)).await,
             }
         }
         kept
@@ -559,21 +553,8 @@ impl Worker {
             Ok(answer) => (answer.map(Ok), None),
             Err(e) => (Some(Err(e.to_string())), Some(e.to_string())),
         };
-        if let (Some(answers), Some(answer), [(event, _)]) = (&self.answers, answer, &events[..]) {
-            if crate::event::is_query(event) {
-                let answer = Answer {
-                    to: event.source,
-                    query: event.id.to_string(),
-                    handler: self.name.clone(),
-                    answer,
-                };
-                if answers.try_send(answer).is_err() {
-                    if let Some(n) = stats::bump_throttled(&self.stats.answers_dropped) {
-                        warn!(handler = %self.name, dropped_so_far = n,
-                            "an answer was dropped: the swarm task is not taking them");
-                    }
-                }
-            }
+        if let (Some(answer), [(event, _)]) = (answer, &events[..]) {
+            self.answer(event, answer);
         }
         for (event, _) in &events {
             self.finish(event, error.clone(), attempt + 1).await;
@@ -633,6 +614,36 @@ impl Worker {
                 Ok(None)
             }
         }
+    }
+
+    /// A reply row's answer to a query goes to the swarm task, which sends it to the asker.
+    fn answer(&self, event: &Event, answer: Result<serde_json::Value, String>) {
+        let Some(answers) = &self.answers else {
+            return;
+        };
+        if !crate::event::is_query(event) {
+            return;
+        }
+        let answer = Answer {
+            to: event.source,
+            query: event.id.to_string(),
+            handler: self.name.clone(),
+            answer,
+        };
+        if answers.try_send(answer).is_err() {
+            if let Some(n) = stats::bump_throttled(&self.stats.answers_dropped) {
+                warn!(handler = %self.name, dropped_so_far = n,
+                    "an answer was dropped: the swarm task is not taking them");
+            }
+        }
+    }
+
+    /// An event that failed before its action ran (its key or filter): a failure of the
+    /// row, and for a query, an answer saying why, so the asker need not wait it out.
+    async fn fail_early(&self, event: &Arc<Event>, error: ActionError) {
+        let error = error.to_string();
+        self.answer(event, Err(error.clone()));
+        self.finish(event, Some(error), 1).await;
     }
 
     /// Counts an event's outcome; a failure is logged and, if the row has one, written to

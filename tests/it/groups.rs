@@ -193,6 +193,17 @@ async fn queries_get_one_answer_per_peer_from_the_library_and_the_api() {
         })
         .unwrap();
 
+    // A reply row whose filter fails answers with the reason instead of leaving the asker
+    // to wait.
+    let mut failing = HandlerSpec::new(
+        Pattern::new("fail.*").unwrap(),
+        Action::Query(Arc::new(|_| {
+            Box::pin(async { Ok(serde_json::json!("ran")) })
+        })),
+    );
+    failing.filter = Some(r#"error("refused by the filter")"#.into());
+    failing.reply = true;
+    nodes[2].add_handler(failing).unwrap();
     let options = QueryOptions {
         timeout: Duration::from_secs(2),
         group: None,
@@ -233,6 +244,19 @@ async fn queries_get_one_answer_per_peer_from_the_library_and_the_api() {
     let a = big.next().await.expect("an answer");
     assert!(a.answer.is_none());
     assert!(a.error.unwrap().contains("at most 65536"));
+
+    let mut failed = nodes[0]
+        .query("fail.one", payload(), options.clone())
+        .await
+        .unwrap();
+    let a = failed.next().await.expect("an answer");
+    assert_eq!(a.peer, nodes[2].peer_id().to_string());
+    assert!(
+        a.error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused by the filter")),
+        "{a:?}"
+    );
 
     // Over the API, streamed; a group no row is in gets no answer.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
