@@ -216,6 +216,17 @@ pub fn local_event(source: PeerId, topic: &str, data: serde_json::Value) -> Opti
     })
 }
 
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+pub fn clip(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
 /// The type of a query event; `meshbus.query/GROUP` asks only the rows of that group.
 pub const QUERY_TYPE: &str = "meshbus.query";
 

@@ -270,7 +270,10 @@ fn group_view(lab: &Lab, i: usize) -> Option<GroupView> {
 fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchReport, LabError> {
     let n = config.peers;
     let pids: Vec<u32> = lab.state.hosts.iter().map(|h| h.pid.unwrap_or(0)).collect();
-    let idle_rss: Vec<u64> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
+    let idle_rss: Vec<u64> = pids
+        .iter()
+        .map(|p| crate::process::status_kib(*p, "VmRSS"))
+        .collect();
     let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
     let per_publisher = config.events / config.publishers.max(1);
     let expected = (per_publisher * config.publishers) as u64;
@@ -351,7 +354,7 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
                 p99_ms: ms(latency.p99_us),
                 max_ms: ms(latency.max_us),
                 idle_rss_kib: idle_rss[i],
-                peak_rss_kib: proc_status_kib(pids[i], "VmHWM"),
+                peak_rss_kib: crate::process::status_kib(pids[i], "VmHWM"),
                 cpu_secs: cpu_secs(pids[i]) - cpu_before[i],
                 gossip_links_lost: gossip_links_lost(lab, i),
             }
@@ -469,18 +472,6 @@ fn row(lab: &Lab, i: usize) -> Option<HandlerInfo> {
     let out = lab.cli(i, &["handlers", "--json"]).ok()?;
     let rows: Vec<HandlerInfo> = serde_json::from_slice(&out.stdout).ok()?;
     rows.into_iter().find(|r| r.pattern == PATTERN)
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn cpu_secs(pid: u32) -> f64 {

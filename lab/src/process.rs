@@ -1,5 +1,5 @@
-//! What `/proc` says about the peers a lab started: whether they still run, and their
-//! scheduler fields (the benchmark's CPU time, the tests' process groups).
+//! What `/proc` says about the peers a lab started: whether they still run, their
+//! scheduler fields (the benchmark's CPU time, the tests' process groups) and their memory.
 
 /// The fields of `/proc/PID/stat` after the command name: state, ppid, pgrp, … (see
 /// proc(5), counting from field 3).
@@ -14,4 +14,17 @@ pub fn alive(pid: u32) -> bool {
     stat_fields(pid)
         .and_then(|f| f.first().cloned())
         .is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …), in KiB; 0 if there is none.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.split(':').next() == Some(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }

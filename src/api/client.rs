@@ -100,10 +100,12 @@ impl Client {
         }
     }
 
-    async fn answer<T: DeserializeOwned>(
+    /// The response if the peer took the request; its refusal, with the reason it gave,
+    /// if not.
+    async fn accepted(
         &self,
         response: Result<reqwest::Response, reqwest::Error>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<reqwest::Response, ClientError> {
         let response = response.map_err(|e| self.error(e))?;
         let status = response.status();
         if !status.is_success() {
@@ -116,6 +118,14 @@ impl Client {
                 message,
             });
         }
+        Ok(response)
+    }
+
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<T, ClientError> {
+        let response = self.accepted(response).await?;
         response.json().await.map_err(|e| self.error(e))
     }
 
@@ -195,16 +205,7 @@ impl Client {
             .json(request)
             .send()
             .await;
-        let response = response.map_err(|e| self.error(e))?;
-        if !response.status().is_success() {
-            let status = response.status().as_u16();
-            let message = response
-                .json::<ApiError>()
-                .await
-                .map(|e| e.error)
-                .unwrap_or_default();
-            return Err(ClientError::Refused { status, message });
-        }
+        let response = self.accepted(response).await?;
         let addr = self.addr;
         let mut buf: Vec<u8> = Vec::new();
         let stream = response.bytes_stream().flat_map(move |chunk| {
@@ -249,16 +250,7 @@ impl Client {
             .query(&[("pattern", pattern)])
             .send()
             .await;
-        let response = response.map_err(|e| self.error(e))?;
-        if !response.status().is_success() {
-            let status = response.status().as_u16();
-            let message = response
-                .json::<ApiError>()
-                .await
-                .map(|e| e.error)
-                .unwrap_or_default();
-            return Err(ClientError::Refused { status, message });
-        }
+        let response = self.accepted(response).await?;
         let addr = self.addr;
         let mut parser = SseParser::default();
         let stream = response.bytes_stream().flat_map(move |chunk| {

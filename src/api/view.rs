@@ -184,6 +184,9 @@ pub fn handlers(rows: &[HandlerInfo]) -> String {
                 "{action} [group {group}: owned {}, not owned {}, took over {}]",
                 r.owned, r.not_owned, r.taken_over
             );
+            if r.key_retries > 0 {
+                action = format!("{action} [key retried {}]", r.key_retries);
+            }
         }
         if r.reply {
             action.push_str(" [reply]");

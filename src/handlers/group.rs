@@ -92,13 +92,7 @@ impl GroupRow {
             .map(|((_, event), result)| match result {
                 Ok(key) => (groups::digest(&key), None),
                 Err(mut error) => {
-                    if error.len() > MAX_KEY_ERROR {
-                        let mut end = MAX_KEY_ERROR;
-                        while !error.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        error.truncate(end);
-                    }
+                    crate::event::clip(&mut error, MAX_KEY_ERROR);
                     (by_id(event), Some(error))
                 }
             })

@@ -166,6 +166,9 @@ pub struct HandlerInfo {
     /// Group rows: events of a failed or departed member that fell to this one.
     #[serde(default)]
     pub taken_over: u64,
+    /// Group rows: batches read again because the key expression did not finish in time.
+    #[serde(default)]
+    pub key_retries: u64,
     /// Reply rows: the row answers queries.
     #[serde(default)]
     pub reply: bool,
@@ -402,10 +405,7 @@ impl Handlers {
             }
             if let Some(old) = left {
                 let offsets = old.state().abandon();
-                let mut p = counters.progress();
-                for offset in offsets {
-                    p.pending.remove(&offset);
-                }
+                counters.progress().resolve(offsets);
             }
             started.store(true, Ordering::Relaxed);
             if let Some(start) = start {
@@ -581,6 +581,7 @@ impl Handlers {
                     owned,
                     not_owned,
                     taken_over,
+                    key_retries: r(&row.counters.key_retries),
                     reply: row.reply,
                     pattern: row.pattern.to_string(),
                     event_type: row.event_type.as_ref().map(|t| t.to_string()),

@@ -112,6 +112,14 @@ impl Progress {
     pub fn done(&self) -> u64 {
         self.pending.first().map_or(self.fed, |first| first - 1)
     }
+
+    /// These offsets need no more from the row; returns the new [`Progress::done`].
+    pub fn resolve(&mut self, offsets: impl IntoIterator<Item = u64>) -> u64 {
+        for offset in offsets {
+            self.pending.remove(&offset);
+        }
+        self.done()
+    }
 }
 
 impl RowCounters {
@@ -161,6 +169,28 @@ impl Feeder {
         }
     }
 
+    /// Queues an event for the row's worker, waiting for room; false if the row stopped
+    /// first (then it is not queued).
+    async fn offer(
+        &self,
+        queue: &mpsc::Sender<(u64, Arc<Event>)>,
+        stop: &mut watch::Receiver<bool>,
+        offset: u64,
+        event: Arc<Event>,
+    ) -> bool {
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = tokio::select! {
+            sent = queue.send((offset, event)) => sent.is_ok(),
+            _ = stop.changed() => false,
+        };
+        if sent {
+            stats::bump(&self.stats.handler_dispatched);
+        } else {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
     /// A group row's housekeeping before it reads on: forget the held events their owners
     /// finished, queue those that fell to this member, and wait until it may decide.
     async fn group_turn(
@@ -171,13 +201,7 @@ impl Feeder {
     ) -> Turn {
         let released = group.state().take_released();
         if !released.is_empty() {
-            let done = {
-                let mut p = self.counters.progress();
-                for offset in &released {
-                    p.pending.remove(offset);
-                }
-                p.done()
-            };
+            let done = self.counters.progress().resolve(released);
             self.store.set_cursor(&self.name, done);
         }
         loop {
@@ -198,31 +222,21 @@ impl Feeder {
             };
             let Some((offset, event)) = event else {
                 // The log dropped it (retention) before it fell to this member.
-                stats::bump(&self.counters.skipped);
-                warn!(handler = %self.name, offset = held.offset,
-                    "an event taken over from a failed member was dropped by the log first");
+                if let Some(n) = stats::bump_throttled(&self.counters.skipped) {
+                    warn!(handler = %self.name, offset = held.offset, skipped_so_far = n,
+                        "an event taken over from a failed member was dropped by the log first");
+                }
                 group.state().finished(held.stream, held.seq);
-                let done = {
-                    let mut p = self.counters.progress();
-                    p.pending.remove(&held.offset);
-                    p.done()
-                };
+                let done = self.counters.progress().resolve([held.offset]);
                 self.store.set_cursor(&self.name, done);
                 continue;
             };
             group.run(&held);
-            self.counters.queued.fetch_add(1, Ordering::Relaxed);
-            let sent = tokio::select! {
-                sent = queue.send((offset, event)) => sent.is_ok(),
-                _ = stop.changed() => false,
-            };
-            if !sent {
-                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            if !self.offer(queue, stop, offset, event).await {
                 group.key_error(offset);
                 group.state().untake(held);
                 return Turn::Stop;
             }
-            stats::bump(&self.stats.handler_dispatched);
         }
         let now = crate::clock::unix_micros(std::time::SystemTime::now());
         let state = group.state();
@@ -345,20 +359,13 @@ impl Feeder {
                     },
                     _ => event,
                 };
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
-                let sent = tokio::select! {
-                    sent = queue.send((offset, event)) => sent.is_ok(),
-                    _ = stop.changed() => false,
-                };
-                if !sent {
+                if !self.offer(&queue, &mut stop, offset, event).await {
                     // Not queued: the next feeder of this row starts with it.
-                    self.counters.queued.fetch_sub(1, Ordering::Relaxed);
                     let mut p = self.counters.progress();
                     p.pending.remove(&offset);
                     p.fed = offset - 1;
                     return;
                 }
-                stats::bump(&self.stats.handler_dispatched);
             }
             let done = self.counters.progress().done();
             self.store.set_cursor(&self.name, done);
@@ -404,20 +411,20 @@ impl Worker {
             this.counters
                 .queued
                 .fetch_sub(offsets.len() as u64, Ordering::Relaxed);
-            let done: Done = offsets
-                .iter()
-                .zip(&events)
-                .map(|(o, e)| (*o, StreamId::of(e), e.seq))
-                .collect();
+            // A group row tells its group what it finished, by stream and seq.
+            let streams: Vec<(StreamId, u64)> = match &this.group {
+                Some(_) => events.iter().map(|e| (StreamId::of(e), e.seq)).collect(),
+                None => Vec::new(),
+            };
             let events = this.select(&offsets, events).await;
             if events.is_empty() {
-                this.finished(&done).await;
+                this.finished(&offsets, &streams).await;
                 continue;
             }
             let worker = this.clone();
             running.spawn(async move {
                 worker.attempt_all(events).await;
-                worker.finished(&done).await;
+                worker.finished(&offsets, &streams).await;
                 drop(permit);
             });
             while running.try_join_next().is_some() {}
@@ -428,20 +435,14 @@ impl Worker {
     /// These events are done with (handled, failed or filtered out): the row's cursor moves
     /// past them once everything before them is done too, and is on disk before the row
     /// takes more, so a crash repeats at most what was in flight.
-    async fn finished(&self, events: &Done) {
+    async fn finished(&self, offsets: &[u64], streams: &[(StreamId, u64)]) {
         if let Some(group) = &self.group {
             let mut state = group.state();
-            for (_, stream, seq) in events {
+            for (stream, seq) in streams {
                 state.finished(*stream, *seq);
             }
         }
-        let done = {
-            let mut p = self.counters.progress();
-            for (o, _, _) in events {
-                p.pending.remove(o);
-            }
-            p.done()
-        };
+        let done = self.counters.progress().resolve(offsets.iter().copied());
         self.store.set_cursor(&self.name, done);
         match self.store.flush().await {
             Ok(Ok(())) => {}
@@ -688,9 +689,6 @@ impl Worker {
         }
     }
 }
-
-/// Offsets with the stream and seq of their events: what a worker finished.
-type Done = Vec<(u64, StreamId, u64)>;
 
 /// Runs Rust handler code; a panic is a failed run of the row, not a dead worker.
 async fn caught<T>(

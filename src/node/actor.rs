@@ -618,6 +618,7 @@ impl Actor {
     /// Sends a repair request.
     fn ask(&mut self, peer: PeerId, what: Asked) {
         let request = match &what {
+            // An announcement carries its groups: `announce_groups` sends it with `ask_with`.
             Asked::Groups => return,
             Asked::Marks => Request {
                 kind: repair::MARKS,

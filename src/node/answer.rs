@@ -77,13 +77,7 @@ pub fn message(
         Err(error) => (None, Some(error)),
     };
     let error = error.map(|mut e| {
-        if e.len() > MAX_ERROR {
-            let mut end = MAX_ERROR;
-            while !e.is_char_boundary(end) {
-                end -= 1;
-            }
-            e.truncate(end);
-        }
+        crate::event::clip(&mut e, MAX_ERROR);
         e
     });
     AnswerMsg {

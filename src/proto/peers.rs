@@ -242,6 +242,14 @@ impl Peers {
             .is_some_and(|p| !p.connections.is_empty())
     }
 
+    /// The name a connected member was started with, if any.
+    pub fn name_of(&self, peer: &PeerId) -> Option<String> {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.identity.as_ref())
+            .and_then(|i| i.name.clone())
+    }
+
     /// Whether `peer` is connected and identified as a meshbus peer.
     pub fn is_member(&self, peer: &PeerId) -> bool {
         self.peers.get(peer).is_some_and(|p| p.identity.is_some())

@@ -268,21 +268,7 @@ async fn a_flooding_member_is_throttled_then_banned_and_the_target_stays_respons
     );
     let target = Peer::local(&["--open", "--config", &config]);
     let addr: Multiaddr = target.tcp_addr().parse().unwrap();
-    let rss = |pid: u32| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .unwrap()
-            .to_owned();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            / 1024
-    };
-    let before = rss(target.pid());
+    let before = rss_mb(target.pid());
     let flooding = tokio::spawn(flood(addr, Duration::from_secs(8)));
     let (target, slowest) = tokio::task::spawn_blocking(move || {
         // While the flood lasts, ask for status again and again.
@@ -318,7 +304,7 @@ async fn a_flooding_member_is_throttled_then_banned_and_the_target_stays_respons
             throttle_lines < 30,
             "{throttle_lines} lines about the flood"
         );
-        let after = rss(target.pid());
+        let after = rss_mb(target.pid());
         assert!(
             after < before + 200,
             "memory grew from {before} MB to {after} MB"

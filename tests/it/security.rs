@@ -102,18 +102,6 @@ fn silent_connections_cannot_exhaust_a_peers_sockets() {
     });
 }
 
-/// Resident memory of process `pid`, in MB.
-fn rss_mb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        / 1024
-}
-
 #[test]
 fn many_large_batches_at_once_are_read_a_few_at_a_time() {
     // Ten ~28 MB batches at once. Each ends with a bad topic, so it is read and parsed whole,

@@ -315,3 +315,10 @@ pub fn row<'a>(status: &'a Value, name: &str) -> &'a Value {
         .find(|h| h["name"] == name)
         .unwrap_or_else(|| panic!("no handler {name}: {status:#}"))
 }
+
+/// Resident memory of process `pid`, in MB.
+pub fn rss_mb(pid: u32) -> u64 {
+    let kib = meshbus_lab::process::status_kib(pid, "VmRSS");
+    assert!(kib > 0, "no VmRSS for process {pid}");
+    kib / 1024
+}

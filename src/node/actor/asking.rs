@@ -90,9 +90,10 @@ impl Actor {
     pub(super) fn send_answer(&mut self, answer: Answer) {
         let stats = self.shared.stats.clone();
         if !self.queries.first_answer(&answer.query) {
-            stats::bump(&stats.answers_dropped);
-            debug!(query = %answer.query, handler = %answer.handler,
-                "another row of this peer answered this query already");
+            if let Some(n) = stats::bump_throttled(&stats.answers_dropped) {
+                debug!(query = %answer.query, handler = %answer.handler, dropped_so_far = n,
+                    "another row of this peer answered this query already");
+            }
             return;
         }
         let message = answer::message(answer.query, answer.handler, answer.answer);
@@ -144,7 +145,9 @@ impl Actor {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "an answer could not be read");
+                if let Some(n) = stats::bump_throttled(&stats.answers_dropped) {
+                    warn!(%peer, %error, dropped_so_far = n, "an answer could not be read");
+                }
             }
             request_response::Event::ResponseSent { .. } => {}
         }
@@ -185,7 +188,10 @@ impl Actor {
             }
         }
         if !open.from.insert(peer) {
-            stats::bump(&stats.answers_dropped);
+            if let Some(n) = stats::bump_throttled(&stats.answers_dropped) {
+                debug!(%peer, query = %message.query, dropped_so_far = n,
+                    "dropped a second answer from one peer");
+            }
             return;
         }
         let answer = match (message.answer, message.error) {
@@ -197,17 +203,11 @@ impl Actor {
             Ok(v) => (Some(v), None),
             Err(e) => (None, Some(e)),
         };
-        let name = self
-            .peers
-            .list()
-            .into_iter()
-            .find(|p| p.peer_id == peer.to_string())
-            .and_then(|p| p.name)
-            .or_else(|| {
-                (peer == self.shared.peer_id)
-                    .then(|| self.shared.name.clone())
-                    .flatten()
-            });
+        let name = if peer == self.shared.peer_id {
+            self.shared.name.clone()
+        } else {
+            self.peers.name_of(&peer)
+        };
         let reply = QueryAnswer {
             peer: peer.to_string(),
             name,
@@ -218,7 +218,12 @@ impl Actor {
         };
         match open.answers.try_send(reply) {
             Ok(()) => stats::bump(&stats.answers_received),
-            Err(_) => stats::bump(&stats.answers_dropped),
+            Err(_) => {
+                if let Some(n) = stats::bump_throttled(&stats.answers_dropped) {
+                    warn!(%peer, limit = crate::node::MAX_ANSWERS, dropped_so_far = n,
+                        "dropped an answer: the query has as many as it takes, or its asker reads too slowly");
+                }
+            }
         }
     }
 }
