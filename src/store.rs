@@ -9,17 +9,22 @@
 //!
 //! One thread writes. Appends queue up while a commit is on its way to the disk and go into
 //! the next one together (group commit): this peer's own events commit with
-//! [`redb::Durability::Immediate`] (fsynced before `publish` returns); events from other
-//! peers commit without waiting for the disk, since a crash that loses them also loses the
-//! marks that say they were held, and they are fetched again. Cursors are written at least
-//! every [`FLUSH_EVERY`]. The log keeps at most [`Retention`] events, bytes and age, dropping
+//! [`redb::Durability::Immediate`] (fsynced before `publish` returns). Events from other
+//! peers are *staged*: they take their offsets and are readable (from memory) at once, and
+//! go to the database with the next commit, at most [`LINGER`] later, or sooner when anyone
+//! waits for the disk ([`Store::flush`], a publish). A redb commit costs about half a
+//! millisecond of CPU however little it carries, so one per received message was most of a
+//! receiver's work; a crash that loses staged events also loses the marks that say they were
+//! held, and they are fetched again. Cursors are written at least every [`FLUSH_EVERY`], and
+//! a cursor on disk never points past the events on disk (they go in the same commit or an
+//! earlier one). The log keeps at most [`Retention`] events, bytes and age, dropping
 //! the oldest first.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use libp2p::PeerId;
 use redb::{
@@ -61,6 +66,18 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Newest events also kept in memory, so rows that keep up never read the disk.
 const CACHE_EVENTS: usize = 64 * 1024;
+
+/// Longest an event from another peer stays staged (readable, not yet in the database).
+pub const LINGER: Duration = Duration::from_millis(50);
+
+/// Staged events (or bytes of them) that make a commit at once rather than at [`LINGER`].
+const STAGE_EVENTS: usize = 4096;
+const STAGE_BYTES: usize = 4 << 20;
+
+/// Most events staged while commits fail; past it, events from other peers are refused (and
+/// fetched again later). Well inside [`CACHE_EVENTS`], so a reader that falls back to the
+/// database finds every offset the cache no longer holds.
+const MAX_STAGED: usize = 16 * 1024;
 
 /// Most appends gathered into one commit.
 const MAX_GROUP: usize = 4096;
@@ -266,10 +283,18 @@ impl Store {
             dirty: Mutex::new(BTreeMap::new()),
         });
         let (writes, rx) = std_mpsc::channel();
-        let writer = inner.clone();
+        let writer = Writer {
+            inner: inner.clone(),
+            own_seq,
+            committed: head,
+            staged: Vec::new(),
+            staged_events: 0,
+            staged_bytes: 0,
+            staged_since: None,
+        };
         std::thread::Builder::new()
             .name("meshbus-log".into())
-            .spawn(move || writer.run(rx, own_seq))
+            .spawn(move || writer.run(rx))
             .map_err(|e| db_err(redb::Error::Io(e)))?;
         Ok((
             Store { inner, writes },
@@ -587,12 +612,31 @@ fn init(db: &Database, me: PeerId, path: &Path) -> Result<Init, StoreError> {
     Ok((epoch, head, first, bytes, own_seq, streams))
 }
 
-impl Inner {
-    fn run(self: Arc<Self>, rx: std_mpsc::Receiver<Write>, mut own_seq: u64) {
+/// The writer thread's state: what is staged, and where the database stands.
+struct Writer {
+    inner: Arc<Inner>,
+    /// The last of this peer's own events stored.
+    own_seq: u64,
+    /// The last offset in the database (staged events follow it).
+    committed: u64,
+    /// Events from other peers, readable and not yet in the database, in offset order.
+    staged: Vec<Vec<Arc<Event>>>,
+    staged_events: usize,
+    staged_bytes: usize,
+    /// When the oldest staged event was staged.
+    staged_since: Option<Instant>,
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<Write>) {
         let mut stop = None;
         while stop.is_none() {
+            let wait = match self.staged_since {
+                Some(since) => (since + LINGER).saturating_duration_since(Instant::now()),
+                None => FLUSH_EVERY,
+            };
             let mut group = Vec::new();
-            match rx.recv_timeout(FLUSH_EVERY) {
+            match rx.recv_timeout(wait) {
                 Ok(w) => group.push(w),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
@@ -614,11 +658,25 @@ impl Inner {
                     Write::Stop(reply) => stop = Some(reply),
                 }
             }
-            let cursors = std::mem::take(&mut *lock(&self.dirty));
-            if appends.is_empty() && cursors.is_empty() && !self.prune_due() && stop.is_none() {
+            // Events from other peers are staged unless something in this group waits for
+            // the disk: then everything goes in one commit, in the order it came.
+            let now_wanted = stop.is_some() || appends.iter().any(|(_, durable, _)| *durable);
+            if !now_wanted {
+                for (events, _, done) in appends.drain(..) {
+                    let _ = done.send(self.stage(events));
+                }
+            }
+            let due = self
+                .staged_since
+                .is_some_and(|since| since.elapsed() >= LINGER)
+                || self.staged_events >= STAGE_EVENTS
+                || self.staged_bytes >= STAGE_BYTES;
+            let cursors_due = self.staged_since.is_none() && !lock(&self.inner.dirty).is_empty();
+            if !(now_wanted || due || cursors_due || self.inner.prune_due()) {
                 continue;
             }
-            self.commit(appends, cursors, stop.is_some(), &mut own_seq);
+            let cursors = std::mem::take(&mut *lock(&self.inner.dirty));
+            self.commit(appends, cursors, stop.is_some());
         }
         // Let go of the database before saying so, so it can be opened again at once.
         drop(self);
@@ -627,6 +685,138 @@ impl Inner {
         }
     }
 
+    /// Makes events from another peer readable now, with their offsets; the next commit
+    /// writes them.
+    fn stage(&mut self, events: Vec<Arc<Event>>) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if self.staged_events + events.len() > MAX_STAGED {
+            return Err(StoreError::Commit(format!(
+                "{} events wait for a commit that keeps failing; refused until it succeeds",
+                self.staged_events
+            )));
+        }
+        let inner = &self.inner;
+        let mut head = *inner.head.borrow();
+        let mut cache = lock(&inner.cache);
+        for event in &events {
+            head += 1;
+            self.staged_bytes += event.data.len() + EVENT_OVERHEAD;
+            cache.push_back((head, event.clone()));
+        }
+        trim(&mut cache, inner.first.load(Ordering::Relaxed));
+        drop(cache);
+        self.staged_events += events.len();
+        self.staged_since.get_or_insert_with(Instant::now);
+        self.staged.push(events);
+        inner.head.send_replace(head);
+        Ok(())
+    }
+
+    /// Writes what is staged, then `appends`, and `cursors`, in one transaction.
+    fn commit(
+        &mut self,
+        appends: Vec<Append>,
+        cursors: BTreeMap<String, Option<u64>>,
+        stopping: bool,
+    ) {
+        let inner = self.inner.clone();
+        let mut seq = self.own_seq;
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (events, durable, done) in appends {
+            // Own events must follow on from the last stored: never store past a gap.
+            let own = events.first().filter(|e| e.source == inner.me && e.seq > 0);
+            match own {
+                Some(e) if e.seq != seq + 1 => refused.push((
+                    done,
+                    StoreError::OutOfOrder {
+                        expected: seq + 1,
+                        got: e.seq,
+                    },
+                )),
+                _ => {
+                    if let Some(last) = events.last().filter(|e| e.source == inner.me && e.seq > 0)
+                    {
+                        seq = last.seq;
+                    }
+                    accepted.push((events, durable, done));
+                }
+            }
+        }
+        for (done, error) in refused {
+            let _ = done.send(Err(error));
+        }
+        let durable = stopping || !cursors.is_empty() || accepted.iter().any(|(_, d, _)| *d);
+        let batches: Vec<&[Arc<Event>]> = self
+            .staged
+            .iter()
+            .map(Vec::as_slice)
+            .chain(accepted.iter().map(|(events, _, _)| events.as_slice()))
+            .collect();
+        let mut head = self.committed;
+        let started = Instant::now();
+        let written = inner.write(&batches, &cursors, durable, &mut head);
+        inner
+            .commit_latency
+            .record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        match written {
+            Ok(()) => {
+                self.own_seq = seq;
+                self.committed = head;
+                self.staged.clear();
+                self.staged_events = 0;
+                self.staged_bytes = 0;
+                self.staged_since = None;
+                // Staged events are in the cache already; the appended ones follow them.
+                let mut cache = lock(&inner.cache);
+                let mut offset = *inner.head.borrow();
+                for (events, _, _) in &accepted {
+                    for event in events {
+                        offset += 1;
+                        cache.push_back((offset, event.clone()));
+                    }
+                }
+                trim(&mut cache, inner.first.load(Ordering::Relaxed));
+                drop(cache);
+                inner.head.send_replace(head);
+                for (_, _, done) in accepted {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let n = inner.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                error!(error = %e, failed_so_far = n, "event log commit failed");
+                // Staged events stay staged, and cursors not written stay pending, for the
+                // next commit: a cursor must not reach the disk before its events.
+                let mut dirty = lock(&inner.dirty);
+                for (name, offset) in cursors {
+                    dirty.entry(name).or_insert(offset);
+                }
+                drop(dirty);
+                for (_, _, done) in accepted {
+                    let _ = done.send(Err(StoreError::Commit(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Drops the oldest cached events beyond [`CACHE_EVENTS`] and those before `first`.
+fn trim(cache: &mut VecDeque<(u64, Arc<Event>)>, first: u64) {
+    while cache.len() > CACHE_EVENTS {
+        cache.pop_front();
+    }
+    while cache.front().is_some_and(|(o, _)| *o < first) {
+        cache.pop_front();
+    }
+}
+
+/// Bytes an event takes besides its data, as an estimate for [`STAGE_BYTES`].
+const EVENT_OVERHEAD: usize = 128;
+
+impl Inner {
     /// Whether the oldest event has aged out.
     fn prune_due(&self) -> bool {
         let first = self.first.load(Ordering::Relaxed);
@@ -651,87 +841,9 @@ impl Inner {
             .saturating_sub(u64::try_from(self.retention.max_age.as_micros()).unwrap_or(u64::MAX))
     }
 
-    fn commit(
-        &self,
-        appends: Vec<Append>,
-        cursors: BTreeMap<String, Option<u64>>,
-        stopping: bool,
-        own_seq: &mut u64,
-    ) {
-        let mut head = *self.head.borrow();
-        let mut seq = *own_seq;
-        let mut accepted = Vec::new();
-        let mut refused = Vec::new();
-        for (events, durable, done) in appends {
-            // Own events must follow on from the last stored: never store past a gap.
-            let own = events.first().filter(|e| e.source == self.me && e.seq > 0);
-            match own {
-                Some(e) if e.seq != seq + 1 => refused.push((
-                    done,
-                    StoreError::OutOfOrder {
-                        expected: seq + 1,
-                        got: e.seq,
-                    },
-                )),
-                _ => {
-                    if let Some(last) = events.last().filter(|e| e.source == self.me && e.seq > 0) {
-                        seq = last.seq;
-                    }
-                    accepted.push((events, durable, done));
-                }
-            }
-        }
-        for (done, error) in refused {
-            let _ = done.send(Err(error));
-        }
-        let durable = stopping || !cursors.is_empty() || accepted.iter().any(|(_, d, _)| *d);
-        let started = std::time::Instant::now();
-        let written = self.write(&accepted, &cursors, durable, &mut head);
-        self.commit_latency
-            .record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        match written {
-            Ok(()) => {
-                *own_seq = seq;
-                let mut cache = lock(&self.cache);
-                let mut offset = *self.head.borrow();
-                for (events, _, _) in &accepted {
-                    for event in events {
-                        offset += 1;
-                        cache.push_back((offset, event.clone()));
-                    }
-                }
-                while cache.len() > CACHE_EVENTS {
-                    cache.pop_front();
-                }
-                let first = self.first.load(Ordering::Relaxed);
-                while cache.front().is_some_and(|(o, _)| *o < first) {
-                    cache.pop_front();
-                }
-                drop(cache);
-                self.head.send_replace(head);
-                for (_, _, done) in accepted {
-                    let _ = done.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                let n = self.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                error!(error = %e, failed_so_far = n, "event log commit failed");
-                // Cursors not written stay pending.
-                let mut dirty = lock(&self.dirty);
-                for (name, offset) in cursors {
-                    dirty.entry(name).or_insert(offset);
-                }
-                drop(dirty);
-                for (_, _, done) in accepted {
-                    let _ = done.send(Err(StoreError::Commit(e.to_string())));
-                }
-            }
-        }
-    }
-
     fn write(
         &self,
-        accepted: &[Append],
+        batches: &[&[Arc<Event>]],
         cursors: &BTreeMap<String, Option<u64>>,
         durable: bool,
         head: &mut u64,
@@ -755,7 +867,7 @@ impl Inner {
             let mut touched: BTreeMap<(Vec<u8>, u64), (u64, u64)> = BTreeMap::new();
             // Consecutive events of one stream with consecutive numbers make one record.
             let mut records: Vec<Vec<&Event>> = Vec::new();
-            for event in accepted.iter().flat_map(|(batch, _, _)| batch.iter()) {
+            for event in batches.iter().flat_map(|batch| batch.iter()) {
                 let joins = records.last().and_then(|r| r.last()).is_some_and(|last| {
                     last.source == event.source
                         && last.epoch == event.epoch

@@ -20,6 +20,12 @@ async fn append(store: &Store, events: Vec<Arc<Event>>, durable: bool) -> Result
     store.append(events, durable).await.unwrap()
 }
 
+/// Appends and waits until the events are in the database (a commit of their own).
+async fn append_committed(store: &Store, events: Vec<Arc<Event>>) {
+    append(store, events, false).await.unwrap();
+    store.flush().await.unwrap().unwrap();
+}
+
 fn seqs(read: &[(u64, Arc<Event>)]) -> Vec<u64> {
     read.iter().map(|(_, e)| e.seq).collect()
 }
@@ -130,9 +136,7 @@ async fn retention_drops_the_oldest_and_moves_the_stream_start() {
     let (store, _) = Store::open(None, me, retention).unwrap();
     // One commit each, so one record each.
     for seq in 1..=8 {
-        append(&store, vec![event(src, 1, seq)], false)
-            .await
-            .unwrap();
+        append_committed(&store, vec![event(src, 1, seq)]).await;
     }
     let status = store.status();
     assert_eq!((status.first, status.head, status.pruned), (4, 8, 3));
@@ -159,12 +163,8 @@ async fn retention_drops_the_oldest_and_moves_the_stream_start() {
 async fn a_record_keeps_its_events_in_order_and_a_read_or_fetch_can_start_inside_it() {
     let (me, src) = (PeerId::random(), PeerId::random());
     let (store, _) = Store::open(None, me, Retention::default()).unwrap();
-    append(&store, (1..=10).map(|s| event(src, 2, s)).collect(), false)
-        .await
-        .unwrap();
-    append(&store, (11..=12).map(|s| event(src, 2, s)).collect(), false)
-        .await
-        .unwrap();
+    append_committed(&store, (1..=10).map(|s| event(src, 2, s)).collect()).await;
+    append_committed(&store, (11..=12).map(|s| event(src, 2, s)).collect()).await;
     // Past the memory cache, from the disk: start in the middle of the first record.
     store.inner.cache.lock().unwrap().clear();
     assert_eq!(seqs(&store.read_after(6, 4).unwrap()), [7, 8, 9, 10]);
@@ -250,4 +250,68 @@ async fn age_counts_from_when_this_peer_stored_an_event_not_from_its_publish_tim
     append(&store, vec![Arc::new(old)], false).await.unwrap();
     assert_eq!(store.status().pruned, 0, "history fetched late is kept");
     assert_eq!(seqs(&store.read_after(0, 10).unwrap()), [1]);
+}
+
+#[tokio::test]
+async fn events_from_other_peers_are_readable_at_once_and_reach_the_disk_within_the_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(Some(dir.path()), me, Retention::default()).unwrap();
+    let mut head = store.head();
+    append(&store, (1..=3).map(|s| event(src, 1, s)).collect(), false)
+        .await
+        .unwrap();
+    // Staged: readable, with their offsets, before any commit.
+    assert_eq!(*head.borrow_and_update(), 3);
+    assert_eq!(seqs(&store.read_after(0, 10).unwrap()), [1, 2, 3]);
+    // Committed within the linger without anyone asking: readable from the database.
+    let committed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            store.inner.cache.lock().unwrap().clear();
+            if seqs(&store.read_after(0, 10).unwrap()) == [1, 2, 3] {
+                break;
+            }
+            tokio::time::sleep(LINGER / 5).await;
+        }
+    });
+    committed
+        .await
+        .expect("staged events committed within the linger");
+    // A cursor goes to disk with (or after) the events it covers: reopened, both are there.
+    append(&store, (4..=5).map(|s| event(src, 1, s)).collect(), false)
+        .await
+        .unwrap();
+    store.set_cursor("row", 5);
+    store.flush().await.unwrap().unwrap();
+    drop(store);
+    // The writer thread lets go of the database once the last handle is gone.
+    let reopened = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match Store::open(Some(dir.path()), me, Retention::default()) {
+                Ok(opened) => break opened,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    });
+    let (store, opened) = reopened.await.expect("the log reopens");
+    assert_eq!(store.cursor("row").unwrap(), Some(5));
+    assert_eq!(store.last(), 5);
+    assert_eq!(opened.streams.len(), 1);
+    assert_eq!(seqs(&store.read_after(0, 10).unwrap()), [1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn a_publish_commits_the_staged_events_before_it_in_offset_order() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(None, me, Retention::default()).unwrap();
+    append(&store, vec![event(src, 1, 1)], false).await.unwrap();
+    append(&store, vec![event(me, store.epoch(), 1)], true)
+        .await
+        .unwrap();
+    append(&store, vec![event(src, 1, 2)], false).await.unwrap();
+    store.inner.cache.lock().unwrap().clear();
+    // The durable publish carried the staged event with it, in the order they came.
+    let read = store.read_after(0, 10).unwrap();
+    let order: Vec<(u64, bool)> = read.iter().map(|(o, e)| (*o, e.source == me)).collect();
+    assert_eq!(order[..2], [(1, false), (2, true)]);
 }
