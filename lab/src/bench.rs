@@ -58,6 +58,9 @@ pub struct BenchConfig {
     /// Every peer's row in one handler group ([`GROUP`]): each event handled once in the
     /// mesh, not once per peer.
     pub group: bool,
+    /// Then run the same load through NATS on the same hosts ([`crate::nats`]) and report
+    /// both and their ratio.
+    pub compare_nats: bool,
 }
 
 /// One peer's figures.
@@ -132,6 +135,43 @@ pub struct BenchReport {
     /// With `--group`: how the group as a whole did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupReport>,
+    /// With `--compare nats`: the same load through NATS, and the ratios.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<Comparison>,
+}
+
+/// meshbus against NATS, measured one after the other on the same hosts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The NATS run.
+    pub nats: crate::nats::NatsReport,
+    /// meshbus's slowest peer's events/s over NATS's slowest subscriber's: the fan-out
+    /// ratio (the goal is at least 0.5).
+    pub fan_out_ratio: f64,
+    /// meshbus's worst per-peer p50 latency over NATS's worst per-subscriber p50.
+    pub p50_ratio: f64,
+}
+
+impl Comparison {
+    /// Compares `mesh` with `nats`.
+    pub fn new(mesh: &BenchReport, nats: crate::nats::NatsReport) -> Self {
+        let slowest = |rates: Vec<f64>| rates.into_iter().fold(f64::INFINITY, f64::min);
+        let worst = |values: Vec<f64>| values.into_iter().fold(0.0, f64::max);
+        let mesh_rate = slowest(mesh.per_peer.iter().map(|p| p.delivered_per_sec).collect());
+        let nats_rate = slowest(
+            nats.per_subscriber
+                .iter()
+                .map(|s| s.delivered_per_sec)
+                .collect(),
+        );
+        let mesh_p50 = worst(mesh.per_peer.iter().map(|p| p.p50_ms).collect());
+        let nats_p50 = worst(nats.per_subscriber.iter().map(|s| s.p50_ms).collect());
+        Self {
+            fan_out_ratio: mesh_rate / nats_rate.max(1e-9),
+            p50_ratio: mesh_p50 / nats_p50.max(1e-9),
+            nats,
+        }
+    }
 }
 
 /// The group as a whole, with `--group`.
@@ -204,13 +244,15 @@ pub fn run(root: &Path, prefix: &str, config: &BenchConfig) -> Result<BenchRepor
         extra,
         Duration::from_secs(60),
     );
-    let result = up.and_then(|(lab, formed)| {
+    let result = up.and_then(|(mut lab, formed)| {
         let ready = if config.group {
             wait_for_group(&lab)
         } else {
             Ok(())
         };
-        let result = ready.and_then(|()| measure(&lab, formed, config));
+        let result = ready
+            .and_then(|()| measure(&lab, formed, config))
+            .and_then(|report| compare(&mut lab, config, report));
         crate::down(root, prefix)?;
         result
     });
@@ -218,6 +260,24 @@ pub fn run(root: &Path, prefix: &str, config: &BenchConfig) -> Result<BenchRepor
         let _ = std::fs::remove_file(&group_config);
     }
     result
+}
+
+/// With `--compare nats`: stops the meshbus peers (so NATS gets the same idle hosts) and
+/// runs the same load through NATS.
+fn compare(
+    lab: &mut Lab,
+    config: &BenchConfig,
+    mut report: BenchReport,
+) -> Result<BenchReport, LabError> {
+    if !config.compare_nats {
+        return Ok(report);
+    }
+    for i in 0..lab.state.hosts.len() {
+        lab.stop(i)?;
+    }
+    let nats = crate::nats::run(lab, config)?;
+    report.compare = Some(Comparison::new(&report, nats));
+    Ok(report)
 }
 
 /// The config file of `--group` mode: the bench's row, in [`GROUP`].
@@ -372,6 +432,7 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
         group: config
             .group
             .then(|| group_report(lab, &rows, expected, start_unix_us)),
+        compare: None,
     })
 }
 
@@ -474,7 +535,8 @@ fn row(lab: &Lab, i: usize) -> Option<HandlerInfo> {
     rows.into_iter().find(|r| r.pattern == PATTERN)
 }
 
-fn cpu_secs(pid: u32) -> f64 {
+/// CPU seconds (user + system) process `pid` has used so far; 0 if `/proc` does not say.
+pub(crate) fn cpu_secs(pid: u32) -> f64 {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -607,6 +669,14 @@ impl BenchReport {
                     m.taken_over
                 );
             }
+        }
+        if let Some(c) = &self.compare {
+            out += "\n";
+            out += &c.nats.table();
+            out += &format!(
+                "meshbus / NATS: fan-out (slowest peer / slowest subscriber) {:.2}x; p50 (worst / worst) {:.1}x\n",
+                c.fan_out_ratio, c.p50_ratio
+            );
         }
         out
     }

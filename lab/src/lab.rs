@@ -78,6 +78,10 @@ pub enum LabError {
     /// The lab's mesh key could not be written.
     #[error("cannot write the lab's mesh key: {0}")]
     MeshKey(#[from] meshbus::keyring::KeyringError),
+    /// Something the run needs is not there (a program, a host); the message says what and
+    /// how to get it.
+    #[error("{0}")]
+    Missing(String),
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {

@@ -44,6 +44,7 @@
 
 pub mod bench;
 mod lab;
+pub mod nats;
 pub mod netns;
 pub mod process;
 pub mod testing;

@@ -110,6 +110,11 @@ enum Cmd {
         /// the mesh, and the report adds the group's throughput as a whole and its split.
         #[arg(long)]
         group: bool,
+        /// Then run the same load through a reference on the same hosts and print both and
+        /// the ratio: `nats` (a `nats-server` on h0, one publisher on h0, a subscriber on
+        /// every other host; needs `nats-server` installed).
+        #[arg(long, value_enum)]
+        compare: Option<Reference>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -128,6 +133,38 @@ enum Cmd {
         #[arg(long, default_value_t = lab::PEER_API)]
         api: std::net::SocketAddr,
     },
+    /// (Used by the bench's NATS comparison inside a host.) Publish a load to a NATS server.
+    #[command(hide = true)]
+    NatsPub {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        events: usize,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// (Used by the bench's NATS comparison inside a host.) Receive the load from a NATS
+    /// server: prints `ready` once subscribed, then its figures as JSON.
+    #[command(hide = true)]
+    NatsSub {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        events: u64,
+    },
+}
+
+/// What `bench --compare` measures meshbus against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Reference {
+    /// NATS (`nats-server`), a broker: the fan-out reference.
+    Nats,
 }
 
 fn main() -> ExitCode {
@@ -248,6 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             size,
             rate,
             group,
+            compare,
             json,
         } => {
             lab::netns::available()
@@ -256,6 +294,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (1..=peers).contains(&publishers),
                 "--publishers must be between 1 and --peers ({peers})"
             );
+            anyhow::ensure!(
+                !(group && compare.is_some()),
+                "--compare measures broadcast fan-out; it does not go with --group"
+            );
             let config = lab::bench::BenchConfig {
                 peers,
                 publishers,
@@ -263,6 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 size,
                 rate,
                 group,
+                compare_nats: compare == Some(Reference::Nats),
             };
             let report = lab::bench::run(&root, prefix, &config)?;
             if json {
@@ -289,6 +332,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report =
                 runtime.block_on(lab::bench::load(api, token, &topic, events, size, rate))?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Cmd::NatsPub {
+            server,
+            subject,
+            events,
+            size,
+            rate,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report =
+                runtime.block_on(lab::nats::publish(&server, &subject, events, size, rate))?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Cmd::NatsSub {
+            server,
+            subject,
+            events,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            // The bench starts the publisher once every subscriber has said this.
+            let ready = || -> std::io::Result<()> {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", lab::nats::READY_LINE)?;
+                out.flush()
+            };
+            let result =
+                runtime.block_on(lab::nats::subscribe(&server, &subject, events, ready))?;
+            println!("{}", serde_json::to_string(&result)?);
         }
         Cmd::Down => {
             if lab::down(&root, prefix)? {
