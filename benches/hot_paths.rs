@@ -81,3 +81,35 @@ fn match_topic_against_1000_patterns(bencher: divan::Bencher) {
             .count()
     });
 }
+
+/// The log taking one received message of 10 events (a file-backed log): staging makes them
+/// readable at once, and the commits that write them are shared (within `store::LINGER`).
+/// Before staging, every call cost its own redb commit.
+#[divan::bench(sample_count = 20, sample_size = 50)]
+fn log_append_received_message(bencher: divan::Bencher) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (store, _) = meshbus::store::Store::open(
+        Some(dir.path()),
+        PeerId::random(),
+        meshbus::store::Retention::default(),
+    )
+    .unwrap();
+    let mut seq = 0u64;
+    let template = events(10, 256);
+    bencher.bench_local(|| {
+        let message: Vec<std::sync::Arc<Event>> = template
+            .iter()
+            .map(|e| {
+                seq += 1;
+                std::sync::Arc::new(Event { seq, ..e.clone() })
+            })
+            .collect();
+        runtime
+            .block_on(store.append(message, false))
+            .unwrap()
+            .unwrap();
+    });
+}

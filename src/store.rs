@@ -74,9 +74,17 @@ pub const LINGER: Duration = Duration::from_millis(50);
 const STAGE_EVENTS: usize = 4096;
 const STAGE_BYTES: usize = 4 << 20;
 
-/// Most events staged while commits fail; past it, events from other peers are refused (and
-/// fetched again later). Well inside [`CACHE_EVENTS`], so a reader that falls back to the
-/// database finds every offset the cache no longer holds.
+/// The wait before a failed commit is tried again, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// How often the writer looks for events past their age when nothing else is written.
+const AGE_CHECK: Duration = Duration::from_secs(1);
+
+/// Most events staged while commits fail; past it, events from other peers are refused
+/// (counted in [`LogStatus::refused`] and logged; this peer's log lacks them, other peers
+/// still hold them). With [`STAGE_EVENTS`] it stays well inside [`CACHE_EVENTS`], so a reader
+/// that falls back to the database finds every offset the cache no longer holds.
 const MAX_STAGED: usize = 16 * 1024;
 
 /// Most appends gathered into one commit.
@@ -196,6 +204,10 @@ pub struct LogStatus {
     pub pruned: u64,
     /// Commits that failed since start.
     pub write_errors: u64,
+    /// Events from other peers refused since start because commits kept failing (they are
+    /// not in this peer's log; other peers still hold them).
+    #[serde(default)]
+    pub refused: u64,
     /// How long commits took (to disk, for those that wait for it).
     #[serde(default)]
     pub commit_latency: crate::stats::Latency,
@@ -228,6 +240,11 @@ struct Inner {
     bytes: AtomicU64,
     pruned: AtomicU64,
     write_errors: AtomicU64,
+    /// The last offset in the database (those after it are staged, in the cache).
+    committed: AtomicU64,
+    /// Events from other peers refused while commits failed, and how often.
+    refused: AtomicU64,
+    refusals: AtomicU64,
     commit_latency: crate::stats::Histogram,
     /// Cursors changed since the last commit.
     dirty: Mutex<BTreeMap<String, Option<u64>>>,
@@ -279,6 +296,9 @@ impl Store {
             bytes: AtomicU64::new(bytes),
             pruned: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            committed: AtomicU64::new(head),
+            refused: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             commit_latency: crate::stats::Histogram::default(),
             dirty: Mutex::new(BTreeMap::new()),
         });
@@ -291,6 +311,8 @@ impl Store {
             staged_events: 0,
             staged_bytes: 0,
             staged_since: None,
+            retry_at: None,
+            backoff: RETRY_FIRST,
         };
         std::thread::Builder::new()
             .name("meshbus-log".into())
@@ -389,59 +411,90 @@ impl Store {
         to: u64,
         max_bytes: usize,
     ) -> Result<Range, StoreError> {
+        let mut range = Range::default();
+        let mut bytes = 0;
+        // The next seq wanted; what the database lacks may be staged.
+        let mut next = from;
+        let mut full = false;
         let source = stream.source.to_bytes();
         let read = self.inner.db.begin_read().map_err(db_err)?;
         let streams = read.open_table(STREAMS).map_err(db_err)?;
-        let Some((high, first)) = streams
+        let held = streams
             .get((source.as_slice(), stream.epoch))
             .map_err(db_err)?
-            .map(|g| g.value())
-        else {
-            return Ok(Range::default());
-        };
-        let index = read.open_table(INDEX).map_err(db_err)?;
-        let events = read.open_table(EVENTS).map_err(db_err)?;
-        let mut range = Range {
-            first,
-            events: Vec::new(),
-        };
-        let mut bytes = 0;
-        let start = from.max(first);
-        let end = to.min(high);
-        if start > end {
+            .map(|g| g.value());
+        if let Some((high, first)) = held {
+            range.first = first;
+            next = from.max(first);
+            let end = to.min(high);
+            if next <= end {
+                let index = read.open_table(INDEX).map_err(db_err)?;
+                let events = read.open_table(EVENTS).map_err(db_err)?;
+                let key = |seq| (source.as_slice(), stream.epoch, seq);
+                // The record holding `next`, then the following records of the stream.
+                let from_record = match index.range(key(0)..=key(next)).map_err(db_err)?.next_back()
+                {
+                    Some(entry) => entry.map_err(db_err)?.0.value().2,
+                    None => next,
+                };
+                'records: for entry in index.range(key(from_record)..=key(end)).map_err(db_err)? {
+                    let (_, offset) = entry.map_err(db_err)?;
+                    let offset = offset.value();
+                    let Some(value) = events.get(offset).map_err(db_err)? else {
+                        break;
+                    };
+                    let (_, source, _, batch) = value.value();
+                    for event in decode(offset, source, batch)? {
+                        if event.seq < next {
+                            continue;
+                        }
+                        if event.seq > end {
+                            break 'records;
+                        }
+                        let encoded = wire::encode_event(&event);
+                        if !range.events.is_empty() && bytes + encoded.len() > max_bytes {
+                            full = true;
+                            break 'records;
+                        }
+                        bytes += encoded.len();
+                        range.events.push(encoded);
+                        next = event.seq + 1;
+                    }
+                }
+            }
+        }
+        if full || next > to {
             return Ok(range);
         }
-        let key = |seq| (source.as_slice(), stream.epoch, seq);
-        // The record holding `start`, then the following records of the stream.
-        let from_record = match index
-            .range(key(0)..=key(start))
-            .map_err(db_err)?
-            .next_back()
-        {
-            Some(entry) => entry.map_err(db_err)?.0.value().2,
-            None => start,
-        };
-        'records: for entry in index.range(key(from_record)..=key(end)).map_err(db_err)? {
-            let (_, offset) = entry.map_err(db_err)?;
-            let offset = offset.value();
-            let Some(value) = events.get(offset).map_err(db_err)? else {
-                break;
-            };
-            let (_, source, _, batch) = value.value();
-            for event in decode(offset, source, batch)? {
-                if event.seq < start {
-                    continue;
-                }
-                if event.seq > end {
-                    break 'records;
-                }
-                let encoded = wire::encode_event(&event);
-                if !range.events.is_empty() && bytes + encoded.len() > max_bytes {
-                    break 'records;
-                }
-                bytes += encoded.len();
-                range.events.push(encoded);
+        // Staged events (received, not yet committed) are the newest in the cache.
+        let committed = self.inner.committed.load(Ordering::Acquire);
+        let cache = lock(&self.inner.cache);
+        let staged = cache
+            .iter()
+            .rev()
+            .take_while(|(offset, _)| *offset > committed);
+        let mut ours: Vec<&Arc<Event>> = staged
+            .map(|(_, e)| e)
+            .filter(|e| e.source == stream.source && e.epoch == stream.epoch && e.seq > 0)
+            .collect();
+        ours.reverse();
+        if held.is_none() {
+            range.first = ours.first().map_or(0, |e| e.seq);
+        }
+        for event in ours {
+            if event.seq < next {
+                continue;
             }
+            if event.seq > next || event.seq > to {
+                break;
+            }
+            let encoded = wire::encode_event(event);
+            if !range.events.is_empty() && bytes + encoded.len() > max_bytes {
+                break;
+            }
+            bytes += encoded.len();
+            range.events.push(encoded);
+            next = event.seq + 1;
         }
         Ok(range)
     }
@@ -498,6 +551,7 @@ impl Store {
             epoch: i.epoch,
             pruned: i.pruned.load(Ordering::Relaxed),
             write_errors: i.write_errors.load(Ordering::Relaxed),
+            refused: i.refused.load(Ordering::Relaxed),
             commit_latency: i.commit_latency.summary(),
         }
     }
@@ -625,21 +679,38 @@ struct Writer {
     staged_bytes: usize,
     /// When the oldest staged event was staged.
     staged_since: Option<Instant>,
+    /// After a failed commit: no commit for what is staged before this.
+    retry_at: Option<Instant>,
+    /// The wait after the next failure.
+    backoff: Duration,
 }
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Write>) {
         let mut stop = None;
+        // Age is checked once a second (it costs a read); count and bytes at every commit.
+        let mut age_checked = Instant::now();
         while stop.is_none() {
-            let wait = match self.staged_since {
-                Some(since) => (since + LINGER).saturating_duration_since(Instant::now()),
+            let now = Instant::now();
+            let mut wait = match self.staged_since {
+                Some(since) => (since + LINGER).saturating_duration_since(now),
                 None => FLUSH_EVERY,
             };
+            if let Some(retry_at) = self.retry_at {
+                wait = wait.max(retry_at.saturating_duration_since(now));
+            }
             let mut group = Vec::new();
             match rx.recv_timeout(wait) {
                 Ok(w) => group.push(w),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    // Every handle is gone without `close`: write what is pending anyway.
+                    if self.staged_since.is_some() || !lock(&self.inner.dirty).is_empty() {
+                        let cursors = std::mem::take(&mut *lock(&self.inner.dirty));
+                        self.commit(Vec::new(), cursors, true);
+                    }
+                    break;
+                }
             }
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -659,20 +730,32 @@ impl Writer {
                 }
             }
             // Events from other peers are staged unless something in this group waits for
-            // the disk: then everything goes in one commit, in the order it came.
-            let now_wanted = stop.is_some() || appends.iter().any(|(_, durable, _)| *durable);
+            // the disk, or one append is large (a repaired gap): then everything goes in one
+            // commit, in the order it came.
+            let now_wanted = stop.is_some()
+                || appends
+                    .iter()
+                    .any(|(events, durable, _)| *durable || events.len() >= STAGE_EVENTS);
             if !now_wanted {
                 for (events, _, done) in appends.drain(..) {
                     let _ = done.send(self.stage(events));
+                    if self.full() && self.retry_at.is_none() {
+                        self.commit(Vec::new(), BTreeMap::new(), false);
+                    }
                 }
             }
-            let due = self
-                .staged_since
-                .is_some_and(|since| since.elapsed() >= LINGER)
-                || self.staged_events >= STAGE_EVENTS
-                || self.staged_bytes >= STAGE_BYTES;
+            let retry_due = self.retry_at.is_none_or(|at| Instant::now() >= at);
+            let due = retry_due
+                && (self
+                    .staged_since
+                    .is_some_and(|since| since.elapsed() >= LINGER)
+                    || self.full());
             let cursors_due = self.staged_since.is_none() && !lock(&self.inner.dirty).is_empty();
-            if !(now_wanted || due || cursors_due || self.inner.prune_due()) {
+            let age_due = age_checked.elapsed() >= AGE_CHECK && {
+                age_checked = Instant::now();
+                self.inner.prune_due()
+            };
+            if !(now_wanted || due || cursors_due || age_due) {
                 continue;
             }
             let cursors = std::mem::take(&mut *lock(&self.inner.dirty));
@@ -685,13 +768,31 @@ impl Writer {
         }
     }
 
+    /// Whether enough is staged to commit now rather than at [`LINGER`].
+    fn full(&self) -> bool {
+        self.staged_events >= STAGE_EVENTS || self.staged_bytes >= STAGE_BYTES
+    }
+
     /// Makes events from another peer readable now, with their offsets; the next commit
-    /// writes them.
+    /// writes them. Refused (counted, logged) only while commits fail and
+    /// [`MAX_STAGED`] are waiting.
     fn stage(&mut self, events: Vec<Arc<Event>>) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
         }
-        if self.staged_events + events.len() > MAX_STAGED {
+        if self.retry_at.is_some() && self.staged_events + events.len() > MAX_STAGED {
+            let inner = &self.inner;
+            inner
+                .refused
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            if let Some(n) = crate::stats::bump_throttled(&inner.refusals) {
+                error!(
+                    events = events.len(),
+                    staged = self.staged_events,
+                    refusals_so_far = n,
+                    "event log: commits keep failing; events from other peers refused"
+                );
+            }
             return Err(StoreError::Commit(format!(
                 "{} events wait for a commit that keeps failing; refused until it succeeds",
                 self.staged_events
@@ -765,6 +866,9 @@ impl Writer {
             Ok(()) => {
                 self.own_seq = seq;
                 self.committed = head;
+                inner.committed.store(head, Ordering::Release);
+                self.retry_at = None;
+                self.backoff = RETRY_FIRST;
                 self.staged.clear();
                 self.staged_events = 0;
                 self.staged_bytes = 0;
@@ -786,8 +890,11 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let n = inner.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                error!(error = %e, failed_so_far = n, "event log commit failed");
+                if let Some(n) = crate::stats::bump_throttled(&inner.write_errors) {
+                    error!(error = %e, failed_so_far = n, retry_in = ?self.backoff, "event log commit failed");
+                }
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
                 // Staged events stay staged, and cursors not written stay pending, for the
                 // next commit: a cursor must not reach the disk before its events.
                 let mut dirty = lock(&inner.dirty);
@@ -795,8 +902,15 @@ impl Writer {
                     dirty.entry(name).or_insert(offset);
                 }
                 drop(dirty);
-                for (_, _, done) in accepted {
-                    let _ = done.send(Err(StoreError::Commit(e.to_string())));
+                // Events from other peers wait for the next commit; whoever waited for the
+                // disk hears of the failure.
+                for (events, durable, done) in accepted {
+                    let result = if durable {
+                        Err(StoreError::Commit(e.to_string()))
+                    } else {
+                        self.stage(events)
+                    };
+                    let _ = done.send(result);
                 }
             }
         }
@@ -857,6 +971,7 @@ impl Inner {
         .map_err(|e| db_err(redb::Error::Corrupted(e.to_string())))?;
         let mut bytes = self.bytes.load(Ordering::Relaxed);
         let mut first = self.first.load(Ordering::Relaxed);
+        let pruned_now;
         {
             let mut events = txn.open_table(EVENTS).map_err(db_err)?;
             let mut index = txn.open_table(INDEX).map_err(db_err)?;
@@ -953,9 +1068,7 @@ impl Inner {
                 first += count.max(1);
                 pruned += count as usize;
             }
-            if pruned > 0 {
-                self.pruned.fetch_add(pruned as u64, Ordering::Relaxed);
-            }
+            pruned_now = pruned;
             let mut table = txn.open_table(CURSORS).map_err(db_err)?;
             for (name, offset) in cursors {
                 match offset {
@@ -969,6 +1082,9 @@ impl Inner {
             meta.insert("bytes", bytes).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
+        if pruned_now > 0 {
+            self.pruned.fetch_add(pruned_now as u64, Ordering::Relaxed);
+        }
         self.bytes.store(bytes, Ordering::Relaxed);
         self.first.store(first, Ordering::Relaxed);
         Ok(())

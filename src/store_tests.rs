@@ -315,3 +315,35 @@ async fn a_publish_commits_the_staged_events_before_it_in_offset_order() {
     let order: Vec<(u64, bool)> = read.iter().map(|(o, e)| (*o, e.source == me)).collect();
     assert_eq!(order[..2], [(1, false), (2, true)]);
 }
+
+#[tokio::test]
+async fn a_large_repair_is_stored_whole_and_many_appends_at_once_are_all_taken() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(None, me, Retention::default()).unwrap();
+    // A gap filled at once: one append larger than anything staged.
+    let gap: Vec<Arc<Event>> = (1..=20_000).map(|s| event(src, 1, s)).collect();
+    append(&store, gap, false).await.unwrap();
+    // Many appends queued together (fetch answers arriving while a commit is on its way).
+    let pending: Vec<_> = (0..8u64)
+        .map(|i| {
+            let from = 20_001 + i * 4000;
+            store.append(
+                (from..from + 4000).map(|s| event(src, 1, s)).collect(),
+                false,
+            )
+        })
+        .collect();
+    for rx in pending {
+        rx.await.unwrap().expect("taken, not refused");
+    }
+    store.flush().await.unwrap().unwrap();
+    assert_eq!(store.last(), 52_000);
+    assert_eq!(store.status().refused, 0);
+    store.inner.cache.lock().unwrap().clear();
+    let read = store.read_after(0, 60_000).unwrap();
+    assert_eq!(read.len(), 52_000);
+    assert!(read
+        .iter()
+        .enumerate()
+        .all(|(i, (o, e))| *o == i as u64 + 1 && e.seq == *o));
+}

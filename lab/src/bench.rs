@@ -26,11 +26,19 @@ use crate::{Lab, LabError};
 /// Events per HTTP request from a load generator.
 const CHUNK: usize = 500;
 
+/// Bytes of events per HTTP request at most (the API takes at least 32 MiB).
+const REQUEST_BYTES: usize = 8 << 20;
+
 /// Requests a load generator keeps in flight.
 const IN_FLIGHT: usize = 4;
 
 /// A delivery count that does not move for this long ends the wait.
 const STALL: Duration = Duration::from_secs(10);
+
+/// How often the bench looks at each peer's row while the load runs. Each look starts a
+/// `meshbus handlers` process inside the host: at 4 looks a second on 5 peers those cost
+/// the two cores more than the peers' own work at 1,000 events/s.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// The handler group every peer's row is in with `--group`.
 pub const GROUP: &str = "bench";
@@ -375,10 +383,15 @@ fn measure(lab: &Lab, formed: Duration, config: &BenchConfig) -> Result<BenchRep
         let out = loader
             .wait_with_output()
             .map_err(crate::lab::io(Path::new("meshbus-lab bench-load")))?;
-        if let Ok(report) = serde_json::from_slice::<LoadReport>(&out.stdout) {
-            published += report.published;
-            publish_secs = publish_secs.max(report.secs);
-        }
+        let report = serde_json::from_slice::<LoadReport>(&out.stdout)
+            .ok()
+            .filter(|_| out.status.success())
+            .ok_or_else(|| LabError::Tool {
+                what: "the load generator (meshbus-lab bench-load)".into(),
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            })?;
+        published += report.published;
+        publish_secs = publish_secs.max(report.secs);
     }
 
     let rows: Vec<HandlerInfo> = done
@@ -491,8 +504,9 @@ fn follow(lab: &Lab, i: usize, expected: u64) -> Option<HandlerInfo> {
         if changed_at.elapsed() > STALL {
             return last;
         }
-        // Each look runs `meshbus handlers` inside the host: keep it rare, it costs CPU.
-        std::thread::sleep(Duration::from_millis(250));
+        // Each look runs `meshbus handlers` inside the host: keep it rare, it costs CPU (the
+        // rates come from the row's own last-done time, not from when it was looked at).
+        std::thread::sleep(LOOK_EVERY);
     }
 }
 
@@ -525,7 +539,7 @@ fn follow_group(lab: &Lab, expected: u64) -> Vec<Option<HandlerInfo>> {
             return last;
         }
         // As in `follow`: each look runs `meshbus handlers` inside every host.
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(LOOK_EVERY);
     }
 }
 
@@ -570,9 +584,11 @@ pub async fn load(
         "x".repeat(size.saturating_sub(2))
     ))
     .expect("a quoted run of x is JSON");
+    // Within the peer's request body limit however large the events.
+    let most = (REQUEST_BYTES / (size + 64)).clamp(1, CHUNK);
     let chunk = match rate {
-        Some(r) => ((r / 100.0).ceil() as usize).clamp(1, CHUNK),
-        None => CHUNK,
+        Some(r) => ((r / 100.0).ceil() as usize).clamp(1, most),
+        None => most,
     };
     let request = meshbus::api::PublishRequest {
         topic: topic.to_owned(),
@@ -680,4 +696,134 @@ impl BenchReport {
         }
         out
     }
+}
+
+/// What a scale curve varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Axis {
+    /// Peers in the lab.
+    Peers,
+    /// Bytes of data per event.
+    Size,
+}
+
+/// One point of a scale curve: a whole bench run, summed up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Peers.
+    pub peers: usize,
+    /// Bytes of data per event.
+    pub size: usize,
+    /// Mesh formation after the last start, ms (`None`: it did not form, see `error`).
+    pub mesh_formed_ms: Option<f64>,
+    /// Events per second the publisher got accepted.
+    pub publish_rate: f64,
+    /// The slowest peer's events/s.
+    pub slowest_per_sec: f64,
+    /// The slowest peer's data bytes/s (events/s × size).
+    pub slowest_bytes_per_sec: f64,
+    /// The least complete peer's delivered / expected.
+    pub min_completeness: f64,
+    /// The worst peer's p50 and p99, ms.
+    pub worst_p50_ms: f64,
+    /// See `worst_p50_ms`.
+    pub worst_p99_ms: f64,
+    /// CPU per delivered event, mean over the peers, µs.
+    pub cpu_us_per_event: f64,
+    /// Peak resident memory, largest over the peers, MiB.
+    pub peak_rss_mib: f64,
+    /// Why the run failed, if it did (the curve goes on with the next point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CurvePoint {
+    fn new(config: &BenchConfig, result: Result<BenchReport, LabError>) -> Self {
+        let mut point = CurvePoint {
+            peers: config.peers,
+            size: config.size,
+            mesh_formed_ms: None,
+            publish_rate: 0.0,
+            slowest_per_sec: 0.0,
+            slowest_bytes_per_sec: 0.0,
+            min_completeness: 0.0,
+            worst_p50_ms: 0.0,
+            worst_p99_ms: 0.0,
+            cpu_us_per_event: 0.0,
+            peak_rss_mib: 0.0,
+            error: None,
+        };
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                point.error = Some(e.to_string());
+                return point;
+            }
+        };
+        let peers = &report.per_peer;
+        let min = |f: fn(&PeerReport) -> f64| peers.iter().map(f).fold(f64::INFINITY, f64::min);
+        let max = |f: fn(&PeerReport) -> f64| peers.iter().map(f).fold(0.0, f64::max);
+        let delivered: u64 = peers.iter().map(|p| p.delivered).sum();
+        let cpu: f64 = peers.iter().map(|p| p.cpu_secs).sum();
+        point.mesh_formed_ms = Some(report.mesh_formed_ms);
+        point.publish_rate = report.publish_rate;
+        point.slowest_per_sec = min(|p| p.delivered_per_sec);
+        point.slowest_bytes_per_sec = point.slowest_per_sec * config.size as f64;
+        point.min_completeness = min(|p| p.completeness);
+        point.worst_p50_ms = max(|p| p.p50_ms);
+        point.worst_p99_ms = max(|p| p.p99_ms);
+        point.cpu_us_per_event = cpu * 1e6 / delivered.max(1) as f64;
+        point.peak_rss_mib = max(|p| p.peak_rss_kib as f64) / 1024.0;
+        point
+    }
+}
+
+/// Runs one bench per value of `axis` (the rest of `base` fixed), each on a fresh lab, and
+/// sums each up; a point that fails is reported as such and the curve goes on.
+pub fn curve(
+    root: &Path,
+    prefix: &str,
+    base: &BenchConfig,
+    axis: Axis,
+    values: &[usize],
+) -> Vec<CurvePoint> {
+    values
+        .iter()
+        .map(|&value| {
+            let mut config = base.clone();
+            match axis {
+                Axis::Peers => config.peers = value,
+                Axis::Size => config.size = value,
+            }
+            let result = run(root, prefix, &config);
+            let point = CurvePoint::new(&config, result);
+            eprintln!("{}", curve_row(&point));
+            point
+        })
+        .collect()
+}
+
+/// The header of [`curve_row`]s.
+pub const CURVE_HEADER: &str = "peers     size  mesh ms  publish/s  slowest/s  slowest MB/s  complete  p50 ms   p99 ms  CPU µs/ev/peer  peak RSS";
+
+/// One line of a scale curve's table.
+pub fn curve_row(p: &CurvePoint) -> String {
+    if let Some(error) = &p.error {
+        return format!("{:>5} {:>8}  failed: {error}", p.peers, p.size);
+    }
+    format!(
+        "{:>5} {:>8} {:>8.0} {:>10.0} {:>10.0} {:>13.2} {:>8.2}% {:>7.2} {:>8.2} {:>15.1} {:>8.1}M",
+        p.peers,
+        p.size,
+        p.mesh_formed_ms.unwrap_or(f64::NAN),
+        p.publish_rate,
+        p.slowest_per_sec,
+        p.slowest_bytes_per_sec / 1e6,
+        p.min_completeness * 100.0,
+        p.worst_p50_ms,
+        p.worst_p99_ms,
+        p.cpu_us_per_event,
+        p.peak_rss_mib
+    )
 }

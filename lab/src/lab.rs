@@ -82,6 +82,14 @@ pub enum LabError {
     /// how to get it.
     #[error("{0}")]
     Missing(String),
+    /// A load generator (or another helper process) failed.
+    #[error("{what} failed: {reason}")]
+    Tool {
+        /// Which.
+        what: String,
+        /// What it said.
+        reason: String,
+    },
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {

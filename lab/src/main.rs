@@ -119,6 +119,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A scale curve: one bench per value (each on a fresh lab), one summary row each.
+    ///
+    /// `curve peers --values 2,5,10,20,50 --rate 1000` gives mesh formation, delivery, p99
+    /// and CPU per event per peer against the number of peers; `curve size --values
+    /// 64,1024,16384,262144` gives throughput and bytes/s against the event size.
+    Curve {
+        /// What to vary.
+        #[arg(value_enum)]
+        axis: lab::bench::Axis,
+        /// The values, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        values: Vec<usize>,
+        /// Peers, when the curve varies the size.
+        #[arg(long, default_value_t = 5)]
+        peers: usize,
+        /// Events per point.
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        /// Bytes of data per event, when the curve varies the peers.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Events per second offered (default: as fast as the peers take them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// (Used by `bench` inside a host.) Publish a load through the local peer.
     #[command(hide = true)]
     BenchLoad {
@@ -312,6 +340,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.table());
+            }
+        }
+        Cmd::Curve {
+            axis,
+            values,
+            peers,
+            events,
+            size,
+            rate,
+            json,
+        } => {
+            lab::netns::available()
+                .map_err(|reason| anyhow::anyhow!("cannot build a lab here: {reason}"))?;
+            anyhow::ensure!(values.iter().all(|v| *v > 0), "--values must be positive");
+            let base = lab::bench::BenchConfig {
+                peers,
+                publishers: 1,
+                events,
+                size,
+                rate,
+                group: false,
+                compare_nats: false,
+            };
+            eprintln!("{}", lab::bench::CURVE_HEADER);
+            let points = lab::bench::curve(&root, prefix, &base, axis, &values);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                println!("{}", lab::bench::CURVE_HEADER);
+                for p in &points {
+                    println!("{}", lab::bench::curve_row(p));
+                }
             }
         }
         Cmd::BenchLoad {

@@ -435,7 +435,7 @@ async fn connect(server: &str, name: &str) -> anyhow::Result<async_nats::Client>
 }
 
 /// Where `program` is on `PATH`, if it is there and executable.
-fn on_path(program: &str) -> Option<PathBuf> {
+pub fn on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))

@@ -61,8 +61,8 @@ pub fn status(s: &Status) -> String {
     let l = &s.log;
     let _ = writeln!(
         out,
-        "log         offsets {}..={} ({} bytes), epoch {}, {} publishers followed, {} waiting on a gap, {} dropped by retention, {} write errors",
-        l.first, l.head, l.bytes, l.epoch, s.streams, s.buffered, l.pruned, l.write_errors
+        "log         offsets {}..={} ({} bytes), epoch {}, {} publishers followed, {} waiting on a gap, {} dropped by retention, {} write errors, {} refused while writes failed",
+        l.first, l.head, l.bytes, l.epoch, s.streams, s.buffered, l.pruned, l.write_errors, l.refused
     );
     let _ = writeln!(
         out,

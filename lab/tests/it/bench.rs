@@ -53,6 +53,50 @@ fn the_bench_runs_a_small_load_and_reports_every_event_delivered() {
 }
 
 #[test]
+fn the_bench_compares_with_nats_on_the_same_hosts() {
+    if !netns_or_skip("lab-bench-nats") {
+        return;
+    }
+    if meshbus_lab::nats::on_path("nats-server").is_none() {
+        // CI installs it (`.ci/run`), as the README says to.
+        assert!(
+            std::env::var("MESHBUS_REQUIRE_NETNS").as_deref() != Ok("1"),
+            "MESHBUS_REQUIRE_NETNS=1 but nats-server is not installed"
+        );
+        eprintln!("\n*** SKIPPED lab-bench-nats: nats-server is not installed ***\n");
+        return;
+    }
+    let _one = one_lab_at_a_time();
+    let (report, _) = bench(&[
+        "--peers",
+        "3",
+        "--events",
+        "3000",
+        "--size",
+        "64",
+        "--compare",
+        "nats",
+    ]);
+    for p in report["per_peer"].as_array().unwrap() {
+        assert_eq!(p["delivered"], 3000, "{p}");
+    }
+    let compare = &report["compare"];
+    let subscribers = compare["nats"]["per_subscriber"].as_array().unwrap();
+    assert_eq!(subscribers.len(), 2, "a subscriber on every host but h0");
+    for s in subscribers {
+        assert_eq!(s["delivered"], 3000, "{s}");
+        assert!(s["delivered_per_sec"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["p50_ms"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    assert!(compare["nats"]["server"]
+        .as_str()
+        .unwrap()
+        .contains("nats-server"));
+    let ratio = compare["fan_out_ratio"].as_f64().unwrap();
+    assert!(ratio.is_finite() && ratio > 0.0, "{compare}");
+}
+
+#[test]
 fn busy_peers_keep_every_gossip_link() {
     // Three publishers sending single events at a steady rate fill gossipsub's message cache
     // with many small messages: their IHAVE lists once outgrew what a peer accepts, and
