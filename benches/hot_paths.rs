@@ -113,3 +113,17 @@ fn log_append_received_message(bencher: divan::Bencher) {
             .unwrap();
     });
 }
+
+/// The mesh guard's keystream over one 64 KiB write (every byte a peer sends or receives):
+/// XChaCha20, as used, and XSalsa20, the `pnet` spec's cipher it replaced.
+#[divan::bench(types = [chacha20::XChaCha20, salsa20::XSalsa20])]
+fn guard_keystream<C: chacha20::cipher::KeyIvInit + chacha20::cipher::StreamCipher>(
+    bencher: divan::Bencher,
+) {
+    let mut cipher =
+        C::new_from_slices(&[7u8; 32], &[9u8; 24]).expect("32-byte key, 24-byte nonce");
+    let mut buffer = vec![0u8; 64 * 1024];
+    bencher
+        .counter(divan::counter::BytesCount::new(buffer.len()))
+        .bench_local(|| cipher.apply_keystream(divan::black_box(&mut buffer)));
+}

@@ -3,8 +3,11 @@
 //! nothing a peer will read.
 //!
 //! The framing is libp2p's private-network one (the `pnet` spec: each side sends a random
-//! 24-byte nonce, then everything is XSalsa20 under the key and the sender's nonce), so the
-//! key guards TCP before multistream-select and noise begin. `libp2p-pnet` takes one key;
+//! 24-byte nonce, then everything is a stream cipher's keystream under the key and the
+//! sender's nonce), so the key guards TCP before multistream-select and noise begin. The
+//! cipher is XChaCha20 rather than pnet's XSalsa20: with large messages XSalsa20 (no AVX2
+//! code in its crate) was a fifth of a receiver's CPU, more than noise's own encryption;
+//! XChaCha20 runs on AVX2 where the CPU has it (the `guard_keystream` micro-benchmark). `libp2p-pnet` takes one key;
 //! a keyring needs the listener to find which of its keys the dialer used. The dialer's
 //! first message is always multistream-select's header, so the listener decrypts those 20
 //! bytes under each key it holds and keeps the one that yields the header. No key does: the
@@ -23,9 +26,9 @@ use std::time::Duration;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 
+use chacha20::cipher::{KeyIvInit as _, StreamCipher as _};
+use chacha20::XChaCha20;
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use salsa20::cipher::{KeyIvInit as _, StreamCipher as _};
-use salsa20::XSalsa20;
 
 use crate::keyring::{Keyring, LiveKeyring, MeshKey};
 use crate::stats::{bump_throttled, Stats};
@@ -70,15 +73,15 @@ pub enum Refused {
     Crowded,
 }
 
-/// A connection encrypted under a mesh key: XSalsa20 each way, keyed by the sender's nonce.
+/// A connection encrypted under a mesh key: XChaCha20 each way, keyed by the sender's nonce.
 pub struct Private<S> {
     inner: S,
     /// The key this connection was made with.
     key: MeshKey,
     /// The keyring it must stay in, and when that was last looked at.
     watch: Option<(Arc<LiveKeyring>, std::time::Instant)>,
-    read: XSalsa20,
-    write: XSalsa20,
+    read: XChaCha20,
+    write: XChaCha20,
     /// Plaintext already read and decrypted (the header the listener probed with).
     unread: Vec<u8>,
     /// Ciphertext accepted from the caller and not yet written.
@@ -87,8 +90,8 @@ pub struct Private<S> {
     written: usize,
 }
 
-fn cipher(key: &MeshKey, nonce: &[u8; NONCE]) -> XSalsa20 {
-    XSalsa20::new(key.bytes().into(), nonce.into())
+fn cipher(key: &MeshKey, nonce: &[u8; NONCE]) -> XChaCha20 {
+    XChaCha20::new(key.bytes().into(), nonce.into())
 }
 
 async fn swap_nonces<S: AsyncRead + AsyncWrite + Unpin>(
@@ -151,7 +154,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 impl<S> Private<S> {
-    fn new(inner: S, key: MeshKey, read: XSalsa20, write: XSalsa20, unread: Vec<u8>) -> Self {
+    fn new(inner: S, key: MeshKey, read: XChaCha20, write: XChaCha20, unread: Vec<u8>) -> Self {
         Private {
             inner,
             key,
