@@ -86,6 +86,7 @@ const AGE_CHECK: Duration = Duration::from_secs(1);
 /// still hold them). With [`STAGE_EVENTS`] it stays well inside [`CACHE_EVENTS`], so a reader
 /// that falls back to the database finds every offset the cache no longer holds.
 const MAX_STAGED: usize = 16 * 1024;
+const MAX_STAGED_BYTES: usize = 64 << 20;
 
 /// Most appends gathered into one commit.
 const MAX_GROUP: usize = 4096;
@@ -417,6 +418,9 @@ impl Store {
         let mut next = from;
         let mut full = false;
         let source = stream.source.to_bytes();
+        // Read before the snapshot is taken: whatever is committed after this is newer than
+        // it and still in the cache, so every event is in one part or both (never neither).
+        let committed = self.inner.committed.load(Ordering::Acquire);
         let read = self.inner.db.begin_read().map_err(db_err)?;
         let streams = read.open_table(STREAMS).map_err(db_err)?;
         let held = streams
@@ -467,15 +471,13 @@ impl Store {
             return Ok(range);
         }
         // Staged events (received, not yet committed) are the newest in the cache.
-        let committed = self.inner.committed.load(Ordering::Acquire);
-        let cache = lock(&self.inner.cache);
-        let staged = cache
+        let mut ours: Vec<Arc<Event>> = lock(&self.inner.cache)
             .iter()
             .rev()
-            .take_while(|(offset, _)| *offset > committed);
-        let mut ours: Vec<&Arc<Event>> = staged
+            .take_while(|(offset, _)| *offset > committed)
             .map(|(_, e)| e)
             .filter(|e| e.source == stream.source && e.epoch == stream.epoch && e.seq > 0)
+            .cloned()
             .collect();
         ours.reverse();
         if held.is_none() {
@@ -488,7 +490,7 @@ impl Store {
             if event.seq > next || event.seq > to {
                 break;
             }
-            let encoded = wire::encode_event(event);
+            let encoded = wire::encode_event(&event);
             if !range.events.is_empty() && bytes + encoded.len() > max_bytes {
                 break;
             }
@@ -774,29 +776,41 @@ impl Writer {
     }
 
     /// Makes events from another peer readable now, with their offsets; the next commit
-    /// writes them. Refused (counted, logged) only while commits fail and
-    /// [`MAX_STAGED`] are waiting.
+    /// writes them. Refused (counted, logged) only while commits fail and [`MAX_STAGED`]
+    /// events or [`MAX_STAGED_BYTES`] are waiting.
     fn stage(&mut self, events: Vec<Arc<Event>>) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
+        let over =
+            self.staged_events + events.len() > MAX_STAGED || self.staged_bytes > MAX_STAGED_BYTES;
+        if self.retry_at.is_some() && over {
+            return Err(self.refuse(events.len()));
         }
-        if self.retry_at.is_some() && self.staged_events + events.len() > MAX_STAGED {
-            let inner = &self.inner;
-            inner
-                .refused
-                .fetch_add(events.len() as u64, Ordering::Relaxed);
-            if let Some(n) = crate::stats::bump_throttled(&inner.refusals) {
-                error!(
-                    events = events.len(),
-                    staged = self.staged_events,
-                    refusals_so_far = n,
-                    "event log: commits keep failing; events from other peers refused"
-                );
-            }
-            return Err(StoreError::Commit(format!(
-                "{} events wait for a commit that keeps failing; refused until it succeeds",
-                self.staged_events
-            )));
+        self.stage_anyway(events);
+        Ok(())
+    }
+
+    /// Counts and logs (throttled) `n` events refused, and says why.
+    fn refuse(&self, n: usize) -> StoreError {
+        let inner = &self.inner;
+        inner.refused.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(count) = crate::stats::bump_throttled(&inner.refusals) {
+            error!(
+                events = n,
+                staged = self.staged_events,
+                refusals_so_far = count,
+                "event log: commits keep failing; events from other peers refused"
+            );
+        }
+        StoreError::Commit(format!(
+            "{} events wait for a commit that keeps failing; refused until it succeeds",
+            self.staged_events
+        ))
+    }
+
+    /// Stages `events` whatever is waiting: those a failed commit carried, which this log
+    /// already took (refusing them now would lose them).
+    fn stage_anyway(&mut self, events: Vec<Arc<Event>>) {
+        if events.is_empty() {
+            return;
         }
         let inner = &self.inner;
         let mut head = *inner.head.borrow();
@@ -812,7 +826,6 @@ impl Writer {
         self.staged_since.get_or_insert_with(Instant::now);
         self.staged.push(events);
         inner.head.send_replace(head);
-        Ok(())
     }
 
     /// Writes what is staged, then `appends`, and `cursors`, in one transaction.
@@ -823,6 +836,26 @@ impl Writer {
         stopping: bool,
     ) {
         let inner = self.inner.clone();
+        if !stopping && self.retry_at.is_some_and(|at| Instant::now() < at) {
+            // Writes are failing and the next try is not due: whoever waits for the disk
+            // hears so now; the rest waits for that try.
+            let mut dirty = lock(&inner.dirty);
+            for (name, offset) in cursors {
+                dirty.entry(name).or_insert(offset);
+            }
+            drop(dirty);
+            for (events, durable, done) in appends {
+                let result = if durable {
+                    Err(StoreError::Commit(
+                        "the event log's last commit failed; the next try is not due yet".into(),
+                    ))
+                } else {
+                    self.stage(events)
+                };
+                let _ = done.send(result);
+            }
+            return;
+        }
         let mut seq = self.own_seq;
         let mut accepted = Vec::new();
         let mut refused = Vec::new();
@@ -908,7 +941,8 @@ impl Writer {
                     let result = if durable {
                         Err(StoreError::Commit(e.to_string()))
                     } else {
-                        self.stage(events)
+                        self.stage_anyway(events);
+                        Ok(())
                     };
                     let _ = done.send(result);
                 }
