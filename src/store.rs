@@ -839,11 +839,7 @@ impl Writer {
         if !stopping && self.retry_at.is_some_and(|at| Instant::now() < at) {
             // Writes are failing and the next try is not due: whoever waits for the disk
             // hears so now; the rest waits for that try.
-            let mut dirty = lock(&inner.dirty);
-            for (name, offset) in cursors {
-                dirty.entry(name).or_insert(offset);
-            }
-            drop(dirty);
+            inner.put_back(cursors);
             for (events, durable, done) in appends {
                 let result = if durable {
                     Err(StoreError::Commit(
@@ -930,11 +926,7 @@ impl Writer {
                 self.backoff = (self.backoff * 2).min(RETRY_MAX);
                 // Staged events stay staged, and cursors not written stay pending, for the
                 // next commit: a cursor must not reach the disk before its events.
-                let mut dirty = lock(&inner.dirty);
-                for (name, offset) in cursors {
-                    dirty.entry(name).or_insert(offset);
-                }
-                drop(dirty);
+                inner.put_back(cursors);
                 // Events from other peers wait for the next commit; whoever waited for the
                 // disk hears of the failure.
                 for (events, durable, done) in accepted {
@@ -965,6 +957,14 @@ fn trim(cache: &mut VecDeque<(u64, Arc<Event>)>, first: u64) {
 const EVENT_OVERHEAD: usize = 128;
 
 impl Inner {
+    /// Cursors a commit did not write wait for the next one, unless set again since.
+    fn put_back(&self, cursors: BTreeMap<String, Option<u64>>) {
+        let mut dirty = lock(&self.dirty);
+        for (name, offset) in cursors {
+            dirty.entry(name).or_insert(offset);
+        }
+    }
+
     /// Whether the oldest event has aged out.
     fn prune_due(&self) -> bool {
         let first = self.first.load(Ordering::Relaxed);
