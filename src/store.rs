@@ -72,6 +72,7 @@ pub const LINGER: Duration = Duration::from_millis(50);
 
 /// Staged events (or bytes of them) that make a commit at once rather than at [`LINGER`].
 const STAGE_EVENTS: usize = 4096;
+/// Bytes of staged events (data plus an estimate per event) that make a commit at once.
 const STAGE_BYTES: usize = 4 << 20;
 
 /// The wait before a failed commit is tried again, doubling up to [`RETRY_MAX`].
@@ -86,6 +87,7 @@ const AGE_CHECK: Duration = Duration::from_secs(1);
 /// still hold them). With [`STAGE_EVENTS`] it stays well inside [`CACHE_EVENTS`], so a reader
 /// that falls back to the database finds every offset the cache no longer holds.
 const MAX_STAGED: usize = 16 * 1024;
+/// Bytes staged past which, while commits fail, events from other peers are refused.
 const MAX_STAGED_BYTES: usize = 64 << 20;
 
 /// Most appends gathered into one commit.

@@ -24,7 +24,15 @@ use meshbus::proto::groups::GroupView;
 use crate::{Lab, LabError};
 
 /// Events per HTTP request from a load generator.
-const CHUNK: usize = 500;
+pub(crate) const CHUNK: usize = 500;
+
+/// With a rate, a load generator sends a chunk this many times a second.
+const PACE_STEPS_PER_SEC: f64 = 100.0;
+
+/// Events per step at `rate` events per second, at most `most`.
+pub(crate) fn paced_chunk(rate: f64, most: usize) -> usize {
+    ((rate / PACE_STEPS_PER_SEC).ceil() as usize).clamp(1, most)
+}
 
 /// Bytes of events per HTTP request at most (the API takes at least 32 MiB).
 const REQUEST_BYTES: usize = 8 << 20;
@@ -586,10 +594,7 @@ pub async fn load(
     .expect("a quoted run of x is JSON");
     // Within the peer's request body limit however large the events.
     let most = (REQUEST_BYTES / (size + 64)).clamp(1, CHUNK);
-    let chunk = match rate {
-        Some(r) => ((r / 100.0).ceil() as usize).clamp(1, most),
-        None => most,
-    };
+    let chunk = rate.map_or(most, |r| paced_chunk(r, most));
     let request = meshbus::api::PublishRequest {
         topic: topic.to_owned(),
         data: Some(data),

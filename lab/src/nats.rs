@@ -71,13 +71,6 @@ const FIRST_MESSAGE_TIMEOUT: Duration = READY_TIMEOUT
 /// still applies.
 const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 
-/// With a rate, the publisher sends a chunk of messages this many times a second (as the
-/// mesh bench's load generator does).
-const PACE_STEPS_PER_SEC: f64 = 100.0;
-
-/// The largest paced chunk: the mesh bench's load generator's batch size.
-const MAX_CHUNK: usize = 500;
-
 /// One subscriber's figures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NatsSubReport {
@@ -302,7 +295,7 @@ pub async fn publish(
     let subject = async_nats::Subject::from(subject);
     let size = size.max(STAMP_LEN);
     let chunk = match rate {
-        Some(r) => ((r / PACE_STEPS_PER_SEC).ceil() as usize).clamp(1, MAX_CHUNK),
+        Some(r) => crate::bench::paced_chunk(r, crate::bench::CHUNK),
         None => events.max(1),
     };
     let start = Instant::now();
