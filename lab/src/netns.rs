@@ -110,6 +110,7 @@ impl VirtualLan {
             hosts: Vec::new(),
             kept: false,
         };
+        neighbour_room(hosts)?;
         let br = lan.bridge_netns();
         ip(&["netns", "add", &br])?;
         ip(&["-n", &br, "link", "set", "lo", "up"])?;
@@ -182,6 +183,58 @@ impl Drop for VirtualLan {
         if !self.kept {
             remove_lab(&self.prefix);
         }
+    }
+}
+
+/// The kernel's IPv4 neighbour (ARP) table limits: one table for every namespace.
+const NEIGH_SYSCTL: &str = "/proc/sys/net/ipv4/neigh/default";
+
+/// Entries kept free for the rest of the machine (the host and other labs).
+const NEIGH_HEADROOM: usize = 512;
+
+/// Makes room in the kernel's ARP table for a lab of `hosts` hosts whose peers all talk to
+/// one another: `hosts × (hosts − 1)` entries. The table is one for the whole machine, and
+/// by default holds at most 1,024 (`gc_thresh3`): a 50-host lab needs 2,450, and past the
+/// limit a host's first packet to another finds no ARP entry and is dropped, silently (the
+/// kernel logs "neighbor table overflow"). When the hard limit is too small, it and the
+/// soft one (`gc_thresh2`) are raised, never lowered, and the change is said on stderr; it
+/// lasts until the machine restarts.
+pub fn neighbour_room(hosts: usize) -> Result<(), NetnsError> {
+    let entries = hosts * hosts.saturating_sub(1);
+    let needed = entries + NEIGH_HEADROOM;
+    let read = |name: &str| -> Result<usize, NetnsError> {
+        let path = format!("{NEIGH_SYSCTL}/{name}");
+        let text = std::fs::read_to_string(&path).map_err(|e| neigh_error(&path, e.to_string()))?;
+        text.trim()
+            .parse()
+            .map_err(|e| neigh_error(&path, format!("{text:?} is not a number: {e}")))
+    };
+    if read("gc_thresh3")? >= needed {
+        return Ok(());
+    }
+    for (name, want) in [("gc_thresh2", needed), ("gc_thresh3", 2 * needed)] {
+        let now = read(name)?;
+        if now < want {
+            let path = format!("{NEIGH_SYSCTL}/{name}");
+            std::fs::write(&path, want.to_string()).map_err(|e| {
+                neigh_error(
+                    &path,
+                    format!("{e} (a lab of {hosts} hosts needs {needed} entries)"),
+                )
+            })?;
+            eprintln!(
+                "meshbus-lab: raised net.ipv4.neigh.default.{name} from {now} to {want}: \
+                 {hosts} hosts need {entries} ARP entries in the machine's one table"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn neigh_error(path: &str, reason: String) -> NetnsError {
+    NetnsError {
+        command: format!("make room in the ARP table ({path})"),
+        reason,
     }
 }
 

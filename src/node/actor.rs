@@ -42,7 +42,8 @@ use crate::proto::{
 use crate::stats;
 use crate::store::{Opened, Store, StoreError};
 
-/// How often every member is asked for its marks (what it holds of every stream).
+/// How often members are asked for their marks (what they hold of every stream), a few
+/// at a time ([`crate::proto::peers::MARKS_PER_ROUND`]).
 pub const ANTI_ENTROPY: Duration = Duration::from_secs(1);
 
 /// How long a stopping peer waits for its goodbyes to be heard.
@@ -290,7 +291,7 @@ impl Actor {
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + ANTI_ENTROPY;
             self.review_neighbours(now);
-            for peer in self.peers.member_ids() {
+            for peer in self.peers.marks_round() {
                 self.ask(peer, Asked::Marks);
             }
         }

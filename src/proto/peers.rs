@@ -33,6 +33,14 @@ pub const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Most `--peer` (or dialled) addresses kept and redialled.
 pub const MAX_EXPLICIT_PEERS: usize = 256;
 
+/// Most members asked for their marks in one anti-entropy round ([`Peers::marks_round`]).
+/// Each answer lists every publisher the member follows, so asking every member every round
+/// costs the mesh n² requests and n³ marks a round: at 50 idle peers that alone kept both
+/// cores of the lab machine busy. Any member that holds an event can tell of it, and a
+/// member that (re)joins is asked at once, so a few a round, in turn, find what a full
+/// round would, within `members / MARKS_PER_ROUND` rounds at worst.
+pub const MARKS_PER_ROUND: usize = 4;
+
 use super::discovery::{Discovery, Found};
 pub use super::discovery::{MAX_ADDRS_PER_PEER, MAX_DIALS_PER_ROUND, MAX_KNOWN_PEERS};
 
@@ -180,6 +188,8 @@ pub struct Peers {
     explicit: Vec<Explicit>,
     next_liveness: Instant,
     next_redial: Instant,
+    /// The member asked last in the anti-entropy turn ([`Peers::marks_round`]).
+    marks_after: Option<PeerId>,
     actions: VecDeque<PeerAction>,
 }
 
@@ -195,6 +205,7 @@ impl Peers {
             explicit: Vec::new(),
             next_liveness: now + PING_INTERVAL,
             next_redial: now + REDIAL_INTERVAL,
+            marks_after: None,
             actions: VecDeque::new(),
         }
     }
@@ -267,6 +278,24 @@ impl Peers {
             .filter(|(_, p)| p.identity.is_some())
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// The members to ask for their marks in this anti-entropy round: every member when
+    /// there are at most [`MARKS_PER_ROUND`], else the next [`MARKS_PER_ROUND`] in peer id
+    /// order after the one asked last, wrapping around, so each is asked in turn.
+    pub fn marks_round(&mut self) -> Vec<PeerId> {
+        let members = self.member_ids();
+        if members.len() <= MARKS_PER_ROUND {
+            return members;
+        }
+        let start = self
+            .marks_after
+            .map_or(0, |last| members.partition_point(|p| *p <= last));
+        let picked: Vec<PeerId> = (0..MARKS_PER_ROUND)
+            .map(|k| members[(start + k) % members.len()])
+            .collect();
+        self.marks_after = picked.last().copied();
+        picked
     }
 
     /// `peer` said goodbye: it is shutting down cleanly.

@@ -346,3 +346,63 @@ fn membership_events_name_the_peer_on_reserved_topics() {
     assert_eq!(failed.topic(), "_mesh.peer.failed");
     assert_eq!(failed.data()["peer"], peer.to_string());
 }
+
+#[test]
+fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_turn() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let mut members: Vec<(PeerId, ConnectionId)> = Vec::new();
+    let join = |peers: &mut Peers, i: usize| {
+        let peer = PeerId::random();
+        peers.connected(peer, conn(i), addr(i as u16), now);
+        peers.identified(peer, PROTOCOL_VERSION, agent(None), vec![]);
+        drain(peers);
+        (peer, conn(i))
+    };
+    let ids = |members: &[(PeerId, ConnectionId)]| {
+        let mut ids: Vec<PeerId> = members.iter().map(|(p, _)| *p).collect();
+        ids.sort();
+        ids
+    };
+    for i in 0..MARKS_PER_ROUND {
+        members.push(join(&mut peers, i));
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            peers.marks_round(),
+            ids(&members),
+            "a small mesh: all, every round"
+        );
+    }
+
+    // More members than a round asks: each round asks MARKS_PER_ROUND distinct members, and
+    // every member is asked within the rounds it takes to go round.
+    for i in MARKS_PER_ROUND..(MARKS_PER_ROUND * 5 / 2) {
+        members.push(join(&mut peers, i));
+    }
+    let rounds = members.len().div_ceil(MARKS_PER_ROUND);
+    let asked_within = |peers: &mut Peers, rounds: usize| {
+        let mut asked: Vec<PeerId> = Vec::new();
+        for _ in 0..rounds {
+            let round = peers.marks_round();
+            let mut distinct = round.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), MARKS_PER_ROUND, "{round:?}");
+            asked.extend(round);
+        }
+        asked.sort();
+        asked.dedup();
+        asked
+    };
+    assert_eq!(asked_within(&mut peers, rounds), ids(&members));
+
+    // A member that leaves drops out of the turn, also when it was the last one asked.
+    let last = *peers.marks_round().last().unwrap();
+    let at = members.iter().position(|(p, _)| *p == last).unwrap();
+    let (gone, id) = members.remove(at);
+    peers.closed(gone, id);
+    drain(&mut peers);
+    let rounds = members.len().div_ceil(MARKS_PER_ROUND);
+    assert_eq!(asked_within(&mut peers, rounds), ids(&members));
+}

@@ -15,7 +15,9 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 
 use super::inbox::FETCH_MAX_EVENTS;
-use super::peers::{self, DEAD_AFTER, PING_INTERVAL, PROTOCOL_VERSION, REDIAL_INTERVAL};
+use super::peers::{
+    self, DEAD_AFTER, MARKS_PER_ROUND, PING_INTERVAL, PROTOCOL_VERSION, REDIAL_INTERVAL,
+};
 use super::{Fetch, Inbox, Membership, PeerAction, Peers, Publisher, StreamId, Unstamped};
 use crate::event::{Event, Payload};
 use crate::topic::Topic;
@@ -244,6 +246,12 @@ impl Sim {
                 }
                 PeerAction::Membership(m) => {
                     let at = self.elapsed();
+                    // A member that joins is asked for its marks at once, as the swarm
+                    // task does.
+                    if let Membership::Joined { peer, .. } = &m {
+                        let from = self.index_of(peer);
+                        self.send_marks(from, i);
+                    }
                     self.nodes[i].membership.push((at, m));
                 }
             }
@@ -428,19 +436,22 @@ impl Sim {
         }
     }
 
-    /// Every node tells each member its marks.
+    /// Every node gets the marks of the members its anti-entropy round picks (the swarm
+    /// task asks them; here they answer at once).
     fn anti_entropy(&mut self) {
-        for i in 0..self.nodes.len() {
-            let marks: Vec<(StreamId, u64)> = self.nodes[i].inbox.marks().collect();
-            for to in 0..self.nodes.len() {
-                let peer = self.nodes[to].id;
-                if to != i && self.nodes[i].peers.is_connected(&peer) {
-                    let delay = self.control_delay();
-                    let marks = marks.clone();
-                    self.send(delay, Msg::Marks { from: i, to, marks });
-                }
+        for to in 0..self.nodes.len() {
+            for peer in self.nodes[to].peers.marks_round() {
+                let from = self.index_of(&peer);
+                self.send_marks(from, to);
             }
         }
+    }
+
+    /// Node `from`'s marks, as they are now, travel to node `to`.
+    fn send_marks(&mut self, from: usize, to: usize) {
+        let marks: Vec<(StreamId, u64)> = self.nodes[from].inbox.marks().collect();
+        let delay = self.control_delay();
+        self.send(delay, Msg::Marks { from, to, marks });
     }
 
     /// Every connection whose two ends can reach each other answers its pings.

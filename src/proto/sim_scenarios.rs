@@ -14,14 +14,26 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn peers_converge_through_calm_storm_cut_and_heal() {
     for seed in seeds() {
-        calm_storm_cut_and_heal(seed);
+        calm_storm_cut_and_heal(seed, 5);
+    }
+}
+
+/// More members than one anti-entropy round asks: what the storm and the cut lost is still
+/// found, from the members asked in turn and from the one that joins again.
+#[test]
+fn a_mesh_larger_than_a_marks_round_converges_too() {
+    for seed in seeds().into_iter().take(6) {
+        calm_storm_cut_and_heal(seed, 3 * MARKS_PER_ROUND);
     }
 }
 
 #[test]
 fn a_seed_replays_exactly() {
     let seed = seeds()[0];
-    let (a, b) = (calm_storm_cut_and_heal(seed), calm_storm_cut_and_heal(seed));
+    let (a, b) = (
+        calm_storm_cut_and_heal(seed, 5),
+        calm_storm_cut_and_heal(seed, 5),
+    );
     for (x, y) in a.nodes.iter().zip(&b.nodes) {
         assert_eq!(x.membership, y.membership, "seed {seed}");
         assert_eq!(x.received, y.received, "seed {seed}");
@@ -30,24 +42,23 @@ fn a_seed_replays_exactly() {
     }
 }
 
-/// Five peers meet, publish in calm and in a storm, lose one host and get it back; returns
+/// `n` peers meet, publish in calm and in a storm, lose one host and get it back; returns
 /// the simulation for a closer look.
-fn calm_storm_cut_and_heal(seed: u64) -> Sim {
-    const N: usize = 5;
+fn calm_storm_cut_and_heal(seed: u64, n: usize) -> Sim {
     const EVENTS: usize = 300;
-    let mut sim = Sim::new(seed, N);
+    let mut sim = Sim::new(seed, n);
     sim.run(Duration::from_secs(1));
     sim.assert_full_mesh("start");
     for node in &sim.nodes {
         assert_eq!(
             node.membership.len(),
-            N - 1,
+            n - 1,
             "seed {seed}: one join per peer"
         );
     }
 
     // Calm: every event reaches every peer once, in its publisher's order.
-    for i in 0..N {
+    for i in 0..n {
         sim.publish(i, EVENTS);
     }
     sim.run(Duration::from_millis(100));
@@ -66,7 +77,7 @@ fn calm_storm_cut_and_heal(seed: u64) -> Sim {
     // is stored, not sent, and peers fetch it).
     sim.weather = STORM;
     for _ in 0..4 {
-        for i in 0..N {
+        for i in 0..n {
             sim.publish(i, EVENTS / 2);
         }
         sim.run(Duration::from_millis(500));
@@ -98,14 +109,14 @@ fn calm_storm_cut_and_heal(seed: u64) -> Sim {
     sim.assert_full_logs("the storm");
 
     // Cut one host: within the liveness bound every side has let go of the other.
-    let cut = sim.rng.usize(0..N);
+    let cut = sim.rng.usize(0..n);
     let cut_at = sim.elapsed();
     sim.up[cut] = false;
     let bound = DEAD_AFTER + PING_INTERVAL * 2;
     // Past the bound, so a late leave would be seen (and its time checked) too.
     sim.run(bound * 2);
     for (i, node) in sim.nodes.iter().enumerate() {
-        let expected = if i == cut { 0 } else { N - 2 };
+        let expected = if i == cut { 0 } else { n - 2 };
         assert_eq!(
             node.peers.members(),
             expected,
@@ -121,7 +132,7 @@ fn calm_storm_cut_and_heal(seed: u64) -> Sim {
     }
 
     // Publishing goes on on both sides of the cut.
-    for i in 0..N {
+    for i in 0..n {
         sim.publish(i, EVENTS / 3);
     }
     sim.run(Duration::from_millis(100));
