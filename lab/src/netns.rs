@@ -202,6 +202,10 @@ const NEIGH_HEADROOM: usize = 512;
 pub fn neighbour_room(hosts: usize) -> Result<(), NetnsError> {
     let entries = hosts * hosts.saturating_sub(1);
     let needed = entries + NEIGH_HEADROOM;
+    // Within the kernel's default: nothing to read (some sandboxes do not show the file).
+    if needed <= 1024 {
+        return Ok(());
+    }
     let read = |name: &str| -> Result<usize, NetnsError> {
         let path = format!("{NEIGH_SYSCTL}/{name}");
         let text = std::fs::read_to_string(&path).map_err(|e| neigh_error(&path, e.to_string()))?;

@@ -38,7 +38,8 @@ pub const MAX_EXPLICIT_PEERS: usize = 256;
 /// costs the mesh n² requests and n³ marks a round: at 50 idle peers that alone kept both
 /// cores of the lab machine busy. Any member that holds an event can tell of it, and a
 /// member that (re)joins is asked at once, so a few a round, in turn, find what a full
-/// round would, within `members / MARKS_PER_ROUND` rounds at worst.
+/// round would, within ⌈members / MARKS_PER_ROUND⌉ rounds while membership holds. Each
+/// peer's turn starts after its own id, so peers started together ask different members.
 pub const MARKS_PER_ROUND: usize = 4;
 
 use super::discovery::{Discovery, Found};
@@ -205,7 +206,9 @@ impl Peers {
             explicit: Vec::new(),
             next_liveness: now + PING_INTERVAL,
             next_redial: now + REDIAL_INTERVAL,
-            marks_after: None,
+            // Each peer starts its turn after its own id, so peers started together do not
+            // all ask the same members in the same round.
+            marks_after: Some(me),
             actions: VecDeque::new(),
         }
     }

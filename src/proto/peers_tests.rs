@@ -406,3 +406,28 @@ fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_
     let rounds = members.len().div_ceil(MARKS_PER_ROUND);
     assert_eq!(asked_within(&mut peers, rounds), ids(&members));
 }
+
+#[test]
+fn each_peer_starts_its_marks_turn_after_its_own_id() {
+    let now = Instant::now();
+    let mut ids: Vec<PeerId> = (0..3 * MARKS_PER_ROUND).map(|_| PeerId::random()).collect();
+    ids.sort();
+    let table = |me: PeerId| {
+        let mut peers = Peers::new(me, now);
+        for (i, peer) in ids.iter().enumerate().filter(|(_, p)| **p != me) {
+            peers.connected(*peer, conn(i), addr(i as u16), now);
+            peers.identified(*peer, PROTOCOL_VERSION, agent(None), vec![]);
+        }
+        drain(&mut peers);
+        peers
+    };
+    let (a, b) = (ids[0], ids[MARKS_PER_ROUND]);
+    let first_a = table(a).marks_round();
+    let first_b = table(b).marks_round();
+    assert_eq!(first_a[0], ids[1]);
+    assert_eq!(first_b[0], ids[MARKS_PER_ROUND + 1]);
+    assert!(
+        first_a.iter().all(|p| !first_b.contains(p)),
+        "{first_a:?} {first_b:?}"
+    );
+}

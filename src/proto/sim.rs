@@ -100,7 +100,7 @@ enum Msg {
     },
 }
 
-/// How often each peer tells its members its marks.
+/// How often each node asks up to `MARKS_PER_ROUND` members for their marks.
 const ANTI_ENTROPY: Duration = Duration::from_secs(1);
 
 struct Node {
