@@ -222,6 +222,9 @@ enum Write {
         durable: bool,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A cursor changed while none was waiting to be written: write it within
+    /// [`FLUSH_EVERY`].
+    Cursors,
     Stop(oneshot::Sender<()>),
 }
 
@@ -314,6 +317,7 @@ impl Store {
             staged_events: 0,
             staged_bytes: 0,
             staged_since: None,
+            cursors_since: None,
             retry_at: None,
             backoff: RETRY_FIRST,
         };
@@ -532,7 +536,7 @@ impl Store {
 
     /// Row `name` has finished everything up to `offset` (written within [`FLUSH_EVERY`]).
     pub fn set_cursor(&self, name: &str, offset: u64) {
-        lock(&self.inner.dirty).insert(name.to_owned(), Some(offset));
+        self.cursor_changed(name, Some(offset));
     }
 
     /// Writes every cursor set so far to disk; the answer comes once they are there.
@@ -542,7 +546,20 @@ impl Store {
 
     /// Row `name` is gone; forget its cursor.
     pub fn remove_cursor(&self, name: &str) {
-        lock(&self.inner.dirty).insert(name.to_owned(), None);
+        self.cursor_changed(name, None);
+    }
+
+    /// Notes a cursor to write; the writer hears of it when it is the first one waiting (it
+    /// sleeps until then, rather than looking every [`FLUSH_EVERY`]).
+    fn cursor_changed(&self, name: &str, offset: Option<u64>) {
+        let mut dirty = lock(&self.inner.dirty);
+        let first = dirty.is_empty();
+        dirty.insert(name.to_owned(), offset);
+        drop(dirty);
+        if first {
+            // A closed log writes no more cursors; `close` wrote the last ones.
+            let _ = self.writes.send(Write::Cursors);
+        }
     }
 
     /// The log's counters.
@@ -683,6 +700,8 @@ struct Writer {
     staged_bytes: usize,
     /// When the oldest staged event was staged.
     staged_since: Option<Instant>,
+    /// When a cursor changed with none waiting to be written.
+    cursors_since: Option<Instant>,
     /// After a failed commit: no commit for what is staged before this.
     retry_at: Option<Instant>,
     /// The wait after the next failure.
@@ -696,9 +715,11 @@ impl Writer {
         let mut age_checked = Instant::now();
         while stop.is_none() {
             let now = Instant::now();
-            let mut wait = match self.staged_since {
-                Some(since) => (since + LINGER).saturating_duration_since(now),
-                None => FLUSH_EVERY,
+            // Nothing waiting: sleep until the age check.
+            let mut wait = match (self.staged_since, self.cursors_since) {
+                (Some(since), _) => (since + LINGER).saturating_duration_since(now),
+                (None, Some(since)) => (since + FLUSH_EVERY).saturating_duration_since(now),
+                (None, None) => (age_checked + AGE_CHECK).saturating_duration_since(now),
             };
             if let Some(retry_at) = self.retry_at {
                 wait = wait.max(retry_at.saturating_duration_since(now));
@@ -730,6 +751,9 @@ impl Writer {
                         durable,
                         done,
                     } => appends.push((events, durable, done)),
+                    Write::Cursors => {
+                        self.cursors_since.get_or_insert_with(Instant::now);
+                    }
                     Write::Stop(reply) => stop = Some(reply),
                 }
             }
@@ -754,7 +778,10 @@ impl Writer {
                     .staged_since
                     .is_some_and(|since| since.elapsed() >= LINGER)
                     || self.full());
-            let cursors_due = self.staged_since.is_none() && !lock(&self.inner.dirty).is_empty();
+            let cursors_due = self.staged_since.is_none()
+                && self
+                    .cursors_since
+                    .is_some_and(|since| since.elapsed() >= FLUSH_EVERY);
             let age_due = age_checked.elapsed() >= AGE_CHECK && {
                 age_checked = Instant::now();
                 self.inner.prune_due()
@@ -763,12 +790,22 @@ impl Writer {
                 continue;
             }
             let cursors = std::mem::take(&mut *lock(&self.inner.dirty));
+            // Written now; a failed commit puts them back and waits again.
+            self.cursors_since = None;
             self.commit(appends, cursors, stop.is_some());
         }
         // Let go of the database before saying so, so it can be opened again at once.
         drop(self);
         if let Some(reply) = stop {
             let _ = reply.send(());
+        }
+    }
+
+    /// Cursors a commit did not write wait for the next one.
+    fn put_back(&mut self, cursors: BTreeMap<String, Option<u64>>) {
+        if !cursors.is_empty() {
+            self.inner.put_back(cursors);
+            self.cursors_since.get_or_insert_with(Instant::now);
         }
     }
 
@@ -841,7 +878,7 @@ impl Writer {
         if !stopping && self.retry_at.is_some_and(|at| Instant::now() < at) {
             // Writes are failing and the next try is not due: whoever waits for the disk
             // hears so now; the rest waits for that try.
-            inner.put_back(cursors);
+            self.put_back(cursors);
             for (events, durable, done) in appends {
                 let result = if durable {
                     Err(StoreError::Commit(
@@ -928,7 +965,7 @@ impl Writer {
                 self.backoff = (self.backoff * 2).min(RETRY_MAX);
                 // Staged events stay staged, and cursors not written stay pending, for the
                 // next commit: a cursor must not reach the disk before its events.
-                inner.put_back(cursors);
+                self.put_back(cursors);
                 // Events from other peers wait for the next commit; whoever waited for the
                 // disk hears of the failure.
                 for (events, durable, done) in accepted {

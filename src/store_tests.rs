@@ -347,3 +347,37 @@ async fn a_large_repair_is_stored_whole_and_many_appends_at_once_are_all_taken()
         .enumerate()
         .all(|(i, (o, e))| *o == i as u64 + 1 && e.seq == *o));
 }
+
+#[tokio::test]
+async fn a_cursor_reaches_the_database_without_a_flush_and_so_does_its_removal() {
+    let (store, _) = Store::open(None, PeerId::random(), Retention::default()).unwrap();
+    // What the database holds, not the cursors still waiting in memory.
+    let on_disk = |store: &Store| {
+        let read = store.inner.db.begin_read().unwrap();
+        match read.open_table(CURSORS) {
+            Ok(table) => table.get("row").unwrap().map(|g| g.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let written = |want: Option<u64>| {
+        let store = store.clone();
+        async move {
+            // The idle writer sleeps until its next age check; the first cursor waiting
+            // wakes it, and it writes within FLUSH_EVERY.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while on_disk(&store) != want {
+                    tokio::time::sleep(FLUSH_EVERY / 5).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("cursor {want:?} never written"));
+        }
+    };
+    store.set_cursor("row", 3);
+    written(Some(3)).await;
+    store.set_cursor("row", 4);
+    written(Some(4)).await;
+    store.remove_cursor("row");
+    written(None).await;
+}

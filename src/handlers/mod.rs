@@ -609,6 +609,13 @@ impl Handlers {
             .collect()
     }
 
+    /// Whether any row is in a handler group (or leaving one).
+    pub fn has_groups(&self) -> bool {
+        read(&self.rows)
+            .iter()
+            .any(|row| row.group.is_some() || row.left.is_some())
+    }
+
     /// The groups this peer's rows are in, as announced to the other peers.
     pub fn announcements(&self) -> Vec<Announcement> {
         let announce = |g: &GroupRow| {

@@ -231,12 +231,20 @@ impl Actor {
 
     /// When the core's next timer is due.
     fn deadline(&self) -> Instant {
-        let at = self
-            .peers
-            .poll_timeout()
-            .min(self.next_anti_entropy)
-            .min(self.next_group_push);
+        let mut at = self.peers.poll_timeout().min(self.next_anti_entropy);
+        if self.pushing() {
+            at = at.min(self.next_group_push);
+        }
         self.inbox.poll_timeout().map_or(at, |fetch| at.min(fetch))
+    }
+
+    /// Whether group announcements or open queries want the timer every
+    /// [`grouping::GROUP_PUSH`]. Without them a peer wakes for its timers about once a
+    /// second, not ten times (an idle peer's wake-ups are most of its CPU).
+    fn pushing(&self) -> bool {
+        !self.last_announced.is_empty()
+            || self.queries.len() > 0
+            || self.shared.handlers.has_groups()
     }
 
     pub(super) async fn run(mut self) {
@@ -291,7 +299,7 @@ impl Actor {
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + ANTI_ENTROPY;
             self.review_neighbours(now);
-            for peer in self.peers.marks_round() {
+            for peer in self.peers.marks_round(now) {
                 self.ask(peer, Asked::Marks);
             }
         }
@@ -365,6 +373,7 @@ impl Actor {
     /// Delivers a membership change locally as a `_mesh.peer.…` event; they never travel.
     /// A peer that joins is asked at once what it holds, so what we missed is fetched now.
     fn membership(&mut self, change: Membership) {
+        self.peers.busy(now());
         match &change {
             Membership::Joined { peer, .. } => {
                 self.ask(*peer, Asked::Marks);
@@ -532,6 +541,7 @@ impl Actor {
                     stats::add(&self.shared.stats.published, message.len() as u64);
                     if let Some(last) = message.last() {
                         self.inbox.published(self.own, last.seq, now());
+                        self.peers.busy(now());
                     }
                     for event in message {
                         debug!(event = %event.id, topic = %event.topic, seq = event.seq, sent_to, "published");
@@ -623,6 +633,13 @@ impl Actor {
             Asked::Groups => return,
             Asked::Marks => Request {
                 kind: repair::MARKS,
+                own: Some(self.inbox.high(&self.own))
+                    .filter(|high| *high > 0)
+                    .map(|high| repair::Mark {
+                        source: self.own.source.to_bytes(),
+                        epoch: self.own.epoch,
+                        high,
+                    }),
                 ..Request::default()
             },
             Asked::Fetch(f) => Request {

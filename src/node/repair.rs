@@ -46,6 +46,11 @@ pub struct Request {
     /// Groups: every handler group the sender has a row in.
     #[prost(message, repeated, tag = "7")]
     pub groups: Vec<GroupAnnounce>,
+    /// Marks: how far the asker has published (its own stream), so the asked peer learns of
+    /// events it missed from a publisher that asks. A mark naming any other publisher is
+    /// ignored.
+    #[prost(message, optional, tag = "8")]
+    pub own: Option<Mark>,
 }
 
 /// One group a peer is in (`meshbus.repair.v1.GroupAnnounce`).

@@ -42,6 +42,16 @@ pub const MAX_EXPLICIT_PEERS: usize = 256;
 /// peer's turn starts after its own id, so peers started together ask different members.
 pub const MARKS_PER_ROUND: usize = 4;
 
+/// A peer where no event reached the log, none was published and no member came or went for
+/// this long is quiet: anti-entropy then asks a round only every [`QUIET_MARKS_EVERY`]. Every
+/// request opens a stream on its connection, and in an idle 5-peer mesh the rounds were most
+/// of what a peer sent. What a busy stretch lost is found in the busy rounds that follow it
+/// (a member that joins is asked at once); a quiet round still finds anything left.
+pub const QUIET_AFTER: Duration = Duration::from_secs(10);
+
+/// How often a quiet peer asks a round of members for their marks.
+pub const QUIET_MARKS_EVERY: Duration = Duration::from_secs(10);
+
 use super::discovery::{Discovery, Found};
 pub use super::discovery::{MAX_ADDRS_PER_PEER, MAX_DIALS_PER_ROUND, MAX_KNOWN_PEERS};
 
@@ -191,6 +201,10 @@ pub struct Peers {
     next_redial: Instant,
     /// The member asked last in the anti-entropy turn ([`Peers::marks_round`]).
     marks_after: Option<PeerId>,
+    /// When the last anti-entropy round asked anyone.
+    marks_at: Option<Instant>,
+    /// When events last moved or membership last changed ([`Peers::busy`]).
+    busy_at: Option<Instant>,
     actions: VecDeque<PeerAction>,
 }
 
@@ -209,6 +223,8 @@ impl Peers {
             // Each peer starts its turn after its own id, so peers started together do not
             // all ask the same members in the same round.
             marks_after: Some(me),
+            marks_at: None,
+            busy_at: None,
             actions: VecDeque::new(),
         }
     }
@@ -283,10 +299,28 @@ impl Peers {
             .collect()
     }
 
-    /// The members to ask for their marks in this anti-entropy round: every member when
-    /// there are at most [`MARKS_PER_ROUND`], else the next [`MARKS_PER_ROUND`] in peer id
-    /// order after the one asked last, wrapping around, so each is asked in turn.
-    pub fn marks_round(&mut self) -> Vec<PeerId> {
+    /// Events reached the log, this peer published, or a member came or went, at `now`:
+    /// anti-entropy goes at full pace for [`QUIET_AFTER`].
+    pub fn busy(&mut self, now: Instant) {
+        self.busy_at = Some(now);
+    }
+
+    /// The members to ask for their marks in the anti-entropy round due at `now`: every
+    /// member when there are at most [`MARKS_PER_ROUND`], else the next [`MARKS_PER_ROUND`]
+    /// in peer id order after the one asked last, wrapping around, so each is asked in turn.
+    /// A quiet peer ([`QUIET_AFTER`]) asks nobody until [`QUIET_MARKS_EVERY`] has passed
+    /// since its last round.
+    pub fn marks_round(&mut self, now: Instant) -> Vec<PeerId> {
+        let quiet = self
+            .busy_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= QUIET_AFTER);
+        let recent = self
+            .marks_at
+            .is_some_and(|at| now.saturating_duration_since(at) < QUIET_MARKS_EVERY);
+        if quiet && recent {
+            return Vec::new();
+        }
+        self.marks_at = Some(now);
         let members = self.member_ids();
         if members.len() <= MARKS_PER_ROUND {
             return members;

@@ -351,6 +351,7 @@ fn membership_events_name_the_peer_on_reserved_topics() {
 fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_turn() {
     let now = Instant::now();
     let mut peers = Peers::new(PeerId::random(), now);
+    peers.busy(now);
     let mut members: Vec<(PeerId, ConnectionId)> = Vec::new();
     let join = |peers: &mut Peers, i: usize| {
         let peer = PeerId::random();
@@ -369,7 +370,7 @@ fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_
     }
     for _ in 0..3 {
         assert_eq!(
-            peers.marks_round(),
+            peers.marks_round(now),
             ids(&members),
             "a small mesh: all, every round"
         );
@@ -384,7 +385,7 @@ fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_
     let asked_within = |peers: &mut Peers, rounds: usize| {
         let mut asked: Vec<PeerId> = Vec::new();
         for _ in 0..rounds {
-            let round = peers.marks_round();
+            let round = peers.marks_round(now);
             let mut distinct = round.clone();
             distinct.sort();
             distinct.dedup();
@@ -398,7 +399,7 @@ fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_
     assert_eq!(asked_within(&mut peers, rounds), ids(&members));
 
     // A member that leaves drops out of the turn, also when it was the last one asked.
-    let last = *peers.marks_round().last().unwrap();
+    let last = *peers.marks_round(now).last().unwrap();
     let at = members.iter().position(|(p, _)| *p == last).unwrap();
     let (gone, id) = members.remove(at);
     peers.closed(gone, id);
@@ -422,12 +423,50 @@ fn each_peer_starts_its_marks_turn_after_its_own_id() {
         peers
     };
     let (a, b) = (ids[0], ids[MARKS_PER_ROUND]);
-    let first_a = table(a).marks_round();
-    let first_b = table(b).marks_round();
+    let first_a = table(a).marks_round(now);
+    let first_b = table(b).marks_round(now);
     assert_eq!(first_a[0], ids[1]);
     assert_eq!(first_b[0], ids[MARKS_PER_ROUND + 1]);
     assert!(
         first_a.iter().all(|p| !first_b.contains(p)),
         "{first_a:?} {first_b:?}"
+    );
+}
+
+#[test]
+fn a_quiet_peer_asks_for_marks_every_quiet_round_and_a_busy_one_every_round() {
+    let start = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), start);
+    let member = PeerId::random();
+    peers.connected(member, conn(0), addr(0), start);
+    peers.identified(member, PROTOCOL_VERSION, agent(None), vec![]);
+    drain(&mut peers);
+    // The swarm task's rounds, one a second from `from` to `to`: the seconds that asked.
+    let asking = |peers: &mut Peers, from: u64, to: u64| -> Vec<u64> {
+        (from..to)
+            .filter(|s| {
+                let round = peers.marks_round(start + Duration::from_secs(*s));
+                assert!(round.is_empty() || round == [member], "{round:?}");
+                !round.is_empty()
+            })
+            .collect()
+    };
+    let quiet = QUIET_AFTER.as_secs();
+    let every = QUIET_MARKS_EVERY.as_secs();
+    assert!(every > 1, "a quiet round must be rarer than a busy one");
+
+    // Busy from the start: every round asks until the peer has been quiet for QUIET_AFTER.
+    peers.busy(start);
+    assert_eq!(asking(&mut peers, 1, quiet), (1..quiet).collect::<Vec<_>>());
+    // Quiet: a round every QUIET_MARKS_EVERY after the last busy one.
+    let until = quiet + 3 * every;
+    let want: Vec<u64> = (1..=3).map(|k| quiet - 1 + k * every).collect();
+    assert_eq!(asking(&mut peers, quiet, until), want);
+
+    // Events move again: the very next round asks, and every one after it.
+    peers.busy(start + Duration::from_secs(until));
+    assert_eq!(
+        asking(&mut peers, until + 1, until + 5),
+        (until + 1..until + 5).collect::<Vec<_>>()
     );
 }

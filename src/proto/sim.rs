@@ -15,9 +15,7 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 
 use super::inbox::FETCH_MAX_EVENTS;
-use super::peers::{
-    self, DEAD_AFTER, MARKS_PER_ROUND, PING_INTERVAL, PROTOCOL_VERSION, REDIAL_INTERVAL,
-};
+use super::peers::{self, DEAD_AFTER, PING_INTERVAL, PROTOCOL_VERSION, REDIAL_INTERVAL};
 use super::{Fetch, Inbox, Membership, PeerAction, Peers, Publisher, StreamId, Unstamped};
 use crate::event::{Event, Payload};
 use crate::topic::Topic;
@@ -100,7 +98,7 @@ enum Msg {
     },
 }
 
-/// How often each node asks up to `MARKS_PER_ROUND` members for their marks.
+/// How often each node's anti-entropy round comes ([`Peers::marks_round`] says whom it asks).
 const ANTI_ENTROPY: Duration = Duration::from_secs(1);
 
 struct Node {
@@ -248,9 +246,10 @@ impl Sim {
                     let at = self.elapsed();
                     // A member that joins is asked for its marks at once, as the swarm
                     // task does.
+                    self.nodes[i].peers.busy(self.now);
                     if let Membership::Joined { peer, .. } = &m {
                         let from = self.index_of(peer);
-                        self.send_marks(from, i);
+                        self.ask_marks(i, from);
                     }
                     self.nodes[i].membership.push((at, m));
                 }
@@ -401,6 +400,7 @@ impl Sim {
     fn take_ready(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         while let Some(event) = node.inbox.poll_ready() {
+            node.peers.busy(self.now);
             node.log.entry(event.source).or_default().push(event.seq);
             let stream = StreamId::of(&event);
             node.held
@@ -436,15 +436,38 @@ impl Sim {
         }
     }
 
-    /// Every node gets the marks of the members its anti-entropy round picks (the swarm
-    /// task asks them; here they answer at once).
+    /// Every node asks the members its anti-entropy round picks for their marks.
     fn anti_entropy(&mut self) {
-        for to in 0..self.nodes.len() {
-            for peer in self.nodes[to].peers.marks_round() {
-                let from = self.index_of(&peer);
-                self.send_marks(from, to);
+        for asker in 0..self.nodes.len() {
+            for peer in self.nodes[asker].peers.marks_round(self.now) {
+                let asked = self.index_of(&peer);
+                self.ask_marks(asker, asked);
             }
         }
+    }
+
+    /// Node `asker` asks node `asked` for its marks, as the swarm task does: the request
+    /// carries how far the asker has published, and the answer every mark of the asked
+    /// (here it answers at once).
+    fn ask_marks(&mut self, asker: usize, asked: usize) {
+        let me = self.nodes[asker].id;
+        let own: Vec<(StreamId, u64)> = self.nodes[asker]
+            .inbox
+            .marks()
+            .filter(|(stream, high)| stream.source == me && *high > 0)
+            .collect();
+        if !own.is_empty() {
+            let delay = self.control_delay();
+            self.send(
+                delay,
+                Msg::Marks {
+                    from: asker,
+                    to: asked,
+                    marks: own,
+                },
+            );
+        }
+        self.send_marks(asked, asker);
     }
 
     /// Node `from`'s marks, as they are now, travel to node `to`.
@@ -561,6 +584,7 @@ impl Sim {
                     .insert(event.seq, (**event).clone());
                 node.inbox.published(stream, event.seq, self.now);
             }
+            node.peers.busy(self.now);
             if self.rng.f64() < self.weather.refused {
                 continue;
             }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::proto::peers::{MARKS_PER_ROUND, QUIET_AFTER, QUIET_MARKS_EVERY};
 
 fn seeds() -> Vec<u64> {
     match std::env::var("MESHBUS_SIM_SEED") {
@@ -24,6 +25,45 @@ fn peers_converge_through_calm_storm_cut_and_heal() {
 fn a_mesh_larger_than_a_marks_round_converges_too() {
     for seed in seeds().into_iter().take(6) {
         calm_storm_cut_and_heal(seed, 3 * MARKS_PER_ROUND);
+    }
+}
+
+/// A peer that misses a burst while its connections hold (a cut shorter than the liveness
+/// bound) and sees nothing else move is quiet, and asks only every QUIET_MARKS_EVERY; yet it
+/// gets the burst within a round of the heal, because the publisher, busy, asks it for its
+/// marks and its request says how far it has published.
+#[test]
+fn a_quiet_peer_that_missed_a_burst_hears_of_it_from_the_publishers_next_round() {
+    const EVENTS: usize = 50;
+    for seed in seeds() {
+        let n = 5;
+        let mut sim = Sim::new(seed, n);
+        sim.run(Duration::from_secs(1));
+        sim.assert_full_mesh("start");
+        // Nothing moves until every peer is quiet.
+        sim.run(QUIET_AFTER + ANTI_ENTROPY);
+        let cut = sim.rng.usize(0..n);
+        let publisher = (cut + 1 + sim.rng.usize(0..n - 1)) % n;
+        sim.up[cut] = false;
+        sim.publish(publisher, EVENTS);
+        sim.run(Duration::from_millis(100));
+        sim.up[cut] = true;
+        sim.run(Duration::from_millis(100));
+        let source = sim.nodes[publisher].id;
+        assert!(
+            sim.nodes[cut].log.get(&source).is_none_or(Vec::is_empty),
+            "seed {seed}: h{cut} got the burst through the cut"
+        );
+        for (i, node) in sim.nodes.iter().enumerate() {
+            assert_eq!(
+                node.membership.len(),
+                n - 1,
+                "seed {seed}: h{i}: nobody left"
+            );
+        }
+        assert!(QUIET_MARKS_EVERY > ANTI_ENTROPY * 2);
+        sim.run(ANTI_ENTROPY + Duration::from_millis(500));
+        sim.assert_full_logs("the publisher's next round");
     }
 }
 

@@ -53,6 +53,7 @@ impl Actor {
             }
         }
         if !ready.is_empty() {
+            self.peers.busy(now());
             // Not awaited: the writer counts and logs a failed commit, and a crash before the
             // commit loses the marks with the events, so they are fetched again.
             drop(self.store.append(ready, false));
@@ -132,18 +133,16 @@ impl Actor {
             ..Response::default()
         };
         match request.kind {
-            repair::MARKS => Response {
-                marks: self
-                    .inbox
-                    .marks()
-                    .map(|(stream, high)| repair::Mark {
-                        source: stream.source.to_bytes(),
-                        epoch: stream.epoch,
-                        high,
-                    })
-                    .collect(),
-                ..Response::default()
-            },
+            repair::MARKS => {
+                // The asker tells how far it has published; only that, from it, is taken.
+                let own = request
+                    .own
+                    .filter(|mark| mark.source == peer.to_bytes())
+                    .into_iter()
+                    .collect();
+                self.learn_marks(peer, own);
+                self.our_marks()
+            }
             repair::FETCH => {
                 let Ok(source) = PeerId::from_bytes(&request.source) else {
                     return refuse("the fetch names no valid publisher".into());
@@ -192,13 +191,35 @@ impl Actor {
         }
     }
 
+    /// What this peer holds: its marks, as a marks request is answered.
+    fn our_marks(&self) -> Response {
+        Response {
+            marks: self
+                .inbox
+                .marks()
+                .map(|(stream, high)| repair::Mark {
+                    source: stream.source.to_bytes(),
+                    epoch: stream.epoch,
+                    high,
+                })
+                .collect(),
+            ..Response::default()
+        }
+    }
+
     /// A peer's marks: fetch whatever it holds that we do not.
     fn on_marks(&mut self, peer: PeerId, response: Response) {
+        self.learn_marks(peer, response.marks);
+    }
+
+    /// Marks `peer` sent (in its answer, or of itself in its request): fetch whatever it
+    /// holds that we do not.
+    fn learn_marks(&mut self, peer: PeerId, marks: Vec<repair::Mark>) {
         let now = now();
         // A peer's marks may introduce streams this one does not follow yet (publishers it
         // never heard), but only so many per answer: marks are not signed.
         let mut introduced = 0;
-        for mark in response.marks.into_iter().take(proto::inbox::MAX_STREAMS) {
+        for mark in marks.into_iter().take(proto::inbox::MAX_STREAMS) {
             let Ok(source) = PeerId::from_bytes(&mark.source) else {
                 continue;
             };
