@@ -778,6 +778,10 @@ impl Writer {
                     .staged_since
                     .is_some_and(|since| since.elapsed() >= LINGER)
                     || self.full());
+            if self.cursors_since.is_some() && lock(&self.inner.dirty).is_empty() {
+                // An earlier commit wrote them already (the wake came after it took them).
+                self.cursors_since = None;
+            }
             let cursors_due = self.staged_since.is_none()
                 && self
                     .cursors_since

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::{warn, Instrument as _};
 
@@ -195,6 +195,8 @@ pub struct Handlers {
     replay_from: Mutex<Option<u64>>,
     /// This peer (a group member's identity) and where reply rows send their answers.
     peer: Mutex<Option<(PeerId, mpsc::Sender<Answer>)>>,
+    /// Rows came or went: the swarm task looks again whether it has groups to announce.
+    table_changed: Notify,
 }
 
 /// Why a table could not be built; nothing was changed.
@@ -258,6 +260,7 @@ impl Handlers {
             next_id: AtomicU64::new(1),
             store,
             replay_from: Mutex::new(replay_from),
+            table_changed: Notify::new(),
             peer: Mutex::new(None),
         }
     }
@@ -455,6 +458,7 @@ impl Handlers {
         let mut next: Vec<Row> = rows.iter().cloned().collect();
         next.push(row);
         *rows = Arc::new(next);
+        self.table_changed.notify_one();
         Ok(name)
     }
 
@@ -550,6 +554,7 @@ impl Handlers {
         }
         next.extend(new_rows);
         *rows = Arc::new(next);
+        self.table_changed.notify_one();
         Ok(names)
     }
 
@@ -607,6 +612,11 @@ impl Handlers {
                 }
             })
             .collect()
+    }
+
+    /// Waits until rows come or go (at once if they did since the last wait).
+    pub async fn changed(&self) {
+        self.table_changed.notified().await;
     }
 
     /// Whether any row is in a handler group (or leaving one).

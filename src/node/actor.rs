@@ -271,6 +271,8 @@ impl Actor {
                     self.send_answer(answer);
                     continue;
                 }
+                // A row in a group may have come: the deadline is looked at again.
+                () = self.shared.handlers.changed() => continue,
                 command = self.commands.recv(), if room => match command {
                     Some(command) => command,
                     None => break None,
@@ -299,6 +301,11 @@ impl Actor {
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + ANTI_ENTROPY;
             self.review_neighbours(now);
+            // A peer with a gap to fill is busy until it is whole, also while no event of
+            // the gap arrives.
+            if self.inbox.is_behind() {
+                self.peers.busy(now);
+            }
             for peer in self.peers.marks_round(now) {
                 self.ask(peer, Asked::Marks);
             }

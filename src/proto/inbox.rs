@@ -425,6 +425,11 @@ impl Inbox {
         self.lost.pop_front()
     }
 
+    /// Whether some stream is behind what a peer holds (a gap still to fill).
+    pub fn is_behind(&self) -> bool {
+        !self.behind.is_empty()
+    }
+
     /// When [`Inbox::poll_fetch`] next has something to ask.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.behind

@@ -42,8 +42,8 @@ pub const MAX_EXPLICIT_PEERS: usize = 256;
 /// peer's turn starts after its own id, so peers started together ask different members.
 pub const MARKS_PER_ROUND: usize = 4;
 
-/// A peer where no event reached the log, none was published and no member came or went for
-/// this long is quiet: anti-entropy then asks a round only every [`QUIET_MARKS_EVERY`]. Every
+/// A peer where no event reached the log, none was published, no member came or went and no
+/// gap waited to be filled for this long is quiet: anti-entropy then asks a round only every [`QUIET_MARKS_EVERY`]. Every
 /// request opens a stream on its connection, and in an idle 5-peer mesh the rounds were most
 /// of what a peer sent. What a busy stretch lost is found in the busy rounds that follow it
 /// (a member that joins is asked at once); a quiet round still finds anything left.
@@ -299,8 +299,8 @@ impl Peers {
             .collect()
     }
 
-    /// Events reached the log, this peer published, or a member came or went, at `now`:
-    /// anti-entropy goes at full pace for [`QUIET_AFTER`].
+    /// Events reached the log, this peer published, a member came or went, or a gap waits to
+    /// be filled, at `now`: anti-entropy goes at full pace for [`QUIET_AFTER`].
     pub fn busy(&mut self, now: Instant) {
         self.busy_at = Some(now);
     }

@@ -439,6 +439,10 @@ impl Sim {
     /// Every node asks the members its anti-entropy round picks for their marks.
     fn anti_entropy(&mut self) {
         for asker in 0..self.nodes.len() {
+            let node = &mut self.nodes[asker];
+            if node.inbox.is_behind() {
+                node.peers.busy(self.now);
+            }
             for peer in self.nodes[asker].peers.marks_round(self.now) {
                 let asked = self.index_of(&peer);
                 self.ask_marks(asker, asked);

@@ -139,18 +139,33 @@ async fn typed_events_reach_rust_handlers_and_subscribers_on_every_node() {
 async fn shutdown_lets_queued_handlers_finish_within_the_grace() {
     let node = Node::start(local_config()).await.unwrap();
     let (tx, mut done) = mpsc::channel(64);
-    node.on(Pattern::all(), move |event| {
-        let tx = tx.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            tx.send(event.seq).await?;
-            Ok(())
-        }
-    })
-    .unwrap();
+    let row = node
+        .on(Pattern::all(), move |event| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tx.send(event.seq).await?;
+                Ok(())
+            }
+        })
+        .unwrap();
     for i in 0..5 {
         node.publish_json("work.item", &i).await.unwrap();
     }
+    // Published is not yet queued: the row takes events from the log on its own task, and a
+    // shutdown stops that first (what it did not take runs after the next start).
+    tokio::time::timeout(T, async {
+        while node
+            .handlers()
+            .iter()
+            .find(|h| h.name == row)
+            .is_none_or(|h| h.matched < 5)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the row takes the five events into its queue");
     node.shutdown().await;
     let mut finished = Vec::new();
     while let Ok(seq) = done.try_recv() {

@@ -134,10 +134,10 @@ impl Actor {
         };
         match request.kind {
             repair::MARKS => {
-                // The asker tells how far it has published; only that, from it, is taken.
+                // A member tells how far it has published; only that, from it, is taken.
                 let own = request
                     .own
-                    .filter(|mark| mark.source == peer.to_bytes())
+                    .filter(|mark| self.peers.is_member(&peer) && mark.source == peer.to_bytes())
                     .into_iter()
                     .collect();
                 self.learn_marks(peer, own);
