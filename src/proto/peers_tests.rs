@@ -436,11 +436,7 @@ fn each_peer_starts_its_marks_turn_after_its_own_id() {
 #[test]
 fn a_quiet_peer_asks_for_marks_every_quiet_round_and_a_busy_one_every_round() {
     let start = Instant::now();
-    let mut peers = Peers::new(PeerId::random(), start);
-    let member = PeerId::random();
-    peers.connected(member, conn(0), addr(0), start);
-    peers.identified(member, PROTOCOL_VERSION, agent(None), vec![]);
-    drain(&mut peers);
+    let (mut peers, member) = with_member(start);
     // The swarm task's rounds, one a second from `from` to `to`: the seconds that asked.
     let asking = |peers: &mut Peers, from: u64, to: u64| -> Vec<u64> {
         (from..to)
