@@ -138,6 +138,11 @@ pub fn is_text(content_type: &str) -> bool {
 }
 
 impl Event {
+    /// Bytes the event takes in memory, roughly: what buffers, caches and queues count.
+    pub fn footprint(&self) -> usize {
+        self.data.len() + self.topic.as_str().len() + self.event_type.len() + 128
+    }
+
     /// Decodes a JSON payload into `T`.
     pub fn data_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.data)

@@ -64,15 +64,24 @@ const FORMAT: &[u8] = b"meshbus-log-1";
 /// Longest a cursor set without [`Store::flush`] waits before it is written.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// Newest events also kept in memory, so rows that keep up never read the disk.
+/// Newest events also kept in memory, so rows that keep up never read the disk: at most this
+/// many, and at most [`CACHE_BYTES`] of them. Staged events stay whatever the bounds (they are
+/// readable only from here); [`MAX_STAGED`] and [`MAX_STAGED_BYTES`] bound those.
 const CACHE_EVENTS: usize = 64 * 1024;
+/// Bytes of cached events (by [`Event::footprint`]) past which the oldest committed ones go. 64 Ki
+/// events of 256 bytes fit; of the largest events (256 KiB), the newest 128 do.
+const CACHE_BYTES: usize = 32 << 20;
+
+/// Bytes redb may keep in memory (its read cache and write buffer; redb's default is 1 GiB).
+/// The newest events are in [`Cache`] already, and the kernel caches the file.
+const DB_CACHE_BYTES: usize = 16 << 20;
 
 /// Longest an event from another peer stays staged (readable, not yet in the database).
 pub const LINGER: Duration = Duration::from_millis(50);
 
 /// Staged events (or bytes of them) that make a commit at once rather than at [`LINGER`].
 const STAGE_EVENTS: usize = 4096;
-/// Bytes of staged events (data plus an estimate per event) that make a commit at once.
+/// Bytes of staged events (by [`Event::footprint`]) that make a commit at once.
 const STAGE_BYTES: usize = 4 << 20;
 
 /// The wait before a failed commit is tried again, doubling up to [`RETRY_MAX`].
@@ -84,8 +93,7 @@ const AGE_CHECK: Duration = Duration::from_secs(1);
 
 /// Most events staged while commits fail; past it, events from other peers are refused
 /// (counted in [`LogStatus::refused`] and logged; this peer's log lacks them, other peers
-/// still hold them). With [`STAGE_EVENTS`] it stays well inside [`CACHE_EVENTS`], so a reader
-/// that falls back to the database finds every offset the cache no longer holds.
+/// still hold them).
 const MAX_STAGED: usize = 16 * 1024;
 /// Bytes staged past which, while commits fail, events from other peers are refused.
 const MAX_STAGED_BYTES: usize = 64 << 20;
@@ -240,7 +248,7 @@ struct Inner {
     me: PeerId,
     epoch: u64,
     retention: Retention,
-    cache: Mutex<VecDeque<(u64, Arc<Event>)>>,
+    cache: Mutex<Cache>,
     head: watch::Sender<u64>,
     first: AtomicU64,
     bytes: AtomicU64,
@@ -274,10 +282,13 @@ impl Store {
         let (db, path) = match dir {
             Some(dir) => {
                 let path = dir.join("log.redb");
-                let db = Database::create(&path).map_err(|source| StoreError::Open {
-                    path: path.clone(),
-                    source,
-                })?;
+                let db = Database::builder()
+                    .set_cache_size(DB_CACHE_BYTES)
+                    .create(&path)
+                    .map_err(|source| StoreError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
                 (db, path)
             }
             None => {
@@ -296,7 +307,7 @@ impl Store {
             me,
             epoch,
             retention,
-            cache: Mutex::new(VecDeque::new()),
+            cache: Mutex::new(Cache::default()),
             head: watch::channel(head).0,
             first: AtomicU64::new(first),
             bytes: AtomicU64::new(bytes),
@@ -374,7 +385,7 @@ impl Store {
     /// `after + 1`, it starts at the oldest it holds: the caller sees the jump.
     pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Arc<Event>)>, StoreError> {
         {
-            let cache = lock(&self.inner.cache);
+            let cache = &lock(&self.inner.cache).events;
             if let Some(&(front, _)) = cache.front() {
                 if after + 1 >= front {
                     let skip = (after + 1 - front) as usize;
@@ -478,6 +489,7 @@ impl Store {
         }
         // Staged events (received, not yet committed) are the newest in the cache.
         let mut ours: Vec<Arc<Event>> = lock(&self.inner.cache)
+            .events
             .iter()
             .rev()
             .take_while(|(offset, _)| *offset > committed)
@@ -860,10 +872,10 @@ impl Writer {
         let mut cache = lock(&inner.cache);
         for event in &events {
             head += 1;
-            self.staged_bytes += event.data.len() + EVENT_OVERHEAD;
-            cache.push_back((head, event.clone()));
+            self.staged_bytes += event.footprint();
+            cache.push(head, event.clone());
         }
-        trim(&mut cache, inner.first.load(Ordering::Relaxed));
+        cache.trim(inner.first.load(Ordering::Relaxed), self.committed);
         drop(cache);
         self.staged_events += events.len();
         self.staged_since.get_or_insert_with(Instant::now);
@@ -951,10 +963,10 @@ impl Writer {
                 for (events, _, _) in &accepted {
                     for event in events {
                         offset += 1;
-                        cache.push_back((offset, event.clone()));
+                        cache.push(offset, event.clone());
                     }
                 }
-                trim(&mut cache, inner.first.load(Ordering::Relaxed));
+                cache.trim(inner.first.load(Ordering::Relaxed), head);
                 drop(cache);
                 inner.head.send_replace(head);
                 for (_, _, done) in accepted {
@@ -986,18 +998,32 @@ impl Writer {
     }
 }
 
-/// Drops the oldest cached events beyond [`CACHE_EVENTS`] and those before `first`.
-fn trim(cache: &mut VecDeque<(u64, Arc<Event>)>, first: u64) {
-    while cache.len() > CACHE_EVENTS {
-        cache.pop_front();
-    }
-    while cache.front().is_some_and(|(o, _)| *o < first) {
-        cache.pop_front();
-    }
+/// The newest events, by offset, and how many bytes they take.
+#[derive(Default)]
+struct Cache {
+    events: VecDeque<(u64, Arc<Event>)>,
+    bytes: usize,
 }
 
-/// Bytes an event takes besides its data, as an estimate for [`STAGE_BYTES`].
-const EVENT_OVERHEAD: usize = 128;
+impl Cache {
+    fn push(&mut self, offset: u64, event: Arc<Event>) {
+        self.bytes += event.footprint();
+        self.events.push_back((offset, event));
+    }
+
+    /// Drops the events before `first` (gone from the log), then the oldest past
+    /// [`CACHE_EVENTS`] or [`CACHE_BYTES`] that are in the database (up to `committed`).
+    fn trim(&mut self, first: u64, committed: u64) {
+        while let Some((offset, event)) = self.events.front() {
+            let over = self.events.len() > CACHE_EVENTS || self.bytes > CACHE_BYTES;
+            if *offset >= first && !(over && *offset <= committed) {
+                break;
+            }
+            self.bytes -= event.footprint();
+            self.events.pop_front();
+        }
+    }
+}
 
 impl Inner {
     /// Cursors a commit did not write wait for the next one, unless set again since.

@@ -166,7 +166,7 @@ async fn a_record_keeps_its_events_in_order_and_a_read_or_fetch_can_start_inside
     append_committed(&store, (1..=10).map(|s| event(src, 2, s)).collect()).await;
     append_committed(&store, (11..=12).map(|s| event(src, 2, s)).collect()).await;
     // Past the memory cache, from the disk: start in the middle of the first record.
-    store.inner.cache.lock().unwrap().clear();
+    *store.inner.cache.lock().unwrap() = Cache::default();
     assert_eq!(seqs(&store.read_after(6, 4).unwrap()), [7, 8, 9, 10]);
     assert_eq!(seqs(&store.read_after(9, 10).unwrap()), [10, 11, 12]);
     let r = store
@@ -267,7 +267,7 @@ async fn events_from_other_peers_are_readable_at_once_and_reach_the_disk_within_
     // Committed within the linger without anyone asking: readable from the database.
     let committed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            store.inner.cache.lock().unwrap().clear();
+            *store.inner.cache.lock().unwrap() = Cache::default();
             if seqs(&store.read_after(0, 10).unwrap()) == [1, 2, 3] {
                 break;
             }
@@ -309,7 +309,7 @@ async fn a_publish_commits_the_staged_events_before_it_in_offset_order() {
         .await
         .unwrap();
     append(&store, vec![event(src, 1, 2)], false).await.unwrap();
-    store.inner.cache.lock().unwrap().clear();
+    *store.inner.cache.lock().unwrap() = Cache::default();
     // The durable publish carried the staged event with it, in the order they came.
     let read = store.read_after(0, 10).unwrap();
     let order: Vec<(u64, bool)> = read.iter().map(|(o, e)| (*o, e.source == me)).collect();
@@ -339,7 +339,7 @@ async fn a_large_repair_is_stored_whole_and_many_appends_at_once_are_all_taken()
     store.flush().await.unwrap().unwrap();
     assert_eq!(store.last(), 52_000);
     assert_eq!(store.status().refused, 0);
-    store.inner.cache.lock().unwrap().clear();
+    *store.inner.cache.lock().unwrap() = Cache::default();
     let read = store.read_after(0, 60_000).unwrap();
     assert_eq!(read.len(), 52_000);
     assert!(read
@@ -380,4 +380,80 @@ async fn a_cursor_reaches_the_database_without_a_flush_and_so_does_its_removal()
     written(Some(4)).await;
     store.remove_cursor("row");
     written(None).await;
+}
+
+/// An event of `source` carrying `size` bytes of data.
+fn sized(source: PeerId, epoch: u64, seq: u64, size: usize) -> Arc<Event> {
+    let mut e = (*event(source, epoch, seq)).clone();
+    e.data = bytes::Bytes::from(vec![b'x'; size]);
+    Arc::new(e)
+}
+
+#[test]
+fn the_memory_cache_keeps_its_byte_bound_but_never_drops_a_staged_event() {
+    let src = PeerId::random();
+    let mib = |seq| sized(src, 1, seq, 1 << 20);
+    let mut cache = Cache::default();
+    // 64 events of 1 MiB, the first 40 in the database: committed ones go, oldest first,
+    // until the rest fit (31 events of 1 MiB and a little).
+    for offset in 1..=64 {
+        cache.push(offset, mib(offset));
+        cache.trim(1, 40);
+    }
+    assert!(cache.bytes <= CACHE_BYTES);
+    assert_eq!(cache.events.front().map(|(o, _)| *o), Some(34));
+    assert_eq!(cache.events.len(), 31);
+    // 36 more staged (nothing past 64 in the database): all stay, over the bound.
+    for offset in 65..=100 {
+        cache.push(offset, mib(offset));
+        cache.trim(1, 64);
+    }
+    assert_eq!(cache.events.front().map(|(o, _)| *o), Some(65));
+    assert_eq!(cache.events.len(), 36);
+    assert_eq!(cache.bytes, 36 * mib(0).footprint());
+    // Retention dropped up to 69: those go, staged or not.
+    cache.trim(70, 64);
+    assert_eq!(cache.events.front().map(|(o, _)| *o), Some(70));
+    assert_eq!(cache.bytes, 31 * mib(0).footprint());
+    // Small events: the count bound.
+    let mut cache = Cache::default();
+    for offset in 1..=(CACHE_EVENTS as u64 + 10) {
+        cache.push(offset, event(src, 1, offset));
+    }
+    cache.trim(1, 5);
+    assert_eq!(
+        cache.events.front().map(|(o, _)| *o),
+        Some(6),
+        "staged ones stay"
+    );
+    cache.trim(1, u64::MAX);
+    assert_eq!(cache.events.len(), CACHE_EVENTS);
+    assert_eq!(cache.events.front().map(|(o, _)| *o), Some(11));
+}
+
+#[tokio::test]
+async fn large_events_past_the_memory_cache_are_read_back_from_the_database_in_order() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(None, me, Retention::default()).unwrap();
+    // 48 MiB in 8 commits: more than the cache keeps.
+    for from in (1..=192u64).step_by(24) {
+        append_committed(
+            &store,
+            (from..from + 24)
+                .map(|s| sized(src, 1, s, 256 << 10))
+                .collect(),
+        )
+        .await;
+    }
+    {
+        let cache = store.inner.cache.lock().unwrap();
+        assert!(cache.bytes <= CACHE_BYTES, "{} bytes cached", cache.bytes);
+        assert!(cache.events.front().is_some_and(|(o, _)| *o > 1));
+    }
+    let read = store.read_after(0, 1000).unwrap();
+    assert_eq!(read.len(), 192);
+    assert!(read
+        .iter()
+        .enumerate()
+        .all(|(i, (o, e))| *o == i as u64 + 1 && e.seq == *o && e.data.len() == 256 << 10));
 }

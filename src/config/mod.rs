@@ -38,10 +38,10 @@ pub const fn max_event_size_limit() -> usize {
 /// Default time an `exec` handler may run before its process group is killed.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Default number of events waiting in front of each handler; past it new events are
-/// dropped for that handler and counted (`queue_full` in `status`). Deep enough to ride out
-/// a burst of a few hundred milliseconds at 50,000 events/s; an event is shared, not copied,
-/// so a full queue holds a pointer per slot plus the events themselves.
+/// Default number of events waiting in front of each handler; past it (or past
+/// [`crate::handlers::QUEUE_BYTES`]) the handler stops reading the log until it has
+/// room: it lags, it drops nothing. Deep enough to ride out a burst of a few hundred
+/// milliseconds at 50,000 events/s.
 pub const DEFAULT_HANDLER_QUEUE: usize = 16 * 1024;
 
 /// Default number of events buffered for each `tail` subscriber before it misses some.

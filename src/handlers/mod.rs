@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{warn, Instrument as _};
 
@@ -45,7 +45,7 @@ pub use action::{
 pub use file::FileAction;
 pub use http::{HttpAction, HttpMode, DEFAULT_HTTP_TIMEOUT};
 pub use jq::{check as check_jq, check_key, JqError};
-pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE};
+pub use row::{RowOptions, MAX_CONCURRENCY, MAX_QUEUE, QUEUE_BYTES};
 pub use spec::{HandlerSpec, SpecError};
 
 use group::GroupRow;
@@ -378,6 +378,7 @@ impl Handlers {
             store: self.store.clone(),
             group: group.clone(),
             reply: spec.reply,
+            room: Arc::new(Semaphore::new(row::QUEUE_BYTES)),
         };
         let worker = row::Worker {
             name: name.clone(),
@@ -875,6 +876,50 @@ mod tests {
         }
         handlers.shutdown(Duration::from_secs(5)).await;
         assert!(handlers.list().is_empty());
+    }
+
+    /// With the clock paused, a sleep ends only once every task is waiting: the row's
+    /// feeder has queued all it may.
+    #[tokio::test(start_paused = true)]
+    async fn a_row_holds_at_most_its_queue_bytes_of_events_and_still_takes_every_one() {
+        let (handlers, store, _) = table(1024);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (tx, mut rx) = mpsc::channel(64);
+        let blocked = gate.clone();
+        add(
+            &handlers,
+            Action::Rust(Arc::new(move |e: Arc<Event>| {
+                let (gate, tx) = (blocked.clone(), tx.clone());
+                Box::pin(async move {
+                    tx.send(e.id).await?;
+                    gate.acquire().await?.forget();
+                    Ok(())
+                })
+            })),
+        );
+        // 40 events of 1 MiB: the queue has slots for all of them, but bytes for 15.
+        let events: Vec<Arc<Event>> = (0..40)
+            .map(|_| {
+                let mut e = (*event("a.b")).clone();
+                e.data = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+                Arc::new(e)
+            })
+            .collect();
+        let fit = QUEUE_BYTES / events[0].footprint();
+        assert_eq!(fit, 15);
+        append(&store, events.clone()).await;
+        assert_eq!(rx.recv().await, Some(events[0].id));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let row = handlers.list()[0].clone();
+        // One runs, the rest of what fits waits in the queue, and the feeder waits for room
+        // with the next one (counted as queued).
+        assert_eq!((row.in_flight, row.queue_depth), (1, fit as u64));
+        assert_eq!(row.lag, 40, "nothing finished, nothing dropped");
+        gate.add_permits(40);
+        for e in &events[1..] {
+            assert_eq!(rx.recv().await, Some(e.id), "every event, in order");
+        }
+        handlers.shutdown(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]

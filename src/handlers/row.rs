@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::warn;
 
@@ -67,6 +67,15 @@ pub const MAX_CONCURRENCY: usize = 1024;
 
 /// Longest queue in front of one row.
 pub const MAX_QUEUE: usize = 1 << 20;
+
+/// Bytes of events (by [`Event::footprint`]) queued or in flight in one row, whatever its
+/// queue's length: 64 of the largest events, or 16 Ki of 1 KiB ones. Past it the row stops
+/// reading the log until its worker finishes some, as when its queue is full.
+pub const QUEUE_BYTES: usize = 16 << 20;
+
+/// An event in a row's queue: its offset, and its share of [`QUEUE_BYTES`] (given back when
+/// the row has finished it).
+pub(super) type Queued = (u64, Arc<Event>, OwnedSemaphorePermit);
 
 impl RowOptions {
     /// The wait before retry number `attempt` (1 for the first retry).
@@ -141,6 +150,8 @@ pub(super) struct Feeder {
     pub group: Option<Arc<GroupRow>>,
     /// The row answers queries.
     pub reply: bool,
+    /// [`QUEUE_BYTES`], less what is queued or in flight.
+    pub room: Arc<Semaphore>,
 }
 
 /// What a group row's feeder does next.
@@ -169,18 +180,25 @@ impl Feeder {
         }
     }
 
-    /// Queues an event for the row's worker, waiting for room; false if the row stopped
-    /// first (then it is not queued).
+    /// Queues an event for the row's worker, waiting for room (a slot and its bytes); false
+    /// if the row stopped first (then it is not queued).
     async fn offer(
         &self,
-        queue: &mpsc::Sender<(u64, Arc<Event>)>,
+        queue: &mpsc::Sender<Queued>,
         stop: &mut watch::Receiver<bool>,
         offset: u64,
         event: Arc<Event>,
     ) -> bool {
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        let bytes = u32::try_from(event.footprint().min(QUEUE_BYTES)).unwrap_or(u32::MAX);
+        let send = async {
+            let Ok(room) = self.room.clone().acquire_many_owned(bytes).await else {
+                return false;
+            };
+            queue.send((offset, event, room)).await.is_ok()
+        };
         let sent = tokio::select! {
-            sent = queue.send((offset, event)) => sent.is_ok(),
+            sent = send => sent,
             _ = stop.changed() => false,
         };
         if sent {
@@ -196,7 +214,7 @@ impl Feeder {
     async fn group_turn(
         &self,
         group: &GroupRow,
-        queue: &mpsc::Sender<(u64, Arc<Event>)>,
+        queue: &mpsc::Sender<Queued>,
         stop: &mut watch::Receiver<bool>,
     ) -> Turn {
         let released = group.state().take_released();
@@ -251,11 +269,7 @@ impl Feeder {
 
     /// Feeds until `stop` turns true; what it read and did not queue is read again by the
     /// row's next feeder (after a reload).
-    pub(super) async fn run(
-        self,
-        queue: mpsc::Sender<(u64, Arc<Event>)>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    pub(super) async fn run(self, queue: mpsc::Sender<Queued>, mut stop: watch::Receiver<bool>) {
         let mut head = self.store.head();
         loop {
             if *stop.borrow_and_update() {
@@ -390,7 +404,7 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) async fn run(self, mut rx: mpsc::Receiver<(u64, Arc<Event>)>) {
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<Queued>) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(
             this.options.concurrency.clamp(1, MAX_CONCURRENCY),
@@ -407,7 +421,14 @@ impl Worker {
             if rx.recv_many(&mut batch, limit).await == 0 {
                 break;
             }
-            let (offsets, events): (Vec<u64>, Vec<Arc<Event>>) = batch.drain(..).unzip();
+            let mut offsets = Vec::with_capacity(batch.len());
+            let mut events = Vec::with_capacity(batch.len());
+            let mut room = Vec::with_capacity(batch.len());
+            for (offset, event, bytes) in batch.drain(..) {
+                offsets.push(offset);
+                events.push(event);
+                room.push(bytes);
+            }
             this.counters
                 .queued
                 .fetch_sub(offsets.len() as u64, Ordering::Relaxed);
@@ -425,7 +446,7 @@ impl Worker {
             running.spawn(async move {
                 worker.attempt_all(events).await;
                 worker.finished(&offsets, &streams).await;
-                drop(permit);
+                drop((permit, room));
             });
             while running.try_join_next().is_some() {}
         }

@@ -173,7 +173,7 @@ impl Stream {
     /// Takes the buffered event after `high`, if there is one.
     fn next_buffered(&mut self) -> Option<Event> {
         let event = self.buffer.remove(&(self.high + 1))?;
-        self.buffered_bytes -= size(&event);
+        self.buffered_bytes -= event.footprint();
         self.high += 1;
         Some(event)
     }
@@ -286,13 +286,13 @@ impl Inbox {
             s.progress_at = now;
             Received::Fresh
         } else if seq - s.high > MAX_BUFFERED
-            || s.buffered_bytes + size(&event) > MAX_BUFFERED_BYTES_PER_STREAM
-            || self.buffered_bytes + size(&event) > MAX_BUFFERED_BYTES
+            || s.buffered_bytes + event.footprint() > MAX_BUFFERED_BYTES_PER_STREAM
+            || self.buffered_bytes + event.footprint() > MAX_BUFFERED_BYTES
         {
             Received::Deferred
         } else {
-            s.buffered_bytes += size(&event);
-            self.buffered_bytes += size(&event);
+            s.buffered_bytes += event.footprint();
+            self.buffered_bytes += event.footprint();
             s.buffer.insert(seq, event);
             Received::Fresh
         };
@@ -492,11 +492,6 @@ fn drain(s: &mut Stream, ready: &mut VecDeque<Event>, total: &mut usize) {
         ready.push_back(next);
     }
     *total -= before - s.buffered_bytes;
-}
-
-/// What an event takes in a buffer, roughly.
-fn size(event: &Event) -> usize {
-    event.data.len() + event.topic.as_str().len() + event.event_type.len() + 128
 }
 
 /// The stream `id`, followed from now on if it is new and there is room.
