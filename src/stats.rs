@@ -33,6 +33,9 @@ pub struct Stats {
     pub repair_failed: AtomicU64,
     /// Repair requests this peer answered.
     pub repair_served: AtomicU64,
+    /// Marks ignored: an unreadable publisher, or a request's own mark from a non-member or
+    /// naming another publisher than the asker.
+    pub marks_refused: AtomicU64,
     /// Own messages gossip did not take (stored, so peers fetch them).
     pub gossip_failed: AtomicU64,
     /// Incoming connections closed because they held no key of this mesh.
@@ -102,6 +105,8 @@ pub struct Counters {
     pub repair_fetches: u64,
     pub repair_failed: u64,
     pub repair_served: u64,
+    #[serde(default)]
+    pub marks_refused: u64,
     pub gossip_failed: u64,
     pub connections_refused: u64,
     pub events_forbidden: u64,
@@ -136,6 +141,7 @@ impl Stats {
             repair_fetches: r(&self.repair_fetches),
             repair_failed: r(&self.repair_failed),
             repair_served: r(&self.repair_served),
+            marks_refused: r(&self.marks_refused),
             gossip_failed: r(&self.gossip_failed),
             connections_refused: r(&self.connections_refused),
             events_forbidden: r(&self.events_forbidden),

@@ -727,7 +727,8 @@ impl Writer {
         let mut age_checked = Instant::now();
         while stop.is_none() {
             let now = Instant::now();
-            // Nothing waiting: sleep until the age check.
+            // Staged events wait at most LINGER, cursors FLUSH_EVERY; with nothing waiting,
+            // sleep until the age check.
             let mut wait = match (self.staged_since, self.cursors_since) {
                 (Some(since), _) => (since + LINGER).saturating_duration_since(now),
                 (None, Some(since)) => (since + FLUSH_EVERY).saturating_duration_since(now),

@@ -84,8 +84,8 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "repair      {} events repaired, {} fetches ({} failed), {} served, {} lost",
-        c.repaired, c.repair_fetches, c.repair_failed, c.repair_served, c.events_lost
+        "repair      {} events repaired, {} fetches ({} failed), {} served, {} lost, {} marks refused",
+        c.repaired, c.repair_fetches, c.repair_failed, c.repair_served, c.events_lost, c.marks_refused
     );
     let _ = writeln!(
         out,

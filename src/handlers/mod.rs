@@ -30,7 +30,7 @@ mod jq;
 mod row;
 mod spec;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -197,6 +197,9 @@ pub struct Handlers {
     peer: Mutex<Option<(PeerId, mpsc::Sender<Answer>)>>,
     /// Rows came or went: the swarm task looks again whether it has groups to announce.
     table_changed: Notify,
+    /// Whether a row is in a handler group or leaving one (set with the rows, read by the
+    /// swarm task on every turn without the lock).
+    grouped: AtomicBool,
 }
 
 /// Why a table could not be built; nothing was changed.
@@ -261,6 +264,7 @@ impl Handlers {
             store,
             replay_from: Mutex::new(replay_from),
             table_changed: Notify::new(),
+            grouped: AtomicBool::new(false),
             peer: Mutex::new(None),
         }
     }
@@ -458,8 +462,7 @@ impl Handlers {
         let mut rows = write(&self.rows);
         let mut next: Vec<Row> = rows.iter().cloned().collect();
         next.push(row);
-        *rows = Arc::new(next);
-        self.table_changed.notify_one();
+        self.set_rows(&mut rows, next);
         Ok(name)
     }
 
@@ -554,9 +557,18 @@ impl Handlers {
             }
         }
         next.extend(new_rows);
+        self.set_rows(&mut rows, next);
+        Ok(names)
+    }
+
+    /// The table is `next` from now on; the swarm task hears of it.
+    fn set_rows(&self, rows: &mut Arc<Vec<Row>>, next: Vec<Row>) {
+        let grouped = next
+            .iter()
+            .any(|row| row.group.is_some() || row.left.is_some());
+        self.grouped.store(grouped, Ordering::Relaxed);
         *rows = Arc::new(next);
         self.table_changed.notify_one();
-        Ok(names)
     }
 
     /// The rows and their counters.
@@ -622,9 +634,7 @@ impl Handlers {
 
     /// Whether any row is in a handler group (or leaving one).
     pub fn has_groups(&self) -> bool {
-        read(&self.rows)
-            .iter()
-            .any(|row| row.group.is_some() || row.left.is_some())
+        self.grouped.load(Ordering::Relaxed)
     }
 
     /// The groups this peer's rows are in, as announced to the other peers.
@@ -710,6 +720,7 @@ impl Handlers {
     /// `grace`, then cancels the rest (their cursors stay before what they did not finish).
     pub async fn shutdown(&self, grace: Duration) {
         let rows = std::mem::take(&mut *write(&self.rows));
+        self.grouped.store(false, Ordering::Relaxed);
         for row in rows.iter() {
             let _ = row.stop.send(true);
         }
@@ -920,6 +931,31 @@ mod tests {
             assert_eq!(rx.recv().await, Some(e.id), "every event, in order");
         }
         handlers.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn the_table_says_whether_a_row_is_in_a_group_and_wakes_the_swarm_task_when_rows_change()
+    {
+        let (handlers, _store, _) = table(16);
+        handlers.connect(libp2p::PeerId::random(), mpsc::channel(1).0);
+        let noop = || Action::Rust(Arc::new(|_| Box::pin(async { Ok(()) })));
+        let changed = || async {
+            tokio::time::timeout(Duration::from_secs(5), handlers.changed())
+                .await
+                .expect("the table said it changed")
+        };
+        add(&handlers, noop());
+        changed().await;
+        assert!(!handlers.has_groups());
+        let mut spec = HandlerSpec::new(Pattern::all(), noop());
+        spec.group = Some("workers".into());
+        handlers.add(spec).unwrap();
+        changed().await;
+        assert!(handlers.has_groups());
+        handlers.replace(Vec::new()).unwrap();
+        assert!(handlers.has_groups(), "library rows stay");
+        handlers.shutdown(Duration::from_secs(5)).await;
+        assert!(!handlers.has_groups());
     }
 
     #[tokio::test]

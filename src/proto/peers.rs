@@ -43,10 +43,11 @@ pub const MAX_EXPLICIT_PEERS: usize = 256;
 pub const MARKS_PER_ROUND: usize = 4;
 
 /// A peer where no event reached the log, none was published, no member came or went and no
-/// gap waited to be filled for this long is quiet: anti-entropy then asks a round only every [`QUIET_MARKS_EVERY`]. Every
-/// request opens a stream on its connection, and in an idle 5-peer mesh the rounds were most
-/// of what a peer sent. What a busy stretch lost is found in the busy rounds that follow it
-/// (a member that joins is asked at once); a quiet round still finds anything left.
+/// gap waited to be filled for this long is quiet: anti-entropy then asks a round only every
+/// [`QUIET_MARKS_EVERY`]. Every request opens a stream on its connection, and in an idle
+/// 5-peer mesh the rounds were most of what a peer sent. What a busy stretch lost is found in
+/// the busy rounds that follow it (a member that joins is asked at once); a quiet round still
+/// finds anything left.
 pub const QUIET_AFTER: Duration = Duration::from_secs(10);
 
 /// How often a quiet peer asks a round of members for their marks.

@@ -135,12 +135,18 @@ impl Actor {
         match request.kind {
             repair::MARKS => {
                 // A member tells how far it has published; only that, from it, is taken.
-                let own = request
-                    .own
-                    .filter(|mark| self.peers.is_member(&peer) && mark.source == peer.to_bytes())
-                    .into_iter()
-                    .collect();
-                self.learn_marks(peer, own);
+                let own = match request.own {
+                    Some(_) if !self.peers.is_member(&peer) => {
+                        self.refuse_mark(peer, "an own mark from a peer that is not a member");
+                        None
+                    }
+                    Some(mark) if mark.source != peer.to_bytes() => {
+                        self.refuse_mark(peer, "an own mark naming another publisher");
+                        None
+                    }
+                    own => own,
+                };
+                self.learn_marks(peer, own.into_iter().collect());
                 self.our_marks()
             }
             repair::FETCH => {
@@ -221,6 +227,7 @@ impl Actor {
         let mut introduced = 0;
         for mark in marks.into_iter().take(proto::inbox::MAX_STREAMS) {
             let Ok(source) = PeerId::from_bytes(&mark.source) else {
+                self.refuse_mark(peer, "a mark whose publisher is not a peer id");
                 continue;
             };
             let stream = StreamId {
@@ -241,6 +248,13 @@ impl Actor {
             }
         }
         self.fetch_due(now);
+    }
+
+    /// Counts and logs (throttled) a mark `peer` sent that is ignored, and why.
+    fn refuse_mark(&self, peer: PeerId, reason: &str) {
+        if let Some(n) = stats::bump_throttled(&self.shared.stats.marks_refused) {
+            warn!(%peer, reason, refused_so_far = n, "ignored a repair mark");
+        }
     }
 
     /// Events a peer sent for a fetch: checked like gossiped ones, and that they are of the
