@@ -101,6 +101,10 @@ const MAX_STAGED_BYTES: usize = 64 << 20;
 /// Most appends gathered into one commit.
 const MAX_GROUP: usize = 4096;
 
+/// Reads of one fetch before it gives up ([`StoreError::Moving`]): each is retried only
+/// when a commit made the cache drop part of its answer while it read.
+const FETCH_TRIES: usize = 4;
+
 /// Most events dropped for retention in one commit (the rest go in the next ones).
 const MAX_PRUNE: usize = 16 * 1024;
 
@@ -174,6 +178,10 @@ pub enum StoreError {
     /// The writer has stopped.
     #[error("the event log is closed")]
     Closed,
+    /// Commits kept moving events out of memory while a fetch read them; it may be asked
+    /// again.
+    #[error("the event log kept changing while it was read; ask again")]
+    Moving,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -293,6 +301,7 @@ impl Store {
             }
             None => {
                 let db = Database::builder()
+                    .set_cache_size(DB_CACHE_BYTES)
                     .create_with_backend(redb::backends::InMemoryBackend::new())
                     .map_err(|source| StoreError::Open {
                         path: "(memory)".into(),
@@ -429,6 +438,23 @@ impl Store {
         to: u64,
         max_bytes: usize,
     ) -> Result<Range, StoreError> {
+        for _ in 0..FETCH_TRIES {
+            if let Some(range) = self.try_fetch(stream, from, to, max_bytes)? {
+                return Ok(range);
+            }
+        }
+        Err(StoreError::Moving)
+    }
+
+    /// [`Store::fetch`], or `None` if a commit made the cache drop events of the answer
+    /// between its two parts (the database's and the cache's).
+    fn try_fetch(
+        &self,
+        stream: StreamId,
+        from: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<Option<Range>, StoreError> {
         let mut range = Range::default();
         let mut bytes = 0;
         // The next seq wanted; what the database lacks may be staged.
@@ -436,7 +462,8 @@ impl Store {
         let mut full = false;
         let source = stream.source.to_bytes();
         // Read before the snapshot is taken: whatever is committed after this is newer than
-        // it and still in the cache, so every event is in one part or both (never neither).
+        // it, so it is in the snapshot or in the cache, unless the cache dropped it since
+        // (then the answer is read again).
         let committed = self.inner.committed.load(Ordering::Acquire);
         let read = self.inner.db.begin_read().map_err(db_err)?;
         let streams = read.open_table(STREAMS).map_err(db_err)?;
@@ -485,10 +512,18 @@ impl Store {
             }
         }
         if full || next > to {
-            return Ok(range);
+            return Ok(Some(range));
         }
         // Staged events (received, not yet committed) are the newest in the cache.
-        let mut ours: Vec<Arc<Event>> = lock(&self.inner.cache)
+        let cache = lock(&self.inner.cache);
+        let whole = match cache.events.front() {
+            Some(&(front, _)) => front <= committed + 1,
+            None => *self.inner.head.borrow() <= committed,
+        };
+        if !whole {
+            return Ok(None);
+        }
+        let mut ours: Vec<Arc<Event>> = cache
             .events
             .iter()
             .rev()
@@ -497,6 +532,7 @@ impl Store {
             .filter(|e| e.source == stream.source && e.epoch == stream.epoch && e.seq > 0)
             .cloned()
             .collect();
+        drop(cache);
         ours.reverse();
         if held.is_none() {
             range.first = ours.first().map_or(0, |e| e.seq);
@@ -516,7 +552,7 @@ impl Store {
             range.events.push(encoded);
             next = event.seq + 1;
         }
-        Ok(range)
+        Ok(Some(range))
     }
 
     /// The first offset whose event was published at or after `since`, for replays.

@@ -457,3 +457,33 @@ async fn large_events_past_the_memory_cache_are_read_back_from_the_database_in_o
         .enumerate()
         .all(|(i, (o, e))| *o == i as u64 + 1 && e.seq == *o && e.data.len() == 256 << 10));
 }
+
+#[tokio::test]
+async fn a_fetch_whose_cache_part_was_dropped_while_it_read_says_so_instead_of_answering_short() {
+    let (me, src) = (PeerId::random(), PeerId::random());
+    let (store, _) = Store::open(None, me, Retention::default()).unwrap();
+    append_committed(&store, (1..=10).map(|s| event(src, 1, s)).collect()).await;
+    let stream = StreamId {
+        source: src,
+        epoch: 1,
+    };
+    assert_eq!(
+        store.fetch(stream, 1, 20, 1 << 20).unwrap().events.len(),
+        10
+    );
+    // As a fetch sees it when commits moved offsets 3.. into the database and the cache
+    // dropped them after it read how far the database went (2), but before it read the
+    // cache: the cache starts at 6, so offsets 3 to 5 are in neither part it read.
+    store.inner.committed.store(2, Ordering::Release);
+    lock(&store.inner.cache).trim(6, 10);
+    assert!(matches!(
+        store.fetch(stream, 1, 20, 1 << 20),
+        Err(StoreError::Moving)
+    ));
+    // Once the parts meet again, it answers.
+    store.inner.committed.store(10, Ordering::Release);
+    assert_eq!(
+        store.fetch(stream, 1, 20, 1 << 20).unwrap().events.len(),
+        10
+    );
+}

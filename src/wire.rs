@@ -199,7 +199,6 @@ pub fn decode_batch(
     if version != VERSION {
         return Err(WireError::Version(version));
     }
-    // Decoding from `Bytes` lets each event's data share the payload's buffer, uncopied.
     let body = payload.into().slice(1..);
     let batch = WireBatch::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
     if batch.events.is_empty() {
@@ -208,7 +207,13 @@ pub fn decode_batch(
     let mut decoded = Decoded::default();
     for wire in batch.events {
         match from_wire(wire, source, max_event_size) {
-            Ok(event) => decoded.events.push(event),
+            Ok(mut event) => {
+                // Its own copy: a slice of the payload would keep all of it (up to 1 MiB,
+                // padding and rejected or duplicate siblings included) alive as long as
+                // this one event is held, where every bound counts the event's own bytes.
+                event.data = Bytes::copy_from_slice(&event.data);
+                decoded.events.push(event)
+            }
             Err(e) => decoded.rejected.push(e),
         }
     }
