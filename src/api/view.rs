@@ -47,8 +47,13 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "peers       {} connected, {} in the gossip mesh",
-        s.peers, s.mesh_peers
+        "peers       {} connected, {}",
+        s.peers,
+        if s.forwards {
+            format!("{} in the gossip mesh (it forwards)", s.mesh_peers)
+        } else {
+            "each heard directly (mDNS LAN: no forwarding)".to_owned()
+        }
     );
     for a in &s.listen_addrs {
         let _ = writeln!(out, "listening   {a}");
