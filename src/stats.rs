@@ -15,6 +15,9 @@ pub struct Stats {
     pub received: AtomicU64,
     /// Gossipsub messages received from other peers.
     pub messages_received: AtomicU64,
+    /// Of those, messages taken but not forwarded: they came straight from a publisher on
+    /// this peer's mDNS LAN, where every peer hears it directly.
+    pub messages_not_forwarded: AtomicU64,
     /// Messages dropped whole: unknown version or not decodable.
     pub messages_malformed: AtomicU64,
     /// Single events dropped from otherwise good messages (bad id, topic, size).
@@ -96,6 +99,8 @@ pub struct Counters {
     pub published: u64,
     pub received: u64,
     pub messages_received: u64,
+    #[serde(default)]
+    pub messages_not_forwarded: u64,
     pub messages_malformed: u64,
     pub events_rejected: u64,
     pub events_duplicate: u64,
@@ -132,6 +137,7 @@ impl Stats {
             published: r(&self.published),
             received: r(&self.received),
             messages_received: r(&self.messages_received),
+            messages_not_forwarded: r(&self.messages_not_forwarded),
             messages_malformed: r(&self.messages_malformed),
             events_rejected: r(&self.events_rejected),
             events_duplicate: r(&self.events_duplicate),

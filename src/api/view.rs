@@ -47,21 +47,16 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "peers       {} connected, {}",
-        s.peers,
-        if s.forwards {
-            format!("{} in the gossip mesh (it forwards)", s.mesh_peers)
-        } else {
-            "each heard directly (mDNS LAN: no forwarding)".to_owned()
-        }
+        "peers       {} connected, {} in the gossip mesh",
+        s.peers, s.mesh_peers
     );
     for a in &s.listen_addrs {
         let _ = writeln!(out, "listening   {a}");
     }
     let _ = writeln!(
         out,
-        "events      {} published, {} received",
-        c.published, c.received
+        "events      {} published, {} received ({} messages, {} not forwarded: every LAN peer heard their publisher)",
+        c.published, c.received, c.messages_received, c.messages_not_forwarded
     );
     let l = &s.log;
     let _ = writeln!(

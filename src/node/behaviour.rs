@@ -50,27 +50,17 @@ pub const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(15);
 /// every other one, so idleness is no reason to hang up.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// gossipsub's D when peers forward: how many peers each forwards every message to. A
-/// publisher sends its own messages straight to every peer (flood publish); forwarding
-/// carries them across a topology where not every peer is connected to every other (a chain
-/// of `--peer`s), and each forwarded copy costs its receiver a full signature check
-/// (gossipsub verifies before it looks for duplicates). Two keeps a mesh that is still
-/// connected when links fail, at a fraction of the default's (6) cost.
+/// gossipsub's D: how many peers each peer forwards every message to. A publisher sends its
+/// own messages straight to every peer (flood publish), and on a LAN every peer is connected
+/// to every other, so forwarding mostly repairs what a direct send missed; yet each forwarded
+/// copy costs its receiver a full signature check (gossipsub verifies before it looks for
+/// duplicates). Two keeps a mesh that is still connected when links fail, at a fraction of
+/// the default's (6) cost.
 const MESH_N: usize = 2;
 /// Below this many mesh peers the heartbeat grafts more.
 const MESH_N_LOW: usize = 1;
 /// Above this many it prunes.
 const MESH_N_HIGH: usize = 4;
-
-/// Whether this peer forwards gossip: not when it finds its peers by mDNS alone. Every peer
-/// on such a LAN connects to every other it discovers, so each hears every publisher
-/// directly, and forwarded copies are only duplicates: at 1,000 events/s they were a fifth
-/// of a receiver's CPU. A message one misses anyway is offered to it by gossip (IHAVE, every
-/// heartbeat) and found by anti-entropy. A peer given `--peer` addresses (or without mDNS)
-/// may sit in a chain, and forwards.
-pub fn forwards(mdns: bool, explicit_peers: bool) -> bool {
-    !mdns || explicit_peers
-}
 
 /// Largest control part of one gossipsub RPC a peer accepts (IHAVE, IWANT, IDONTWANT, GRAFT,
 /// PRUNE and subscriptions together). A stream that sends more is dropped as invalid, and after
@@ -209,7 +199,6 @@ fn transport(
 pub fn build_swarm(
     keypair: Keypair,
     mdns_on: bool,
-    forward: bool,
     agent: String,
     guard: Option<Guard>,
 ) -> Result<Swarm<Behaviour>, NodeError> {
@@ -229,12 +218,10 @@ pub fn build_swarm(
                 // Tell mesh peers at once not to echo our own messages back: on a LAN every
                 // peer hears the publisher directly, and each echo costs a signature check.
                 .idontwant_on_publish(true)
-                // Without forwarding the mesh is empty: no peer is grafted, and a graft is
-                // taken only from a peer this one dialled (gossipsub's rule past D_high).
-                .mesh_n(if forward { MESH_N } else { 0 })
-                .mesh_n_low(if forward { MESH_N_LOW } else { 0 })
-                .mesh_n_high(if forward { MESH_N_HIGH } else { 0 })
-                .mesh_outbound_min(usize::from(forward))
+                .mesh_n(MESH_N)
+                .mesh_n_low(MESH_N_LOW)
+                .mesh_n_high(MESH_N_HIGH)
+                .mesh_outbound_min(1)
                 .max_control_message_size(MAX_CONTROL_BYTES)
                 .max_control_messages_sent(MAX_IHAVE_IDS)
                 // meshbus looks at every message (decodes it, checks the ACL and the
@@ -296,34 +283,4 @@ pub fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
     Ok(swarm)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_peer_that_finds_its_peers_by_mdns_alone_stops_forwarding() {
-        assert!(!forwards(true, false), "an mDNS LAN is a full mesh");
-        assert!(
-            forwards(true, true),
-            "a --peer may be the only way to a peer"
-        );
-        assert!(forwards(false, false));
-        assert!(forwards(false, true));
-    }
-
-    #[test]
-    fn gossipsub_takes_the_mesh_of_a_peer_that_does_not_forward() {
-        for forward in [false, true] {
-            let swarm = build_swarm(
-                Keypair::generate_ed25519(),
-                false,
-                forward,
-                "test".into(),
-                None,
-            );
-            assert!(swarm.is_ok(), "forward {forward}: {:?}", swarm.err());
-        }
-    }
 }

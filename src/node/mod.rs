@@ -83,11 +83,6 @@ pub struct Status {
     pub peers: usize,
     /// Peers in our gossipsub mesh.
     pub mesh_peers: usize,
-    /// Whether this peer forwards gossip (it has `--peer` addresses or no mDNS; see
-    /// [`behaviour::forwards`]). Without, its mesh is empty: every peer hears each publisher
-    /// directly.
-    #[serde(default)]
-    pub forwards: bool,
     /// Largest event accepted.
     pub max_event_size: usize,
     /// Counters since start.
@@ -240,7 +235,6 @@ struct Shared {
     name: Option<String>,
     started: std::time::Instant,
     mdns: bool,
-    forwards: bool,
     max_event_size: usize,
     /// Who may publish what: checked on our own events and on every received one.
     acl: crate::proto::Acl,
@@ -325,8 +319,7 @@ impl Node {
             stats: stats.clone(),
             pending: Default::default(),
         });
-        let forward = behaviour::forwards(config.mdns, !config.peers.is_empty());
-        let mut swarm = behaviour::build_swarm(keypair, config.mdns, forward, agent, guard)?;
+        let mut swarm = behaviour::build_swarm(keypair, config.mdns, agent, guard)?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
@@ -361,7 +354,6 @@ impl Node {
             name: config.name.clone(),
             started: std::time::Instant::now(),
             mdns: config.mdns,
-            forwards: forward,
             max_event_size: config.max_event_size,
             acl: config.acl.clone(),
             rate: (config.max_messages_per_sec, config.max_bytes_per_sec),
@@ -646,7 +638,6 @@ impl NodeHandle {
             mdns: s.mdns,
             peers: swarm.peers,
             mesh_peers: swarm.mesh_peers,
-            forwards: s.forwards,
             max_event_size: s.max_event_size,
             counters: s.stats.snapshot(),
             receive_latency: s.stats.receive_latency.summary(),

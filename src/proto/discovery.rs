@@ -153,6 +153,11 @@ impl Discovery {
         self.known.len()
     }
 
+    /// Whether `peer` is one of them.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.known.contains_key(peer)
+    }
+
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()

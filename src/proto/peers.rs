@@ -286,6 +286,22 @@ impl Peers {
         self.peers.get(peer).is_some_and(|p| p.identity.is_some())
     }
 
+    /// Whether a gossip message that came from `via`, published by `publisher`, should go on
+    /// from here (gossipsub forwards it to its mesh): not when it came straight from its
+    /// publisher, that publisher is on this peer's LAN (found by mDNS), and so is every member.
+    /// Every peer of an mDNS LAN connects to every other it discovers, so each heard the
+    /// publisher as directly, and a forwarded copy would only be checked in full (signature
+    /// first) before gossipsub finds it a duplicate. What came over a hop, from a publisher met
+    /// by `--peer`, or to a peer with a member beyond the LAN (a bridge) goes on.
+    pub fn forwards(&self, publisher: &PeerId, via: &PeerId) -> bool {
+        publisher != via
+            || !self.known.contains(publisher)
+            || self
+                .peers
+                .iter()
+                .any(|(id, p)| p.identity.is_some() && !self.known.contains(id))
+    }
+
     /// Connected peers that identified as meshbus peers.
     pub fn members(&self) -> usize {
         self.peers.values().filter(|p| p.identity.is_some()).count()

@@ -466,3 +466,31 @@ fn a_quiet_peer_asks_for_marks_every_quiet_round_and_a_busy_one_every_round() {
         (until + 1..until + 5).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn only_what_a_lan_peer_may_have_missed_is_forwarded() {
+    let now = Instant::now();
+    let (mut peers, lan) = with_member(now);
+    let other = PeerId::random();
+    peers.connected(other, conn(2), addr(2), now);
+    peers.identified(other, PROTOCOL_VERSION, agent(Some("h2")), vec![addr(7422)]);
+    // Both met by `--peer` or by accepting them: a chain is possible, everything goes on.
+    assert!(peers.forwards(&lan, &lan));
+    peers.discovered([(lan, addr(1)), (other, addr(2))], now);
+    // Both on the LAN: straight from its publisher, every member heard it too.
+    assert!(!peers.forwards(&lan, &lan));
+    assert!(!peers.forwards(&other, &other));
+    // Over a hop, or from a publisher beyond the LAN: it goes on.
+    assert!(peers.forwards(&lan, &other));
+    let remote = PeerId::random();
+    assert!(peers.forwards(&remote, &remote));
+    // A member beyond the LAN (this peer bridges to it): everything goes on.
+    peers.connected(remote, conn(3), addr(3), now);
+    peers.identified(
+        remote,
+        PROTOCOL_VERSION,
+        agent(Some("far")),
+        vec![addr(7423)],
+    );
+    assert!(peers.forwards(&lan, &lan));
+}

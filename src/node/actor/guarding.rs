@@ -19,7 +19,8 @@ pub(super) const MAX_FORBIDDEN_SHOWN: usize = 256;
 
 impl Actor {
     /// Handles a gossip message, then tells gossipsub whether to forward it: only messages
-    /// within their sender's rate, that decode, and whose every event the ACL allows.
+    /// within their sender's rate, that decode, and whose every event the ACL allows, and
+    /// only where a peer may not have heard them ([`proto::Peers::forwards`]).
     pub(super) fn on_message(
         &mut self,
         from: PeerId,
@@ -36,7 +37,14 @@ impl Actor {
             MessageAcceptance::Ignore
         } else {
             match self.limits.admit(author, message.data.len(), at) {
-                limits::Verdict::Admit => self.judge(from, message, at),
+                limits::Verdict::Admit => match self.judge(from, message, at) {
+                    MessageAcceptance::Accept if !self.peers.forwards(&author, &from) => {
+                        // Taken, not forwarded: every peer here heard its publisher.
+                        stats::bump(&stats.messages_not_forwarded);
+                        MessageAcceptance::Ignore
+                    }
+                    verdict => verdict,
+                },
                 limits::Verdict::Throttle => {
                     if let Some(n) = stats::bump_throttled(&stats.messages_throttled) {
                         warn!(peer = %author, via = %from, throttled_so_far = n,
