@@ -145,6 +145,16 @@ pub struct PeerInfo {
     pub rtt_ms: Option<f64>,
 }
 
+/// The subnet an address is in, as a LAN is usually cut: its IPv4 /24 or IPv6 /64. A wider
+/// LAN only makes [`Peers::forwards`] forward more than it must.
+fn subnet(addr: &Multiaddr) -> Option<(bool, u64)> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some((false, u64::from(u32::from(ip) >> 8))),
+        Protocol::Ip6(ip) => Some((true, (u128::from(ip) >> 64) as u64)),
+        _ => None,
+    })
+}
+
 /// A connected peer.
 #[derive(Debug, Default)]
 struct Peer {
@@ -288,18 +298,32 @@ impl Peers {
 
     /// Whether a gossip message that came from `via`, published by `publisher`, should go on
     /// from here (gossipsub forwards it to its mesh): not when it came straight from its
-    /// publisher, that publisher is on this peer's LAN (found by mDNS), and so is every member.
-    /// Every peer of an mDNS LAN connects to every other it discovers, so each heard the
-    /// publisher as directly, and a forwarded copy would only be checked in full (signature
-    /// first) before gossipsub finds it a duplicate. What came over a hop, from a publisher met
-    /// by `--peer`, or to a peer with a member beyond the LAN (a bridge) goes on.
+    /// publisher, and the publisher and every member were found by mDNS and are connected
+    /// from one subnet (see [`subnet`]). Every peer of an mDNS LAN connects to every other it
+    /// discovers, so each heard the publisher as directly, and a forwarded copy would only be
+    /// checked in full (signature first) before gossipsub finds it a duplicate. What came
+    /// over a hop or from a publisher met by `--peer` goes on, and so does everything at a
+    /// peer with a member beyond that subnet: a bridge, or a host with containers on a
+    /// second network (mDNS finds peers on every interface).
     pub fn forwards(&self, publisher: &PeerId, via: &PeerId) -> bool {
-        publisher != via
-            || !self.known.contains(publisher)
-            || self
-                .peers
-                .iter()
-                .any(|(id, p)| p.identity.is_some() && !self.known.contains(id))
+        if publisher != via || !self.known.contains(publisher) {
+            return true;
+        }
+        let lan = self
+            .peers
+            .get(publisher)
+            .and_then(|p| p.connections.values().next())
+            .and_then(|c| subnet(&c.addr));
+        let Some(lan) = lan else {
+            return true;
+        };
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.identity.is_some())
+            .any(|(id, p)| {
+                !self.known.contains(id)
+                    || p.connections.values().any(|c| subnet(&c.addr) != Some(lan))
+            })
     }
 
     /// Connected peers that identified as meshbus peers.

@@ -493,4 +493,19 @@ fn only_what_a_lan_peer_may_have_missed_is_forwarded() {
         vec![addr(7423)],
     );
     assert!(peers.forwards(&lan, &lan));
+    peers.closed(remote, conn(3));
+    assert!(!peers.forwards(&lan, &lan));
+    // A member found by mDNS on another network of this host (a container's): it may not
+    // hear the LAN's publishers, so everything goes on.
+    let container = PeerId::random();
+    let elsewhere: Multiaddr = "/ip4/172.17.0.2/tcp/7421".parse().unwrap();
+    peers.discovered([(container, elsewhere.clone())], now);
+    peers.connected(container, conn(4), elsewhere.clone(), now);
+    peers.identified(
+        container,
+        PROTOCOL_VERSION,
+        agent(Some("c")),
+        vec![elsewhere],
+    );
+    assert!(peers.forwards(&lan, &lan));
 }
