@@ -127,3 +127,30 @@ fn guard_keystream<C: chacha20::cipher::KeyIvInit + chacha20::cipher::StreamCiph
         .counter(divan::counter::BytesCount::new(buffer.len()))
         .bench_local(|| cipher.apply_keystream(divan::black_box(&mut buffer)));
 }
+
+/// Whether a message straight from a LAN publisher goes on from here, at a peer with `n`
+/// members all found by mDNS on one subnet (the worst case: every member is looked at).
+#[divan::bench(args = [4, 50, 250])]
+fn forwarding_decision(bencher: divan::Bencher, n: usize) {
+    use meshbus::proto::peers::{agent, PROTOCOL_VERSION};
+    use meshbus::proto::Peers;
+    let now = std::time::Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let members: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
+    for (i, peer) in members.iter().enumerate() {
+        let addr: libp2p::Multiaddr = format!("/ip4/10.0.0.{}/tcp/7421", i % 250 + 1)
+            .parse()
+            .unwrap();
+        peers.discovered([(*peer, addr.clone())], now);
+        peers.connected(
+            *peer,
+            libp2p::swarm::ConnectionId::new_unchecked(i),
+            addr.clone(),
+            now,
+        );
+        peers.identified(*peer, PROTOCOL_VERSION, agent(None), vec![addr]);
+    }
+    let publisher = members[0];
+    assert!(!peers.forwards(&publisher, &publisher));
+    bencher.bench_local(|| peers.forwards(&publisher, &publisher));
+}

@@ -170,6 +170,9 @@ struct Peer {
 #[derive(Debug)]
 struct Connection {
     addr: Multiaddr,
+    /// The subnet `addr` is in ([`subnet`]), read once: [`Peers::forwards`] looks at it for
+    /// every message.
+    subnet: Option<(bool, u64)>,
     /// Last sign of life: established, or a ping answered. An unplugged peer sends no FIN,
     /// so silence is how its connections are found dead.
     alive_at: Instant,
@@ -313,7 +316,7 @@ impl Peers {
             .peers
             .get(publisher)
             .and_then(|p| p.connections.values().next())
-            .and_then(|c| subnet(&c.addr));
+            .and_then(|c| c.subnet);
         let Some(lan) = lan else {
             return true;
         };
@@ -321,8 +324,7 @@ impl Peers {
             .iter()
             .filter(|(_, p)| p.identity.is_some())
             .any(|(id, p)| {
-                !self.known.contains(id)
-                    || p.connections.values().any(|c| subnet(&c.addr) != Some(lan))
+                !self.known.contains(id) || p.connections.values().any(|c| c.subnet != Some(lan))
             })
     }
 
@@ -422,6 +424,7 @@ impl Peers {
             }
         }
         let connection = Connection {
+            subnet: subnet(&addr),
             addr,
             alive_at: now,
             no_ping: false,
