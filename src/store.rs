@@ -68,8 +68,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// many, and at most [`CACHE_BYTES`] of them. Staged events stay whatever the bounds (they are
 /// readable only from here); [`MAX_STAGED`] and [`MAX_STAGED_BYTES`] bound those.
 const CACHE_EVENTS: usize = 64 * 1024;
-/// Bytes of cached events (by [`Event::footprint`]) past which the oldest committed ones go. 64 Ki
-/// events of 256 bytes fit; of the largest events (256 KiB), the newest 128 do.
+/// Bytes of cached events (by [`Event::footprint`]) past which the oldest committed ones go.
+/// 64 Ki events of 256 bytes fit; of the largest events (256 KiB), the newest 128 do.
 const CACHE_BYTES: usize = 32 << 20;
 
 /// Bytes redb may keep in memory (its read cache and write buffer; redb's default is 1 GiB).

@@ -413,7 +413,7 @@ impl Worker {
         let mut batch = Vec::with_capacity(WORKER_BATCH);
         loop {
             // Take work off the queue only when it can start: what waits, waits in the queue
-            // (where `queue_depth` and `queue_full` see it), not in this task.
+            // (where `queue_depth` sees it), not in this task.
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
