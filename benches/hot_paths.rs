@@ -154,3 +154,51 @@ fn forwarding_decision(bencher: divan::Bencher, n: usize) {
     assert!(!peers.forwards(&publisher, &publisher));
     bencher.bench_local(|| peers.forwards(&publisher, &publisher));
 }
+
+/// One received message of 10 events through a `file` row, from the log taking it to the
+/// row having written it: the row's read of the log, its queue, the JSON lines, one append,
+/// and its cursor written before it takes more. A multi-thread runtime as a peer runs, and an
+/// in-memory log, so no fsync is measured. The wait for the row spins.
+#[divan::bench(sample_count = 20, sample_size = 20)]
+fn file_row_message(bencher: divan::Bencher) {
+    use meshbus::handlers::{Action, FileAction, HandlerSpec, Handlers};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (store, _) =
+        meshbus::store::Store::open(None, PeerId::random(), Default::default()).unwrap();
+    let handlers = Handlers::new(
+        Arc::default(),
+        1024,
+        Duration::from_secs(1),
+        store.clone(),
+        None,
+    );
+    let file = Action::File(FileAction::new(dir.path().join("out.jsonl")));
+    runtime
+        .block_on(async {
+            handlers.add(HandlerSpec::new(Pattern::new("orders.**").unwrap(), file))
+        })
+        .unwrap();
+    let mut seq = 0u64;
+    let template = events(10, 256);
+    bencher.bench_local(|| {
+        let message: Vec<Arc<Event>> = template
+            .iter()
+            .map(|e| {
+                seq += 1;
+                Arc::new(Event { seq, ..e.clone() })
+            })
+            .collect();
+        runtime
+            .block_on(store.append(message, false))
+            .unwrap()
+            .unwrap();
+        while handlers.list()[0].succeeded < seq {
+            std::thread::yield_now();
+        }
+    });
+}

@@ -1,7 +1,7 @@
 //! The `file` action: append events as CloudEvents JSON lines, rotating by size.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use tokio::io::AsyncWriteExt as _;
 
 use super::action::ActionError;
 
@@ -27,42 +27,45 @@ impl FileAction {
         }
     }
 
-    /// Appends `lines` (already JSON lines with their newlines) in one write.
-    pub(super) async fn append(&self, lines: &[u8]) -> Result<(), ActionError> {
-        let fail = |e: std::io::Error| ActionError::File {
+    /// Appends `lines` (already JSON lines with their newlines) in one write, on the
+    /// blocking pool in one hop: `tokio::fs` would take a hop for each call (look at the
+    /// size, open, write, flush), and each is a wake-up between threads.
+    pub(super) async fn append(&self, lines: Vec<u8>) -> Result<(), ActionError> {
+        let this = self.clone();
+        let written = tokio::task::spawn_blocking(move || this.append_now(&lines))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write panicked: {e}"))));
+        written.map_err(|e| ActionError::File {
             path: self.path.clone(),
             reason: e.to_string(),
-        };
-        if let Some(max) = self.max_bytes {
-            let size = tokio::fs::metadata(&self.path)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            if size > 0 && size + lines.len() as u64 > max {
-                self.rotate().await.map_err(fail)?;
-            }
-        }
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .await
-            .map_err(fail)?;
-        file.write_all(lines).await.map_err(fail)?;
-        file.flush().await.map_err(fail)
+        })
     }
 
-    async fn rotate(&self) -> std::io::Result<()> {
+    fn append_now(&self, lines: &[u8]) -> std::io::Result<()> {
+        if let Some(max) = self.max_bytes {
+            let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+            if size > 0 && size + lines.len() as u64 > max {
+                self.rotate()?;
+            }
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?
+            .write_all(lines)
+    }
+
+    fn rotate(&self) -> std::io::Result<()> {
         if self.keep == 0 {
-            return tokio::fs::remove_file(&self.path).await;
+            return std::fs::remove_file(&self.path);
         }
         for i in (1..self.keep).rev() {
             let from = numbered(&self.path, i);
-            if tokio::fs::try_exists(&from).await? {
-                tokio::fs::rename(&from, numbered(&self.path, i + 1)).await?;
+            if std::fs::exists(&from)? {
+                std::fs::rename(&from, numbered(&self.path, i + 1))?;
             }
         }
-        tokio::fs::rename(&self.path, numbered(&self.path, 1)).await
+        std::fs::rename(&self.path, numbered(&self.path, 1))
     }
 }
 
@@ -88,7 +91,7 @@ mod tests {
         };
         for i in 0..5 {
             action
-                .append(format!("line number {i}\n").as_bytes())
+                .append(format!("line number {i}\n").into_bytes())
                 .await
                 .unwrap();
         }

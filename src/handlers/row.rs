@@ -604,7 +604,7 @@ impl Worker {
                     lines.extend_from_slice(input.as_bytes());
                     lines.push(b'\n');
                 }
-                file.append(&lines).await.map(|()| None)
+                file.append(lines).await.map(|()| None)
             }
             Action::Exec(exec) => {
                 let mut out = String::new();
@@ -702,7 +702,7 @@ impl Worker {
         });
         let mut line = record.to_string();
         line.push('\n');
-        match FileAction::new(path).append(line.as_bytes()).await {
+        match FileAction::new(path).append(line.into_bytes()).await {
             Ok(()) => stats::bump(&self.counters.dead_lettered),
             Err(e) => {
                 warn!(handler = %self.name, event = %event.id, error = %e, "cannot write the dead letter")
