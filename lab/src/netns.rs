@@ -189,6 +189,9 @@ impl Drop for VirtualLan {
 /// The kernel's IPv4 neighbour (ARP) table limits: one table for every namespace.
 const NEIGH_SYSCTL: &str = "/proc/sys/net/ipv4/neigh/default";
 
+/// The kernel's default hard limit of the ARP table (`gc_thresh3`).
+const NEIGH_DEFAULT_LIMIT: usize = 1024;
+
 /// Entries kept free for the rest of the machine (the host and other labs).
 const NEIGH_HEADROOM: usize = 512;
 
@@ -203,7 +206,7 @@ pub fn neighbour_room(hosts: usize) -> Result<(), NetnsError> {
     let entries = hosts * hosts.saturating_sub(1);
     let needed = entries + NEIGH_HEADROOM;
     // Within the kernel's default: nothing to read (some sandboxes do not show the file).
-    if needed <= 1024 {
+    if needed <= NEIGH_DEFAULT_LIMIT {
         return Ok(());
     }
     let read = |name: &str| -> Result<usize, NetnsError> {

@@ -213,8 +213,9 @@ pub struct Peers {
     explicit: Vec<Explicit>,
     next_liveness: Instant,
     next_redial: Instant,
-    /// The member asked last in the anti-entropy turn ([`Peers::marks_round`]).
-    marks_after: Option<PeerId>,
+    /// The member asked last in the anti-entropy turn ([`Peers::marks_round`]); this peer
+    /// before the first turn, so it starts after this peer's id.
+    marks_after: PeerId,
     /// When the last anti-entropy round asked anyone.
     marks_at: Option<Instant>,
     /// When events last moved or membership last changed ([`Peers::busy`]).
@@ -236,7 +237,7 @@ impl Peers {
             next_redial: now + REDIAL_INTERVAL,
             // Each peer starts its turn after its own id, so peers started together do not
             // all ask the same members in the same round.
-            marks_after: Some(me),
+            marks_after: me,
             marks_at: None,
             busy_at: None,
             actions: VecDeque::new(),
@@ -368,13 +369,13 @@ impl Peers {
         if members.len() <= MARKS_PER_ROUND {
             return members;
         }
-        let start = self
-            .marks_after
-            .map_or(0, |last| members.partition_point(|p| *p <= last));
+        let start = members.partition_point(|p| *p <= self.marks_after);
         let picked: Vec<PeerId> = (0..MARKS_PER_ROUND)
             .map(|k| members[(start + k) % members.len()])
             .collect();
-        self.marks_after = picked.last().copied();
+        if let Some(last) = picked.last() {
+            self.marks_after = *last;
+        }
         picked
     }
 

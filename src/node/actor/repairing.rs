@@ -13,6 +13,7 @@ use crate::event::Event;
 use crate::node::repair::{self, Request, Response};
 use crate::proto::{self, Fetch, Lost, Received, StreamId};
 use crate::stats;
+use crate::store::StoreError;
 
 /// Most streams one marks answer may add to those followed (the answering peer's own
 /// stream aside).
@@ -176,6 +177,9 @@ impl Actor {
                         events: range.events,
                         ..Response::default()
                     },
+                    // Busy, not broken: commits kept moving what it read out of memory.
+                    // The asker counts the refusal and asks again.
+                    Err(error @ StoreError::Moving) => refuse(error.to_string()),
                     Err(error) => {
                         crate::store::warn_log_failed("answering a fetch", &error);
                         refuse(format!("cannot read the log: {error}"))
