@@ -34,7 +34,14 @@ impl FileAction {
         let this = self.clone();
         let written = tokio::task::spawn_blocking(move || this.append_now(&lines))
             .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(format!("the write panicked: {e}"))));
+            .unwrap_or_else(|e| {
+                let what = if e.is_panic() {
+                    "panicked"
+                } else {
+                    "was cancelled"
+                };
+                Err(std::io::Error::other(format!("the write {what}: {e}")))
+            });
         written.map_err(|e| ActionError::File {
             path: self.path.clone(),
             reason: e.to_string(),

@@ -179,7 +179,10 @@ impl Actor {
                     },
                     // Busy, not broken: commits kept moving what it read out of memory.
                     // The asker counts the refusal and asks again.
-                    Err(error @ StoreError::Moving) => refuse(error.to_string()),
+                    Err(error @ StoreError::Moving) => {
+                        debug!(%peer, "a fetch refused: the log moved while it was read");
+                        refuse(error.to_string())
+                    }
                     Err(error) => {
                         crate::store::warn_log_failed("answering a fetch", &error);
                         refuse(format!("cannot read the log: {error}"))
