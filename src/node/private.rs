@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 
 use chacha20::cipher::{KeyIvInit as _, StreamCipher as _};
@@ -31,6 +30,7 @@ use chacha20::XChaCha20;
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::keyring::{Keyring, LiveKeyring, MeshKey};
+use crate::proto::peers::ip_of;
 use crate::stats::{bump_throttled, Stats};
 
 /// Bytes of each side's nonce.
@@ -300,14 +300,6 @@ impl Drop for Slot {
             }
         }
     }
-}
-
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    })
 }
 
 impl Guard {

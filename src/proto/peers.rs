@@ -7,6 +7,7 @@
 //! [`Peers::handle_timeout`] next.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
@@ -145,13 +146,21 @@ pub struct PeerInfo {
     pub rtt_ms: Option<f64>,
 }
 
+/// The IP address in `addr`, if it has one.
+pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
 /// The subnet an address is in, as a LAN is usually cut: its IPv4 /24 or IPv6 /64. A wider
 /// LAN only makes [`Peers::forwards`] forward more than it must.
 fn subnet(addr: &Multiaddr) -> Option<(bool, u64)> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some((false, u64::from(u32::from(ip) >> 8))),
-        Protocol::Ip6(ip) => Some((true, (u128::from(ip) >> 64) as u64)),
-        _ => None,
+    Some(match ip_of(addr)? {
+        IpAddr::V4(ip) => (false, u64::from(u32::from(ip) >> 8)),
+        IpAddr::V6(ip) => (true, (u128::from(ip) >> 64) as u64),
     })
 }
 
