@@ -51,6 +51,9 @@ pub struct Stats {
     pub peers_banned: AtomicU64,
     /// Group announcements refused (malformed, too many groups or marks).
     pub groups_refused: AtomicU64,
+    /// Presence announcements refused: undecodable, out of bounds, on a topic meshbus does
+    /// not use, or past the most members heard over the mesh.
+    pub presence_refused: AtomicU64,
     /// Group members found whose row takes other events than this peer's row in the group.
     pub groups_conflicting: AtomicU64,
     /// Queries this peer asked.
@@ -118,6 +121,8 @@ pub struct Counters {
     pub messages_throttled: u64,
     pub peers_banned: u64,
     pub groups_refused: u64,
+    #[serde(default)]
+    pub presence_refused: u64,
     pub groups_conflicting: u64,
     pub queries: u64,
     pub answers_sent: u64,
@@ -154,6 +159,7 @@ impl Stats {
             messages_throttled: r(&self.messages_throttled),
             peers_banned: r(&self.peers_banned),
             groups_refused: r(&self.groups_refused),
+            presence_refused: r(&self.presence_refused),
             groups_conflicting: r(&self.groups_conflicting),
             queries: r(&self.queries),
             answers_sent: r(&self.answers_sent),

@@ -267,8 +267,78 @@ fn fields(wire: WireEvent, source: PeerId) -> Result<Event, WireError> {
     })
 }
 
+/// A peer's presence on [`crate::proto::ROSTER_TOPIC`] (`meshbus.wire.v1.Presence`), after
+/// the same version byte as a batch.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WirePresence {
+    /// Announcement number: larger is newer.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Agent string, `meshbus/VERSION (NAME)`.
+    #[prost(string, tag = "2")]
+    pub agent: String,
+    /// How often the peer announces itself now, in milliseconds.
+    #[prost(uint32, tag = "3")]
+    pub every_ms: u32,
+    /// It is shutting down cleanly.
+    #[prost(bool, tag = "4")]
+    pub leaving: bool,
+}
+
+/// Encodes this peer's presence.
+pub fn encode_presence(presence: &crate::proto::roster::Presence) -> Vec<u8> {
+    let wire = WirePresence {
+        seq: presence.seq,
+        agent: presence.agent.clone(),
+        every_ms: u32::try_from(presence.every.as_millis()).unwrap_or(u32::MAX),
+        leaving: presence.leaving,
+    };
+    let mut out = Vec::with_capacity(1 + wire.encoded_len());
+    out.push(VERSION);
+    wire.encode(&mut out)
+        .expect("encoding into a Vec cannot run out of space");
+    out
+}
+
+/// Decodes a presence; [`crate::proto::roster::Presence::check`] checks its bounds.
+pub fn decode_presence(payload: &[u8]) -> Result<crate::proto::roster::Presence, WireError> {
+    let (&version, body) = payload.split_first().ok_or(WireError::Empty)?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let wire = WirePresence::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
+    Ok(crate::proto::roster::Presence {
+        seq: wire.seq,
+        agent: wire.agent,
+        every: Duration::from_millis(u64::from(wire.every_ms)),
+        leaving: wire.leaving,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_presence_decodes_as_it_was_encoded() {
+        let presence = crate::proto::roster::Presence {
+            seq: 1_764_000_000_000_001,
+            agent: "meshbus/0.1.0 (h1)".into(),
+            every: std::time::Duration::from_secs(1),
+            leaving: true,
+        };
+        let bytes = super::encode_presence(&presence);
+        assert_eq!(bytes[0], super::VERSION);
+        assert_eq!(super::decode_presence(&bytes), Ok(presence));
+        assert_eq!(super::decode_presence(&[]), Err(super::WireError::Empty));
+        assert_eq!(
+            super::decode_presence(&[9, 1]),
+            Err(super::WireError::Version(9))
+        );
+        assert!(matches!(
+            super::decode_presence(&[super::VERSION, 0xff]),
+            Err(super::WireError::Decode(_))
+        ));
+    }
+
     use super::*;
     use crate::event::TEXT;
 

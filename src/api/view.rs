@@ -66,8 +66,8 @@ pub fn status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "dropped     {} malformed messages, {} rejected events, {} duplicates",
-        c.messages_malformed, c.events_rejected, c.events_duplicate
+        "dropped     {} malformed messages, {} rejected events, {} duplicates, {} presence announcements refused",
+        c.messages_malformed, c.events_rejected, c.events_duplicate, c.presence_refused
     );
     let _ = writeln!(
         out,

@@ -129,6 +129,8 @@ pub(super) struct Actor {
     shared: Arc<Shared>,
     topic: IdentTopic,
     topic_hash: TopicHash,
+    /// Where presence is announced ([`proto::roster`]).
+    roster_topic: IdentTopic,
     publisher: Publisher,
     /// This peer's own stream.
     own: StreamId,
@@ -180,8 +182,20 @@ impl Actor {
             .gossipsub
             .subscribe(&topic)
             .map_err(NodeError::Subscribe)?;
+        let roster_topic = IdentTopic::new(proto::ROSTER_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&roster_topic)
+            .map_err(NodeError::Subscribe)?;
         let me = shared.peer_id;
         let start = now();
+        let mut peers_table = Peers::new(me, start);
+        // Announcement numbers start at the clock, so a restarted peer's are larger.
+        peers_table.announcing(
+            proto::peers::agent(shared.name.as_deref()),
+            crate::clock::unix_micros(SystemTime::now()),
+        );
         let mut inbox = Inbox::new(me);
         for (stream, high) in &opened.streams {
             inbox.restore(*stream, *high, start);
@@ -197,9 +211,10 @@ impl Actor {
             commands,
             topic_hash: topic.hash(),
             topic,
+            roster_topic,
             publisher: Publisher::new(me, opened.epoch, opened.own_seq),
             own,
-            peers: Peers::new(me, start),
+            peers: peers_table,
             inbox,
             store: shared.store.clone(),
             shared,
@@ -348,6 +363,11 @@ impl Actor {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
                 PeerAction::Membership(change) => self.membership(change),
+                PeerAction::Announce(presence) => self.announce(&presence),
+                PeerAction::Reached(peer) => {
+                    self.ask(peer, Asked::Marks);
+                    self.announce_groups(now(), Some(peer));
+                }
             }
         }
     }
@@ -378,19 +398,32 @@ impl Actor {
     }
 
     /// Delivers a membership change locally as a `_mesh.peer.…` event; they never travel.
-    /// A peer that joins is asked at once what it holds, so what we missed is fetched now.
+    /// (A member reached over a connection is asked at once what it holds:
+    /// [`PeerAction::Reached`].)
     fn membership(&mut self, change: Membership) {
         self.peers.busy(now());
-        match &change {
-            Membership::Joined { peer, .. } => {
-                self.ask(*peer, Asked::Marks);
-                self.announce_groups(now(), Some(*peer));
-            }
-            Membership::Left { peer } | Membership::Failed { peer } => {
-                self.group_member_gone(peer);
-            }
+        if let Membership::Left { peer } | Membership::Failed { peer } = &change {
+            self.group_member_gone(peer);
         }
         self.local(change.topic(), change.data());
+    }
+
+    /// Publishes this peer's presence on the roster topic. With nobody subscribed yet it
+    /// goes out again when someone is ([`Peers::roster_subscribed`]).
+    fn announce(&mut self, presence: &proto::roster::Presence) {
+        let payload = crate::wire::encode_presence(presence);
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.roster_topic.clone(), payload)
+        {
+            Ok(_) => self.peers.announce_sent(),
+            Err(PublishError::NoPeersSubscribedToTopic | PublishError::AllQueuesFull(_)) => {
+                debug!("presence not announced: no peer to send it to yet");
+            }
+            Err(error) => warn!(%error, "cannot announce this peer's presence"),
+        }
     }
 
     /// Appends a `_mesh.` event of this peer's own to its log (never sent).
@@ -416,7 +449,9 @@ impl Actor {
                     return;
                 }
                 stats::bump(&self.shared.stats.queries);
-                let asked = self.peers.members();
+                // Answers come straight back over a connection: the members connected now
+                // are the ones that can answer.
+                let asked = self.peers.direct_member_ids().len();
                 self.enqueue(
                     vec![event],
                     Replier::Query {
@@ -609,7 +644,11 @@ impl Actor {
     /// to hear it, so they report `_mesh.peer.left` rather than `_mesh.peer.failed`.
     async fn say_goodbye(&mut self) {
         self.asked.clear();
-        for peer in self.peers.member_ids() {
+        // Members heard only over the mesh hear it there.
+        if let Some(farewell) = self.peers.farewell() {
+            self.announce(&farewell);
+        }
+        for peer in self.peers.direct_member_ids() {
             self.ask(peer, Asked::Goodbye);
         }
         let deadline = tokio::time::sleep(GOODBYE_WAIT);
@@ -715,7 +754,7 @@ impl Actor {
                 if !self.swarm.is_connected(&peer_id) {
                     self.limits.forget(&peer_id);
                 }
-                self.peers.closed(peer_id, connection_id);
+                self.peers.closed(peer_id, connection_id, now());
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -770,7 +809,17 @@ impl Actor {
                 propagation_source,
                 message_id,
                 message,
-            } => self.on_message(propagation_source, message_id, message),
+            } if message.topic == self.topic_hash => {
+                self.on_message(propagation_source, message_id, message)
+            }
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => self.on_presence(propagation_source, message_id, message),
+            gossipsub::Event::Subscribed { topic, .. } if topic == self.roster_topic.hash() => {
+                self.peers.roster_subscribed(now());
+            }
             gossipsub::Event::GossipsubNotSupported { peer_id } => {
                 debug!(peer = %peer_id, "peer does not speak gossipsub");
             }

@@ -116,10 +116,11 @@ fn peer_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds
         slow_peer_weight: 0.0,
         ..Default::default()
     };
-    params.topics.insert(
-        gossipsub::IdentTopic::new(crate::proto::MESH_TOPIC).hash(),
-        topic,
-    );
+    for name in [crate::proto::MESH_TOPIC, crate::proto::ROSTER_TOPIC] {
+        params
+            .topics
+            .insert(gossipsub::IdentTopic::new(name).hash(), topic.clone());
+    }
     let thresholds = gossipsub::PeerScoreThresholds {
         gossip_threshold: -10.0,
         publish_threshold: -30.0,

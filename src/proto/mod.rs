@@ -8,7 +8,7 @@
 //! - [`acl`]: who may publish on which topics; [`limits`]: how much one neighbour may send.
 //! - [`inbox`]: every publisher's events once and in order; gaps and what to fetch.
 //! - [`peers`]: connections, liveness, redials and membership events; [`discovery`]: what
-//!   mDNS says, within bounds.
+//!   mDNS says, within bounds; [`roster`]: members heard over the mesh.
 //! - [`listen`]: when a starting node is ready.
 //! - [`groups`]: which member of a handler group handles an event, and takeover when one
 //!   fails.
@@ -22,6 +22,7 @@ pub mod listen;
 pub mod peers;
 pub mod publish;
 pub mod receive;
+pub mod roster;
 
 #[cfg(test)]
 mod sim;
@@ -37,3 +38,7 @@ pub use receive::{receive, MessageError};
 /// a handler for `orders.*` sees `orders.shipped` even if nobody had used that topic when its
 /// peer started, and a peer needs no subscription change to match new topics.
 pub const MESH_TOPIC: &str = "meshbus/events/1";
+
+/// The gossipsub topic every peer announces its presence on ([`roster`]): membership that
+/// travels beyond direct connections.
+pub const ROSTER_TOPIC: &str = "meshbus/roster/1";

@@ -1,6 +1,11 @@
 //! Peers: who we are connected to, whether they are alive, whom to dial, and the membership
 //! events (`_mesh.peer.joined`, `_mesh.peer.left`) that follow.
 //!
+//! A member is a peer connected and identified as a meshbus peer, or one heard over the mesh
+//! ([`super::roster`]): membership travels, so a peer reached only through others is a
+//! member too. Each peer announces its presence: rarely while it is connected to every member
+//! it knows, every second while it is not.
+//!
 //! [`Peers`] is fed what the network said (a connection opened or closed, identify, a ping,
 //! an mDNS record) with the time it happened, and answers with [`PeerAction`]s for the swarm
 //! task to carry out. Timers are one deadline: [`Peers::poll_timeout`] says when to call
@@ -56,6 +61,7 @@ pub const QUIET_MARKS_EVERY: Duration = Duration::from_secs(10);
 
 use super::discovery::{Discovery, Found};
 pub use super::discovery::{MAX_ADDRS_PER_PEER, MAX_DIALS_PER_ROUND, MAX_KNOWN_PEERS};
+use super::roster::{self, Heard, Presence, Refused, Roster};
 
 /// What the swarm task must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +82,11 @@ pub enum PeerAction {
     Disconnect(PeerId),
     /// Tell the local handler table.
     Membership(Membership),
+    /// Announce this peer's presence on the mesh ([`super::ROSTER_TOPIC`]).
+    Announce(Presence),
+    /// A member is connected and identified now (it may have been heard over the mesh
+    /// before): ask what it holds and tell it our groups, over that connection.
+    Reached(PeerId),
 }
 
 /// A change in who is in the mesh, seen from this peer.
@@ -88,13 +99,15 @@ pub enum Membership {
         /// The name it was started with, if any.
         name: Option<String>,
     },
-    /// It said goodbye (a clean shutdown), and its last connection closed.
+    /// It said goodbye (a clean shutdown), and its last connection closed (or, heard only
+    /// over the mesh, its goodbye came that way).
     Left {
         /// The peer.
         peer: PeerId,
     },
     /// Its last connection closed without a goodbye: it crashed, was killed or cut off
-    /// (found by a reset connection at once, or by [`DEAD_AFTER`] of silence).
+    /// (found by a reset connection at once, or by [`DEAD_AFTER`] of silence); or, heard
+    /// only over the mesh, it fell silent (see [`super::roster`]).
     Failed {
         /// The peer.
         peer: PeerId,
@@ -138,7 +151,7 @@ pub struct PeerInfo {
     pub name: Option<String>,
     /// Its agent string (`meshbus/VERSION`).
     pub agent: String,
-    /// Addresses we are connected to it on.
+    /// Addresses we are connected to it on; none for a member heard only over the mesh.
     pub connected_addrs: Vec<String>,
     /// Addresses it says it listens on.
     pub listen_addrs: Vec<String>,
@@ -229,6 +242,15 @@ pub struct Peers {
     marks_at: Option<Instant>,
     /// When events last moved or membership last changed ([`Peers::busy`]).
     busy_at: Option<Instant>,
+    /// Members heard over the mesh.
+    roster: Roster,
+    /// This peer's presence, once [`Peers::announcing`] said what it is.
+    presence: Option<Presence>,
+    /// When this peer announces itself next, and when it last did.
+    next_announce: Instant,
+    announced_at: Option<Instant>,
+    /// Whether an announcement reached anyone yet.
+    heard_once: bool,
     actions: VecDeque<PeerAction>,
 }
 
@@ -249,8 +271,122 @@ impl Peers {
             marks_after: me,
             marks_at: None,
             busy_at: None,
+            roster: Roster::default(),
+            presence: None,
+            next_announce: now,
+            announced_at: None,
+            heard_once: false,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Makes this peer announce its presence, as `agent`, its announcements numbered from
+    /// `first_seq` (the clock, so a restarted peer's are larger). Without it (a simulation)
+    /// it never does.
+    pub fn announcing(&mut self, agent: String, first_seq: u64) {
+        self.presence = Some(Presence {
+            seq: first_seq,
+            agent,
+            every: roster::QUIET_EVERY,
+            leaving: false,
+        });
+    }
+
+    /// Announces this peer soon: at once, but not closer than [`roster::MIN_GAP_SENT`] to
+    /// the last announcement.
+    fn announce_soon(&mut self, now: Instant) {
+        let earliest = self
+            .announced_at
+            .map_or(now, |at| (at + roster::MIN_GAP_SENT).max(now));
+        self.next_announce = self.next_announce.min(earliest);
+    }
+
+    /// A peer subscribed to the roster topic. Until an announcement of ours reached someone,
+    /// this is when the next one can: a starting peer says it is here as soon as anyone
+    /// listens.
+    pub fn roster_subscribed(&mut self, now: Instant) {
+        if !self.heard_once {
+            self.announce_soon(now);
+        }
+    }
+
+    /// Our announcement went out to at least one peer.
+    pub fn announce_sent(&mut self) {
+        self.heard_once = true;
+    }
+
+    /// This peer's goodbye for the mesh: its presence, leaving.
+    pub fn farewell(&mut self) -> Option<Presence> {
+        let presence = self.presence.as_mut()?;
+        presence.seq += 1;
+        presence.leaving = true;
+        Some(presence.clone())
+    }
+
+    /// Whether this peer is connected to every member it knows: then it announces only
+    /// every [`roster::QUIET_EVERY`].
+    fn connected_to_all(&self) -> bool {
+        self.roster.ids().all(|p| self.is_connected(p))
+    }
+
+    fn announce(&mut self, now: Instant) {
+        let every = if self.connected_to_all() {
+            roster::QUIET_EVERY
+        } else {
+            roster::EVERY
+        };
+        let Some(presence) = self.presence.as_mut() else {
+            self.next_announce = now + roster::QUIET_EVERY;
+            return;
+        };
+        presence.seq += 1;
+        presence.every = every;
+        let presence = presence.clone();
+        self.announced_at = Some(now);
+        self.next_announce = now + every;
+        self.actions.push_back(PeerAction::Announce(presence));
+    }
+
+    /// A peer's announcement came over the mesh at `now`. Returns whether it is to be
+    /// relayed: not when it was stale (see [`roster::Heard::Stale`]).
+    pub fn heard(
+        &mut self,
+        peer: PeerId,
+        presence: Presence,
+        now: Instant,
+    ) -> Result<bool, Refused> {
+        if peer == self.me {
+            return Ok(false);
+        }
+        let direct = self.is_direct_member(&peer);
+        let name = name_from_agent(&presence.agent);
+        match self.roster.heard(peer, presence, now)? {
+            Heard::Stale => return Ok(false),
+            Heard::Again => {}
+            Heard::New => {
+                if !direct {
+                    info!(%peer, ?name, "peer joined (heard over the mesh)");
+                    self.actions
+                        .push_back(PeerAction::Membership(Membership::Joined { peer, name }));
+                    self.busy(now);
+                }
+                if !self.is_connected(&peer) {
+                    // A member we are not connected to: from now on we announce often, so
+                    // it and everyone like it keep knowing we are alive.
+                    self.announce_soon(now);
+                }
+            }
+            Heard::Leaving => match self.peers.get_mut(&peer) {
+                Some(p) if p.identity.is_some() => p.leaving = true,
+                _ => {
+                    info!(%peer, "peer left (heard over the mesh)");
+                    self.actions
+                        .push_back(PeerAction::Membership(Membership::Left { peer }));
+                    self.busy(now);
+                }
+            },
+        }
+        Ok(true)
     }
 
     /// The next thing for the swarm task to do, oldest first.
@@ -260,7 +396,12 @@ impl Peers {
 
     /// When [`Peers::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_liveness.min(self.next_redial)
+        let at = self.next_liveness.min(self.next_redial);
+        if self.presence.is_some() {
+            at.min(self.next_announce)
+        } else {
+            at
+        }
     }
 
     /// Runs what is due at `now`: closes connections silent for [`DEAD_AFTER`] (libp2p's
@@ -278,6 +419,17 @@ impl Peers {
                     }
                 }
             }
+            for peer in self.roster.expire(now) {
+                if !self.is_direct_member(&peer) {
+                    warn!(%peer, "peer failed: no longer heard over the mesh");
+                    self.actions
+                        .push_back(PeerAction::Membership(Membership::Failed { peer }));
+                    self.busy(now);
+                }
+            }
+        }
+        if self.presence.is_some() && now >= self.next_announce {
+            self.announce(now);
         }
         if now >= self.next_redial {
             self.next_redial = now + REDIAL_INTERVAL;
@@ -298,14 +450,20 @@ impl Peers {
 
     /// The name a connected member was started with, if any.
     pub fn name_of(&self, peer: &PeerId) -> Option<String> {
-        self.peers
-            .get(peer)
-            .and_then(|p| p.identity.as_ref())
-            .and_then(|i| i.name.clone())
+        match self.peers.get(peer).and_then(|p| p.identity.as_ref()) {
+            Some(i) => i.name.clone(),
+            None => name_from_agent(&self.roster.presence(peer)?.agent),
+        }
+    }
+
+    /// Whether `peer` is a member: connected and identified as a meshbus peer, or heard
+    /// over the mesh.
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        self.is_direct_member(peer) || self.roster.contains(peer)
     }
 
     /// Whether `peer` is connected and identified as a meshbus peer.
-    pub fn is_member(&self, peer: &PeerId) -> bool {
+    pub fn is_direct_member(&self, peer: &PeerId) -> bool {
         self.peers.get(peer).is_some_and(|p| p.identity.is_some())
     }
 
@@ -316,10 +474,10 @@ impl Peers {
     /// discovers, so each heard the publisher as directly, and a forwarded copy would only be
     /// checked in full (signature first) before gossipsub finds it a duplicate. What came
     /// over a hop or from a publisher met by `--peer` goes on, and so does everything at a
-    /// peer with a member beyond that subnet: a bridge, or a host with containers on a
+    /// peer with a member it is not connected to, or with a member beyond that subnet: a bridge, or a host with containers on a
     /// second network (mDNS finds peers on every interface).
     pub fn forwards(&self, publisher: &PeerId, via: &PeerId) -> bool {
-        if publisher != via || !self.known.contains(publisher) {
+        if publisher != via || !self.known.contains(publisher) || !self.connected_to_all() {
             return true;
         }
         let lan = self
@@ -338,13 +496,21 @@ impl Peers {
             })
     }
 
-    /// Connected peers that identified as meshbus peers.
+    /// The members: connected and identified, or heard over the mesh.
     pub fn members(&self) -> usize {
-        self.peers.values().filter(|p| p.identity.is_some()).count()
+        self.member_ids().len()
     }
 
     /// The members' ids, sorted.
     pub fn member_ids(&self) -> Vec<PeerId> {
+        let mut ids = self.direct_member_ids();
+        ids.extend(self.roster.ids().filter(|p| !self.is_direct_member(p)));
+        ids.sort();
+        ids
+    }
+
+    /// The members connected and identified, sorted: those a request can go to.
+    pub fn direct_member_ids(&self) -> Vec<PeerId> {
         self.peers
             .iter()
             .filter(|(_, p)| p.identity.is_some())
@@ -374,7 +540,9 @@ impl Peers {
             return Vec::new();
         }
         self.marks_at = Some(now);
-        let members = self.member_ids();
+        // Marks are asked over a connection; what a member further away holds reaches the
+        // ones in between.
+        let members = self.direct_member_ids();
         if members.len() <= MARKS_PER_ROUND {
             return members;
         }
@@ -420,6 +588,18 @@ impl Peers {
                 })
             })
             .collect();
+        for id in self.roster.ids().filter(|p| !self.is_direct_member(p)) {
+            if let Some(presence) = self.roster.presence(id) {
+                list.push(PeerInfo {
+                    peer_id: id.to_string(),
+                    name: name_from_agent(&presence.agent),
+                    agent: presence.agent.clone(),
+                    connected_addrs: Vec::new(),
+                    listen_addrs: Vec::new(),
+                    rtt_ms: None,
+                });
+            }
+        }
         list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         list
     }
@@ -444,8 +624,10 @@ impl Peers {
         self.known.reached(&peer, now);
     }
 
-    /// A connection closed. When it was the peer's last, a member has left.
-    pub fn closed(&mut self, peer: PeerId, id: ConnectionId) {
+    /// A connection closed at `now`. When it was the last of an identified peer, a member
+    /// has left or failed, whatever was heard of it over the mesh: what is still on its way
+    /// from a peer that failed is not taken for a while ([`roster::QUARANTINE`]).
+    pub fn closed(&mut self, peer: PeerId, id: ConnectionId, now: Instant) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -455,6 +637,7 @@ impl Peers {
         }
         if let Some(p) = self.peers.remove(&peer) {
             if p.identity.is_some() {
+                self.roster.forget(&peer, !p.leaving, now);
                 let change = if p.leaving {
                     info!(%peer, "peer left");
                     Membership::Left { peer }
@@ -493,10 +676,14 @@ impl Peers {
             name: name.clone(),
             listen_addrs,
         });
-        if joined {
+        if joined && self.roster.contains(&peer) {
+            debug!(%peer, ?name, "connected to a member heard over the mesh");
+            self.actions.push_back(PeerAction::Reached(peer));
+        } else if joined {
             info!(%peer, ?name, "peer joined");
             self.actions
                 .push_back(PeerAction::Membership(Membership::Joined { peer, name }));
+            self.actions.push_back(PeerAction::Reached(peer));
         }
     }
 

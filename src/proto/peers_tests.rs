@@ -35,10 +35,13 @@ fn a_meshbus_peer_joins_once_when_first_identified() {
     peers.identified(peer, PROTOCOL_VERSION, agent(Some("h1")), vec![]);
     assert_eq!(
         drain(&mut peers),
-        [PeerAction::Membership(Membership::Joined {
-            peer,
-            name: Some("h1".into())
-        })]
+        [
+            PeerAction::Membership(Membership::Joined {
+                peer,
+                name: Some("h1".into())
+            }),
+            PeerAction::Reached(peer)
+        ]
     );
     assert_eq!(peers.members(), 1);
 }
@@ -54,7 +57,7 @@ fn a_peer_of_another_protocol_is_disconnected_and_forgotten() {
     peers.identified(stranger, "/other/1", "other".into(), vec![]);
     assert_eq!(drain(&mut peers), [PeerAction::Disconnect(stranger)]);
     assert_eq!(peers.members(), 0);
-    peers.closed(stranger, conn(1));
+    peers.closed(stranger, conn(1), now);
     peers.handle_timeout(now + REDIAL_INTERVAL);
     assert!(drain(&mut peers).is_empty(), "a stranger is not redialled");
 }
@@ -73,10 +76,10 @@ fn a_member_fails_when_its_last_connection_closes_without_a_goodbye() {
     let now = Instant::now();
     let (mut peers, peer) = with_member(now);
     peers.connected(peer, conn(2), addr(2), now);
-    peers.closed(peer, conn(1));
+    peers.closed(peer, conn(1), now);
     assert!(drain(&mut peers).is_empty(), "one connection is still open");
     assert!(peers.is_connected(&peer));
-    peers.closed(peer, conn(2));
+    peers.closed(peer, conn(2), now);
     assert_eq!(
         drain(&mut peers),
         [PeerAction::Membership(Membership::Failed { peer })]
@@ -91,7 +94,7 @@ fn a_member_that_said_goodbye_leaves() {
     let (mut peers, peer) = with_member(now);
     assert_eq!(peers.member_ids(), [peer]);
     peers.goodbye(peer);
-    peers.closed(peer, conn(1));
+    peers.closed(peer, conn(1), now);
     assert_eq!(
         drain(&mut peers),
         [PeerAction::Membership(Membership::Left { peer })]
@@ -106,7 +109,7 @@ fn a_peer_that_never_identified_leaves_without_an_event() {
     let mut peers = Peers::new(PeerId::random(), now);
     let peer = PeerId::random();
     peers.connected(peer, conn(1), addr(1), now);
-    peers.closed(peer, conn(1));
+    peers.closed(peer, conn(1), now);
     assert!(drain(&mut peers).is_empty());
 }
 
@@ -270,7 +273,7 @@ fn an_explicit_peer_is_learned_on_connect_and_redialled_only_when_gone() {
     peers.connected(peer, conn(3), addr(1), now);
     peers.handle_timeout(now + REDIAL_INTERVAL);
     assert!(drain(&mut peers).is_empty(), "connected: no redial");
-    peers.closed(peer, conn(3));
+    peers.closed(peer, conn(3), now);
     peers.handle_timeout(now + REDIAL_INTERVAL * 2);
     assert_eq!(drain(&mut peers), [PeerAction::DialAddress(addr(1))]);
 }
@@ -402,7 +405,7 @@ fn anti_entropy_asks_every_member_of_a_small_mesh_each_round_and_a_large_one_in_
     let last = *peers.marks_round(now).last().unwrap();
     let at = members.iter().position(|(p, _)| *p == last).unwrap();
     let (gone, id) = members.remove(at);
-    peers.closed(gone, id);
+    peers.closed(gone, id, now);
     drain(&mut peers);
     let rounds = members.len().div_ceil(MARKS_PER_ROUND);
     assert_eq!(asked_within(&mut peers, rounds), ids(&members));
@@ -493,7 +496,7 @@ fn only_what_a_lan_peer_may_have_missed_is_forwarded() {
         vec![addr(7423)],
     );
     assert!(peers.forwards(&lan, &lan));
-    peers.closed(remote, conn(3));
+    peers.closed(remote, conn(3), now);
     assert!(!peers.forwards(&lan, &lan));
     // A member found by mDNS on another network of this host (a container's): it may not
     // hear the LAN's publishers, so everything goes on.
@@ -508,4 +511,225 @@ fn only_what_a_lan_peer_may_have_missed_is_forwarded() {
         vec![elsewhere],
     );
     assert!(peers.forwards(&lan, &lan));
+}
+
+fn presence(seq: u64, every: Duration) -> Presence {
+    Presence {
+        seq,
+        agent: agent(Some("far")),
+        every,
+        leaving: false,
+    }
+}
+
+fn announcements(peers: &mut Peers) -> Vec<Presence> {
+    drain(peers)
+        .into_iter()
+        .filter_map(|a| match a {
+            PeerAction::Announce(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_member_heard_over_the_mesh_joins_and_fails_when_it_falls_silent() {
+    let now = Instant::now();
+    let (mut peers, near) = with_member(now);
+    let far = PeerId::random();
+    peers.discovered([(near, addr(1))], now);
+    drain(&mut peers);
+    assert!(
+        !peers.forwards(&near, &near),
+        "one mDNS LAN, all connected: what comes from its publisher stays"
+    );
+    assert_eq!(peers.heard(far, presence(1, roster::EVERY), now), Ok(true));
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Joined {
+            peer: far,
+            name: Some("far".into())
+        })],
+        "no request goes to a member that is not connected"
+    );
+    assert!(peers.is_member(&far) && !peers.is_direct_member(&far));
+    assert_eq!(peers.members(), 2);
+    assert_eq!(peers.direct_member_ids(), [near]);
+    assert_eq!(peers.name_of(&far).as_deref(), Some("far"));
+    let shown = peers.list();
+    let far_shown = shown.iter().find(|p| p.peer_id == far.to_string()).unwrap();
+    assert!(far_shown.connected_addrs.is_empty());
+    assert_eq!(far_shown.name.as_deref(), Some("far"));
+    // What comes straight from its publisher goes on: `far` hears `near` through us.
+    assert!(peers.forwards(&near, &near));
+
+    // Heard again in time, it stays; silent past its missed announcements, it failed.
+    let again = now + roster::EVERY;
+    assert_eq!(
+        peers.heard(far, presence(2, roster::EVERY), again),
+        Ok(true)
+    );
+    assert_eq!(
+        peers.heard(far, presence(2, roster::EVERY), again),
+        Ok(false)
+    );
+    let expiry = again + roster::EVERY * roster::MISSED + roster::GRACE;
+    peers.handle_timeout(expiry - Duration::from_millis(1));
+    assert!(!drain(&mut peers)
+        .iter()
+        .any(|a| matches!(a, PeerAction::Membership(_))));
+    // The liveness tick after the expiry finds it.
+    peers.handle_timeout(expiry + PING_INTERVAL);
+    assert!(drain(&mut peers).contains(&PeerAction::Membership(Membership::Failed { peer: far })));
+    assert_eq!(peers.member_ids(), [near]);
+}
+
+#[test]
+fn a_member_heard_over_the_mesh_leaves_with_its_goodbye() {
+    let now = Instant::now();
+    let (mut peers, near) = with_member(now);
+    let far = PeerId::random();
+    peers.heard(far, presence(1, roster::EVERY), now).unwrap();
+    drain(&mut peers);
+    let bye = Presence {
+        leaving: true,
+        ..presence(2, roster::EVERY)
+    };
+    assert_eq!(peers.heard(far, bye, now), Ok(true));
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Left { peer: far })]
+    );
+    // A connected member's goodbye over the mesh waits for its connection to close.
+    let bye = Presence {
+        leaving: true,
+        ..presence(3, roster::EVERY)
+    };
+    peers.heard(near, presence(1, roster::EVERY), now).unwrap();
+    peers.heard(near, bye, now).unwrap();
+    assert!(drain(&mut peers).is_empty());
+    peers.closed(near, conn(1), now);
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Left { peer: near })]
+    );
+}
+
+#[test]
+fn a_member_reached_after_it_was_heard_joins_once() {
+    let now = Instant::now();
+    let mut peers = Peers::new(PeerId::random(), now);
+    let far = PeerId::random();
+    peers.heard(far, presence(1, roster::EVERY), now).unwrap();
+    drain(&mut peers);
+    peers.connected(far, conn(1), addr(1), now);
+    peers.identified(far, PROTOCOL_VERSION, agent(Some("far")), vec![]);
+    assert_eq!(drain(&mut peers), [PeerAction::Reached(far)]);
+    assert_eq!(peers.members(), 1);
+    assert_eq!(peers.direct_member_ids(), [far]);
+    assert_eq!(peers.list().len(), 1);
+}
+
+#[test]
+fn a_member_lost_without_a_goodbye_is_not_revived_by_its_last_words() {
+    let now = Instant::now();
+    let (mut peers, near) = with_member(now);
+    peers.heard(near, presence(1, roster::EVERY), now).unwrap();
+    peers.closed(near, conn(1), now);
+    assert_eq!(
+        drain(&mut peers),
+        [PeerAction::Membership(Membership::Failed { peer: near })],
+        "failed at once, whatever was heard of it over the mesh"
+    );
+    // An announcement still on its way is not taken...
+    let late = now + roster::QUARANTINE - Duration::from_millis(1);
+    assert_eq!(
+        peers.heard(near, presence(2, roster::EVERY), late),
+        Ok(false)
+    );
+    assert!(!peers.is_member(&near));
+    // ...but a peer still reachable through others is heard again after the quarantine.
+    let after = now + roster::QUARANTINE;
+    assert_eq!(
+        peers.heard(near, presence(3, roster::EVERY), after),
+        Ok(true)
+    );
+    assert!(
+        drain(&mut peers).contains(&PeerAction::Membership(Membership::Joined {
+            peer: near,
+            name: Some("far".into())
+        }))
+    );
+}
+
+#[test]
+fn a_peer_announces_rarely_while_connected_to_every_member_it_knows() {
+    let now = Instant::now();
+    let (mut peers, near) = with_member(now);
+    peers.announcing(agent(Some("me")), 100);
+    // Nobody listens yet: the first announcement goes out when someone subscribes.
+    peers.handle_timeout(now);
+    let first = announcements(&mut peers);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].seq, 101);
+    assert_eq!(first[0].every, roster::QUIET_EVERY);
+    let soon = now + Duration::from_millis(10);
+    peers.roster_subscribed(soon);
+    assert_eq!(peers.poll_timeout(), now + roster::MIN_GAP_SENT);
+    peers.handle_timeout(now + roster::MIN_GAP_SENT);
+    assert_eq!(announcements(&mut peers).len(), 1);
+    peers.announce_sent();
+    let later = now + roster::MIN_GAP_SENT * 2;
+    peers.roster_subscribed(later);
+    assert_eq!(
+        peers.poll_timeout(),
+        now + PING_INTERVAL,
+        "once heard, a subscription is no reason to announce"
+    );
+    // Connected to the one member it knows: quiet.
+    peers
+        .heard(near, presence(1, roster::EVERY), later)
+        .unwrap();
+    peers.handle_timeout(now + roster::MIN_GAP_SENT + roster::QUIET_EVERY);
+    let quiet = announcements(&mut peers);
+    assert_eq!(quiet.len(), 1);
+    assert_eq!(quiet[0].every, roster::QUIET_EVERY);
+
+    // A member it is not connected to: it announces soon, then every second.
+    let t = now + roster::QUIET_EVERY * 2;
+    peers
+        .heard(PeerId::random(), presence(1, roster::EVERY), t)
+        .unwrap();
+    drain(&mut peers);
+    assert!(peers.poll_timeout() <= t);
+    peers.handle_timeout(t);
+    let busy = announcements(&mut peers);
+    assert_eq!(busy.len(), 1);
+    assert_eq!(busy[0].every, roster::EVERY);
+    assert_eq!(peers.poll_timeout(), t + roster::EVERY);
+
+    // Its goodbye is its presence, leaving, numbered after the last.
+    let bye = peers.farewell().unwrap();
+    assert!(bye.leaving);
+    assert_eq!(bye.seq, busy[0].seq + 1);
+}
+
+#[test]
+fn marks_are_asked_of_connected_members_only() {
+    let now = Instant::now();
+    let (mut peers, near) = with_member(now);
+    peers
+        .heard(PeerId::random(), presence(1, roster::EVERY), now)
+        .unwrap();
+    peers.busy(now);
+    assert_eq!(peers.marks_round(now), [near]);
+}
+
+#[test]
+fn own_announcements_are_not_taken() {
+    let now = Instant::now();
+    let me = PeerId::random();
+    let mut peers = Peers::new(me, now);
+    assert_eq!(peers.heard(me, presence(1, roster::EVERY), now), Ok(false));
+    assert_eq!(peers.members(), 0);
 }

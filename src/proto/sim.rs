@@ -244,15 +244,18 @@ impl Sim {
                 }
                 PeerAction::Membership(m) => {
                     let at = self.elapsed();
-                    // A member that joins is asked for its marks at once, as the swarm
-                    // task does.
                     self.nodes[i].peers.busy(self.now);
-                    if let Membership::Joined { peer, .. } = &m {
-                        let from = self.index_of(peer);
-                        self.ask_marks(i, from);
-                    }
                     self.nodes[i].membership.push((at, m));
                 }
+                // A member reached over a connection is asked for its marks at once, as the
+                // swarm task does.
+                PeerAction::Reached(peer) => {
+                    let from = self.index_of(&peer);
+                    self.ask_marks(i, from);
+                }
+                // The simulated LAN is a full mesh of direct connections; its peers never
+                // announce themselves (see `Peers::announcing`).
+                PeerAction::Announce(_) => {}
             }
         }
     }
@@ -263,7 +266,7 @@ impl Sim {
             return;
         };
         let peer = self.nodes[remote].id;
-        self.nodes[i].peers.closed(peer, id);
+        self.nodes[i].peers.closed(peer, id, self.now);
         let delay = self.control_delay();
         self.send(
             delay,
@@ -316,7 +319,7 @@ impl Sim {
             Msg::Closed { at, peer, id } => {
                 if self.linked(at, peer) && self.conns.remove(&id).is_some() {
                     let peer = self.nodes[peer].id;
-                    self.nodes[at].peers.closed(peer, id);
+                    self.nodes[at].peers.closed(peer, id, self.now);
                     self.carry_out(at);
                 }
             }

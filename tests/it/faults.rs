@@ -25,6 +25,64 @@ fn a_peer_stops_cleanly_on_sigterm_and_the_other_notices() {
     wait_until(T, "a sees b gone", || a.peer_ids().is_empty());
 }
 
+/// The `_mesh.peer.*` events a peer's file row recorded about `peer`, by topic.
+fn membership_of(file: &std::path::Path, peer: &str) -> Vec<String> {
+    events_in(file)
+        .iter()
+        .filter(|e| e["data"]["peer"] == peer)
+        .map(|e| e["topic"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn membership_travels_past_direct_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("left.jsonl");
+    let on = format!("_mesh.peer.*=file:{}", file.display());
+    // A line: left and the two far peers connect only to the middle one.
+    let middle = Peer::local(&[]);
+    let left = Peer::local(&["--on", &on, "--peer", middle.tcp_addr()]);
+    let killed = Peer::local(&["--name", "killed", "--peer", middle.tcp_addr()]);
+    let stopped = Peer::local(&["--name", "stopped", "--peer", middle.tcp_addr()]);
+    wait_until(T, "left hears of both far peers over the mesh", || {
+        let seen = left.peer_ids();
+        seen.contains(&killed.peer_id) && seen.contains(&stopped.peer_id)
+    });
+    assert_eq!(
+        left.connected_peer_ids(),
+        std::slice::from_ref(&middle.peer_id)
+    );
+    let peers: Vec<serde_json::Value> =
+        serde_json::from_str(&left.cli_ok(&["peers", "--json"])).unwrap();
+    let far = peers
+        .iter()
+        .find(|p| p["peer_id"] == killed.peer_id.as_str())
+        .unwrap();
+    assert_eq!(far["name"], "killed");
+    assert_eq!(far["connected_addrs"], serde_json::json!([]));
+    wait_until(T, "left recorded both joins", || {
+        membership_of(&file, &killed.peer_id) == ["_mesh.peer.joined"]
+            && membership_of(&file, &stopped.peer_id) == ["_mesh.peer.joined"]
+    });
+    // And the far peers hear of left the same way.
+    wait_until(T, "a far peer hears of left", || {
+        killed.peer_ids().contains(&left.peer_id)
+    });
+
+    // A clean stop is a goodbye that travels too; a kill is found by silence.
+    let stopped_id = stopped.peer_id.clone();
+    assert!(stopped.stop().success());
+    wait_until(T, "left heard the goodbye", || {
+        membership_of(&file, &stopped_id) == ["_mesh.peer.joined", "_mesh.peer.left"]
+    });
+    killed.signal(nix::sys::signal::Signal::SIGKILL);
+    wait_until(T, "left found the killed peer failed", || {
+        membership_of(&file, &killed.peer_id) == ["_mesh.peer.joined", "_mesh.peer.failed"]
+    });
+    assert_eq!(left.peer_ids(), std::slice::from_ref(&middle.peer_id));
+    assert_eq!(left.status()["counters"]["presence_refused"], 0);
+}
+
 fn wire_event(topic: &str, data: &[u8]) -> WireEvent {
     WireEvent {
         id: uuid::Uuid::now_v7().as_bytes().to_vec(),

@@ -202,6 +202,20 @@ impl Peer {
         peer_ids(&self.cli_ok(&["peers", "--json"]))
     }
 
+    /// The members it is connected to (not those it only heard of over the mesh).
+    pub fn connected_peer_ids(&self) -> Vec<String> {
+        let peers: Vec<Value> = serde_json::from_str(&self.cli_ok(&["peers", "--json"])).unwrap();
+        peers
+            .iter()
+            .filter(|p| {
+                p["connected_addrs"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+            .map(|p| p["peer_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -103,7 +103,7 @@ impl Actor {
             self.take_answer(me, message);
             return;
         }
-        if !self.peers.is_member(&answer.to) {
+        if !self.peers.is_direct_member(&answer.to) {
             if let Some(n) = stats::bump_throttled(&stats.answers_dropped) {
                 warn!(asker = %answer.to, dropped_so_far = n,
                     "an answer was dropped: the peer that asked is not connected");

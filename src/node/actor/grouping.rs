@@ -81,7 +81,7 @@ impl Actor {
         };
         let peers = match to {
             Some(peer) => vec![peer],
-            None => self.peers.member_ids(),
+            None => self.peers.direct_member_ids(),
         };
         for peer in peers {
             self.ask_with(peer, Asked::Groups, request.clone());

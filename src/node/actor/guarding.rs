@@ -11,6 +11,7 @@ use tracing::warn;
 use super::{now, Actor};
 use crate::event::Event;
 use crate::node::behaviour::BAN_SCORE;
+use crate::proto::roster::Refused;
 use crate::proto::{self, limits};
 use crate::stats;
 
@@ -56,6 +57,53 @@ impl Actor {
                 limits::Verdict::Ban => {
                     self.ban(author, "it kept sending over its rate", at);
                     MessageAcceptance::Ignore
+                }
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &from, verdict);
+    }
+
+    /// A message on any other topic than the events': a peer's presence on the roster
+    /// topic, relayed unless it is stale. What does not decode, or breaks a bound, is
+    /// rejected (it counts against the sender's score) and counted; presence on a topic
+    /// meshbus does not use is rejected the same way.
+    pub(super) fn on_presence(
+        &mut self,
+        from: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let stats = self.shared.stats.clone();
+        let author = message.source.unwrap_or(from);
+        let verdict = if self.banned.contains_key(&author) {
+            MessageAcceptance::Ignore
+        } else {
+            // A refusal is the sender's fault (rejected) unless this peer is merely full.
+            let heard = if message.topic != self.roster_topic.hash() {
+                let reason = format!("a message on topic `{}`, unused by meshbus", message.topic);
+                Err((reason, MessageAcceptance::Reject))
+            } else {
+                match crate::wire::decode_presence(&message.data) {
+                    Err(e) => Err((e.to_string(), MessageAcceptance::Reject)),
+                    Ok(presence) => match self.peers.heard(author, presence, now()) {
+                        Ok(relay) => Ok(relay),
+                        Err(e @ Refused::Full) => Err((e.to_string(), MessageAcceptance::Ignore)),
+                        Err(e @ Refused::Bad(_)) => Err((e.to_string(), MessageAcceptance::Reject)),
+                    },
+                }
+            };
+            match heard {
+                Ok(true) => MessageAcceptance::Accept,
+                Ok(false) => MessageAcceptance::Ignore,
+                Err((reason, verdict)) => {
+                    if let Some(n) = stats::bump_throttled(&stats.presence_refused) {
+                        warn!(peer = %author, via = %from, %reason, refused_so_far = n,
+                            "refused a peer's presence");
+                    }
+                    verdict
                 }
             }
         };

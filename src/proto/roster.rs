@@ -1,0 +1,349 @@
+//! Members heard over the mesh: peers this one is not (or not only) connected to, known from
+//! the presence each peer announces on gossipsub ([`crate::proto::ROSTER_TOPIC`]), which
+//! every peer relays. A peer connected to all the members it knows announces rarely
+//! ([`QUIET_EVERY`]); one that knows a member it is not connected to announces every
+//! [`EVERY`], and so does everyone who hears it, since they then know a member they are not
+//! connected to either. An announcement says how often its peer announces, so the others
+//! know when its silence means it is gone: after [`MISSED`] announcements plus [`GRACE`].
+//!
+//! [`Roster`] keeps only what the announcements say, within bounds; [`super::peers::Peers`]
+//! joins it with the connections into one membership.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+/// How often a peer announces itself while it knows a member it is not connected to.
+pub const EVERY: Duration = Duration::from_secs(1);
+
+/// How often a peer connected to every member it knows announces itself.
+pub const QUIET_EVERY: Duration = Duration::from_secs(30);
+
+/// Announcements a member may miss before it is taken for gone.
+pub const MISSED: u32 = 3;
+
+/// Slack on top of the missed announcements: relays and a busy machine delay them.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// Announcements of one peer closer together than this are ignored (and not relayed): its
+/// own schedule never sends them that close ([`MIN_GAP_SENT`]).
+pub const MIN_GAP: Duration = Duration::from_millis(50);
+
+/// The closest together a peer sends its own announcements: twice [`MIN_GAP`], so a relay's
+/// jitter does not make an honest pair look too close.
+pub const MIN_GAP_SENT: Duration = Duration::from_millis(200);
+
+/// Most members heard only over the mesh.
+pub const MAX_HEARD: usize = 256;
+
+/// Longest agent string taken.
+pub const MAX_AGENT: usize = 128;
+
+/// A member whose connection dropped without a goodbye is failed at once; announcements of it
+/// that were still on their way (relayed a hop behind) are not taken for this long, so a
+/// killed peer is not brought back to life by its own last words. A member that is alive
+/// and still reachable through others is heard again after it.
+pub const QUARANTINE: Duration = Duration::from_secs(5);
+
+/// What a peer says of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// Its announcement number: larger is newer (it starts at the clock, so a restarted
+    /// peer's are larger).
+    pub seq: u64,
+    /// Its agent string (`meshbus/VERSION (NAME)`).
+    pub agent: String,
+    /// How often it announces itself now: [`EVERY`] or [`QUIET_EVERY`].
+    pub every: Duration,
+    /// It is shutting down cleanly.
+    pub leaving: bool,
+}
+
+impl Presence {
+    /// Checks what a remote peer said against the bounds above.
+    pub fn check(&self) -> Result<(), String> {
+        if self.every < EVERY || self.every > QUIET_EVERY {
+            return Err(format!(
+                "announces every {} ms; {}..={} ms is taken",
+                self.every.as_millis(),
+                EVERY.as_millis(),
+                QUIET_EVERY.as_millis()
+            ));
+        }
+        if self.agent.len() > MAX_AGENT {
+            return Err(format!(
+                "agent string of {} bytes; at most {MAX_AGENT} are taken",
+                self.agent.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// When its member is gone if nothing newer is heard, counted from `heard`.
+    fn expires(&self, heard: Instant) -> Instant {
+        heard + self.every * MISSED + GRACE
+    }
+}
+
+/// What [`Roster::heard`] made of an announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// A member not heard before (or since it was gone).
+    New,
+    /// A newer announcement of a member already heard.
+    Again,
+    /// It said it is leaving: it is out of the roster.
+    Leaving,
+    /// Not taken, and not to be relayed: older than one taken, too soon after it, or of a
+    /// member in [`QUARANTINE`].
+    Stale,
+}
+
+/// Why an announcement was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// It broke a bound of [`Presence::check`].
+    #[error("{0}")]
+    Bad(String),
+    /// [`MAX_HEARD`] members are heard already.
+    #[error("{MAX_HEARD} members are heard over the mesh already")]
+    Full,
+}
+
+#[derive(Debug)]
+struct Member {
+    presence: Presence,
+    heard: Instant,
+    expires: Instant,
+}
+
+/// The members heard over the mesh, and those in quarantine.
+#[derive(Debug, Default)]
+pub struct Roster {
+    members: BTreeMap<PeerId, Member>,
+    quarantine: BTreeMap<PeerId, Instant>,
+}
+
+impl Roster {
+    /// Takes `peer`'s announcement heard at `now`.
+    pub fn heard(
+        &mut self,
+        peer: PeerId,
+        presence: Presence,
+        now: Instant,
+    ) -> Result<Heard, Refused> {
+        presence.check().map_err(Refused::Bad)?;
+        if let Some(until) = self.quarantine.get(&peer) {
+            if now < *until {
+                return Ok(Heard::Stale);
+            }
+            self.quarantine.remove(&peer);
+        }
+        if let Some(m) = self.members.get(&peer) {
+            if presence.seq <= m.presence.seq
+                || (now.saturating_duration_since(m.heard) < MIN_GAP && !presence.leaving)
+            {
+                return Ok(Heard::Stale);
+            }
+        } else if presence.leaving {
+            return Ok(Heard::Stale);
+        } else if self.members.len() >= MAX_HEARD {
+            return Err(Refused::Full);
+        }
+        if presence.leaving {
+            self.members.remove(&peer);
+            return Ok(Heard::Leaving);
+        }
+        let expires = presence.expires(now);
+        let new = self
+            .members
+            .insert(
+                peer,
+                Member {
+                    presence,
+                    heard: now,
+                    expires,
+                },
+            )
+            .is_none();
+        Ok(if new { Heard::New } else { Heard::Again })
+    }
+
+    /// Whether `peer` was heard and is not gone.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.members.contains_key(peer)
+    }
+
+    /// What `peer` said last.
+    pub fn presence(&self, peer: &PeerId) -> Option<&Presence> {
+        self.members.get(peer).map(|m| &m.presence)
+    }
+
+    /// The members heard, sorted.
+    pub fn ids(&self) -> impl Iterator<Item = &PeerId> {
+        self.members.keys()
+    }
+
+    /// Takes out the members silent past their time at `now`, and ends quarantines that are
+    /// over.
+    pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
+        self.quarantine.retain(|_, until| now < *until);
+        let gone: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now >= m.expires)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in &gone {
+            self.members.remove(peer);
+        }
+        gone
+    }
+
+    /// Forgets `peer`: its connection dropped. Without a goodbye it is quarantined from
+    /// `now` ([`QUARANTINE`]).
+    pub fn forget(&mut self, peer: &PeerId, failed: bool, now: Instant) {
+        self.members.remove(peer);
+        if failed {
+            if self.quarantine.len() >= MAX_HEARD {
+                // Quarantines only guard against stale words; when there are too many, the
+                // oldest goes first.
+                if let Some(oldest) = self
+                    .quarantine
+                    .iter()
+                    .min_by_key(|(_, until)| **until)
+                    .map(|(p, _)| *p)
+                {
+                    self.quarantine.remove(&oldest);
+                }
+            }
+            self.quarantine.insert(*peer, now + QUARANTINE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presence(seq: u64, every: Duration) -> Presence {
+        Presence {
+            seq,
+            agent: "meshbus/0.1.0 (b)".into(),
+            every,
+            leaving: false,
+        }
+    }
+
+    #[test]
+    fn a_member_is_gone_after_its_missed_announcements() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        assert_eq!(r.heard(b, presence(1, EVERY), t), Ok(Heard::New));
+        let due = EVERY * MISSED + GRACE;
+        assert!(r.expire(t + due - Duration::from_millis(1)).is_empty());
+        assert_eq!(r.heard(b, presence(2, EVERY), t + EVERY), Ok(Heard::Again));
+        // The newer announcement moved its time on.
+        assert!(r.expire(t + due).is_empty());
+        assert_eq!(r.expire(t + EVERY + due), vec![b]);
+        assert!(!r.contains(&b));
+    }
+
+    #[test]
+    fn a_quiet_member_is_given_its_own_interval() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        r.heard(b, presence(1, QUIET_EVERY), t).unwrap();
+        assert!(r.expire(t + QUIET_EVERY * 2).is_empty());
+        assert_eq!(r.expire(t + QUIET_EVERY * MISSED + GRACE), vec![b]);
+    }
+
+    #[test]
+    fn older_and_too_close_announcements_are_stale() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        r.heard(b, presence(5, EVERY), t).unwrap();
+        assert_eq!(r.heard(b, presence(5, EVERY), t + EVERY), Ok(Heard::Stale));
+        assert_eq!(r.heard(b, presence(4, EVERY), t + EVERY), Ok(Heard::Stale));
+        let soon = t + MIN_GAP - Duration::from_millis(1);
+        assert_eq!(r.heard(b, presence(6, EVERY), soon), Ok(Heard::Stale));
+        assert_eq!(
+            r.heard(b, presence(6, EVERY), t + MIN_GAP),
+            Ok(Heard::Again)
+        );
+    }
+
+    #[test]
+    fn a_goodbye_takes_the_member_out() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        r.heard(b, presence(1, EVERY), t).unwrap();
+        let bye = Presence {
+            leaving: true,
+            ..presence(2, EVERY)
+        };
+        // Even straight after the last announcement: a goodbye is never held back.
+        assert_eq!(r.heard(b, bye.clone(), t), Ok(Heard::Leaving));
+        assert!(!r.contains(&b));
+        // One heard again over another path changes nothing.
+        assert_eq!(r.heard(b, bye, t + EVERY), Ok(Heard::Stale));
+    }
+
+    #[test]
+    fn a_failed_member_is_not_revived_by_stale_words() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        r.heard(b, presence(1, EVERY), t).unwrap();
+        r.forget(&b, true, t);
+        assert!(!r.contains(&b));
+        let late = t + QUARANTINE - Duration::from_millis(1);
+        assert_eq!(r.heard(b, presence(2, EVERY), late), Ok(Heard::Stale));
+        assert_eq!(
+            r.heard(b, presence(3, EVERY), t + QUARANTINE),
+            Ok(Heard::New)
+        );
+        // A peer that left cleanly is not quarantined.
+        let c = PeerId::random();
+        r.heard(c, presence(1, EVERY), t).unwrap();
+        r.forget(&c, false, t);
+        assert_eq!(r.heard(c, presence(2, EVERY), t), Ok(Heard::New));
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let fast = presence(1, Duration::from_millis(10));
+        assert!(matches!(
+            r.heard(PeerId::random(), fast, t),
+            Err(Refused::Bad(e)) if e.contains("every 10 ms")
+        ));
+        let slow = presence(1, Duration::from_secs(3600));
+        assert!(r.heard(PeerId::random(), slow, t).is_err());
+        let long = Presence {
+            agent: "x".repeat(MAX_AGENT + 1),
+            ..presence(1, EVERY)
+        };
+        assert!(
+            matches!(r.heard(PeerId::random(), long, t), Err(Refused::Bad(e)) if e.contains("agent"))
+        );
+        for _ in 0..MAX_HEARD {
+            r.heard(PeerId::random(), presence(1, EVERY), t).unwrap();
+        }
+        assert_eq!(
+            r.heard(PeerId::random(), presence(1, EVERY), t),
+            Err(Refused::Full)
+        );
+        // Quarantines stay bounded too.
+        for _ in 0..MAX_HEARD * 2 {
+            r.forget(&PeerId::random(), true, t);
+        }
+        assert!(r.quarantine.len() <= MAX_HEARD);
+    }
+}
