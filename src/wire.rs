@@ -1,7 +1,9 @@
 //! The wire format: how events travel between peers inside gossipsub messages.
 //!
 //! Every gossipsub message a meshbus peer publishes on [`crate::proto::MESH_TOPIC`] carries a
-//! *batch* of one or more events from the message's signed author. The payload is:
+//! *batch* of one or more events from the message's signed author, or, with no events, the
+//! author's *presence* ([`WirePresence`]: membership that travels over the mesh, see
+//! [`crate::proto::roster`]). The payload is:
 //!
 //! ```text
 //! byte 0      format version, currently 0x01
@@ -24,6 +26,7 @@ use libp2p::PeerId;
 use prost::Message as _;
 
 use crate::event::{self, Event, EventError, EventId, JSON};
+use crate::node::repair::GroupAnnounce;
 use crate::topic::Topic;
 
 /// The format version this build writes and reads.
@@ -64,12 +67,15 @@ pub struct WireEvent {
     pub epoch: u64,
 }
 
-/// Several events from one author (`meshbus.wire.v1.Batch`).
+/// Several events from one author (`meshbus.wire.v1.Batch`), or its presence.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct WireBatch {
     /// In publish order.
     #[prost(message, repeated, tag = "1")]
     pub events: Vec<WireEvent>,
+    /// The author's presence; only in a batch without events.
+    #[prost(message, optional, tag = "2")]
+    pub presence: Option<WirePresence>,
 }
 
 /// Why a payload or an event in it was dropped.
@@ -79,9 +85,12 @@ pub enum WireError {
     /// Zero bytes.
     #[error("empty payload; expected a version byte and a batch")]
     Empty,
-    /// A batch without events: no publisher sends one.
-    #[error("batch holds no events; expected at least one")]
+    /// A batch without events and without a presence: no peer sends one.
+    #[error("batch holds no events and no presence; expected one or the other")]
     NoEvents,
+    /// A batch with events and a presence: no peer sends one.
+    #[error("batch holds events and a presence; expected one or the other")]
+    Both,
     /// A format version this build does not know.
     #[error("wire format version {0} is not supported; this peer reads version {VERSION}")]
     Version(u8),
@@ -138,6 +147,7 @@ fn to_wire(event: &Event) -> WireEvent {
 pub fn encode_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
     let batch = WireBatch {
         events: events.into_iter().map(to_wire).collect(),
+        presence: None,
     };
     let mut out = Vec::with_capacity(1 + batch.encoded_len());
     out.push(VERSION);
@@ -180,13 +190,25 @@ pub fn decode_stored_batch(payload: &[u8], source: PeerId) -> Result<Vec<Event>,
         .collect()
 }
 
-/// The outcome of decoding one payload: the good events and why the others were dropped.
+/// The outcome of decoding one payload: the good events and why the others were dropped;
+/// or the author's presence.
 #[derive(Debug, Default)]
 pub struct Decoded {
     /// Valid events, in the order they were published.
     pub events: Vec<Event>,
     /// One entry per dropped event.
     pub rejected: Vec<WireError>,
+    /// The author's presence (then there are no events).
+    pub presence: Option<Presence>,
+}
+
+/// A peer's presence as it came: what it says of itself, and its handler groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presence {
+    /// Its membership part; [`crate::proto::roster::Presence::check`] checks its bounds.
+    pub presence: crate::proto::roster::Presence,
+    /// Every handler group it is in, with its done-marks (checked where they are taken).
+    pub groups: Vec<GroupAnnounce>,
 }
 
 /// Decodes a payload authored by `source`, checking each event against `max_event_size`.
@@ -201,8 +223,16 @@ pub fn decode_batch(
     }
     let body = payload.into().slice(1..);
     let batch = WireBatch::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
-    if batch.events.is_empty() {
-        return Err(WireError::NoEvents);
+    match (batch.events.is_empty(), batch.presence) {
+        (true, None) => return Err(WireError::NoEvents),
+        (false, Some(_)) => return Err(WireError::Both),
+        (true, Some(p)) => {
+            return Ok(Decoded {
+                presence: Some(from_wire_presence(p)),
+                ..Decoded::default()
+            })
+        }
+        (false, None) => {}
     }
     let mut decoded = Decoded::default();
     for wire in batch.events {
@@ -267,8 +297,7 @@ fn fields(wire: WireEvent, source: PeerId) -> Result<Event, WireError> {
     })
 }
 
-/// A peer's presence on [`crate::proto::ROSTER_TOPIC`] (`meshbus.wire.v1.Presence`), after
-/// the same version byte as a batch.
+/// A peer's presence (`meshbus.wire.v1.Presence`), in a batch without events.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct WirePresence {
     /// Announcement number: larger is newer.
@@ -283,64 +312,114 @@ pub struct WirePresence {
     /// It is shutting down cleanly.
     #[prost(bool, tag = "4")]
     pub leaving: bool,
+    /// Every handler group it is in, with its done-marks.
+    #[prost(message, repeated, tag = "5")]
+    pub groups: Vec<GroupAnnounce>,
 }
 
-/// Encodes this peer's presence.
-pub fn encode_presence(presence: &crate::proto::roster::Presence) -> Vec<u8> {
-    let wire = WirePresence {
-        seq: presence.seq,
-        agent: presence.agent.clone(),
-        every_ms: u32::try_from(presence.every.as_millis()).unwrap_or(u32::MAX),
-        leaving: presence.leaving,
+/// Encodes this peer's presence and its groups into one payload.
+pub fn encode_presence(
+    presence: &crate::proto::roster::Presence,
+    groups: Vec<GroupAnnounce>,
+) -> Vec<u8> {
+    let batch = WireBatch {
+        events: Vec::new(),
+        presence: Some(WirePresence {
+            seq: presence.seq,
+            agent: presence.agent.clone(),
+            every_ms: u32::try_from(presence.every.as_millis()).unwrap_or(u32::MAX),
+            leaving: presence.leaving,
+            groups,
+        }),
     };
-    let mut out = Vec::with_capacity(1 + wire.encoded_len());
+    let mut out = Vec::with_capacity(1 + batch.encoded_len());
     out.push(VERSION);
-    wire.encode(&mut out)
+    batch
+        .encode(&mut out)
         .expect("encoding into a Vec cannot run out of space");
     out
 }
 
-/// Decodes a presence; [`crate::proto::roster::Presence::check`] checks its bounds.
-pub fn decode_presence(payload: &[u8]) -> Result<crate::proto::roster::Presence, WireError> {
-    let (&version, body) = payload.split_first().ok_or(WireError::Empty)?;
-    if version != VERSION {
-        return Err(WireError::Version(version));
+fn from_wire_presence(wire: WirePresence) -> Presence {
+    Presence {
+        presence: crate::proto::roster::Presence {
+            seq: wire.seq,
+            agent: wire.agent,
+            every: Duration::from_millis(u64::from(wire.every_ms)),
+            leaving: wire.leaving,
+        },
+        groups: wire.groups,
     }
-    let wire = WirePresence::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
-    Ok(crate::proto::roster::Presence {
-        seq: wire.seq,
-        agent: wire.agent,
-        every: Duration::from_millis(u64::from(wire.every_ms)),
-        leaving: wire.leaving,
-    })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::event::TEXT;
+
+    /// What one side may send, the other accepts: the largest presence a peer makes (every
+    /// group it may be in, each with all its marks, the longest names) fits in a gossipsub
+    /// message with room for its envelope.
+    #[test]
+    fn the_largest_presence_fits_a_message() {
+        use crate::node::repair::Mark;
+        use crate::proto::groups::{MAX_GROUPS, MAX_MARKS, MAX_NAME};
+        let mark = Mark {
+            source: PeerId::random().to_bytes(),
+            epoch: u64::MAX,
+            high: u64::MAX,
+        };
+        let groups = (0..MAX_GROUPS)
+            .map(|_| GroupAnnounce {
+                name: "g".repeat(MAX_NAME),
+                since: u64::MAX,
+                marks: vec![mark.clone(); MAX_MARKS],
+                shape: u64::MAX,
+            })
+            .collect();
+        let presence = crate::proto::roster::Presence {
+            seq: u64::MAX,
+            agent: "a".repeat(crate::proto::roster::MAX_AGENT),
+            every: crate::proto::roster::QUIET_EVERY,
+            leaving: false,
+        };
+        let len = encode_presence(&presence, groups).len();
+        // The envelope: signature, key, author, seqno and topic, well under 1 KiB.
+        assert!(len + 1024 <= crate::config::MAX_MESSAGE_SIZE, "{len} bytes");
+    }
+
     #[test]
     fn a_presence_decodes_as_it_was_encoded() {
+        let me = PeerId::random();
         let presence = crate::proto::roster::Presence {
             seq: 1_764_000_000_000_001,
             agent: "meshbus/0.1.0 (h1)".into(),
             every: std::time::Duration::from_secs(1),
             leaving: true,
         };
-        let bytes = super::encode_presence(&presence);
-        assert_eq!(bytes[0], super::VERSION);
-        assert_eq!(super::decode_presence(&bytes), Ok(presence));
-        assert_eq!(super::decode_presence(&[]), Err(super::WireError::Empty));
+        let groups = vec![GroupAnnounce {
+            name: "billing".into(),
+            since: 7,
+            marks: Vec::new(),
+            shape: 9,
+        }];
+        let bytes = encode_presence(&presence, groups.clone());
+        assert_eq!(bytes[0], VERSION);
+        let decoded = decode_batch(bytes, me, 1024).unwrap();
+        assert!(decoded.events.is_empty());
+        assert_eq!(decoded.presence, Some(Presence { presence, groups }));
+        // Events and a presence together are not a message any peer sends.
+        let both = WireBatch {
+            events: vec![to_wire(&event(1, "a.b", "a.b", JSON, b"1", me))],
+            presence: Some(WirePresence::default()),
+        };
+        let mut payload = vec![VERSION];
+        both.encode(&mut payload).unwrap();
         assert_eq!(
-            super::decode_presence(&[9, 1]),
-            Err(super::WireError::Version(9))
+            decode_batch(payload, me, 1024).unwrap_err(),
+            WireError::Both
         );
-        assert!(matches!(
-            super::decode_presence(&[super::VERSION, 0xff]),
-            Err(super::WireError::Decode(_))
-        ));
     }
-
-    use super::*;
-    use crate::event::TEXT;
 
     fn event(seq: u64, topic: &str, ty: &str, ct: &str, data: &[u8], source: PeerId) -> Event {
         Event {
@@ -432,6 +511,7 @@ mod tests {
             events: vec![
                 bad_id, good, bad_topic, reserved, big, far, early, zero, huge,
             ],
+            presence: None,
         };
         let mut payload = vec![VERSION];
         batch.encode(&mut payload).unwrap();

@@ -110,7 +110,6 @@ enum Asked {
     Marks,
     Fetch(Fetch),
     Goodbye,
-    Groups,
 }
 
 type Storing = oneshot::Receiver<Result<(), StoreError>>;
@@ -129,8 +128,6 @@ pub(super) struct Actor {
     shared: Arc<Shared>,
     topic: IdentTopic,
     topic_hash: TopicHash,
-    /// Where presence is announced ([`proto::roster`]).
-    roster_topic: IdentTopic,
     publisher: Publisher,
     /// This peer's own stream.
     own: StreamId,
@@ -159,11 +156,9 @@ pub(super) struct Actor {
     queries: asking::Queries,
     /// The groups other peers announced.
     groups: grouping::Directory,
-    /// What this peer last announced, its announcement number, and the next heartbeat.
+    /// The groups this peer last announced, and when it looks for a change next.
     last_announced: Vec<Announcement>,
-    group_round: u64,
     next_group_push: Instant,
-    next_heartbeat: Instant,
 }
 
 impl Actor {
@@ -181,12 +176,6 @@ impl Actor {
             .behaviour_mut()
             .gossipsub
             .subscribe(&topic)
-            .map_err(NodeError::Subscribe)?;
-        let roster_topic = IdentTopic::new(proto::ROSTER_TOPIC);
-        swarm
-            .behaviour_mut()
-            .gossipsub
-            .subscribe(&roster_topic)
             .map_err(NodeError::Subscribe)?;
         let me = shared.peer_id;
         let start = now();
@@ -211,7 +200,6 @@ impl Actor {
             commands,
             topic_hash: topic.hash(),
             topic,
-            roster_topic,
             publisher: Publisher::new(me, opened.epoch, opened.own_seq),
             own,
             peers: peers_table,
@@ -233,10 +221,7 @@ impl Actor {
             queries: Default::default(),
             groups: Default::default(),
             last_announced: Vec::new(),
-            // Announcement numbers start at the clock, so a restarted peer's are larger.
-            group_round: crate::clock::unix_micros(SystemTime::now()),
             next_group_push: start + grouping::GROUP_PUSH,
-            next_heartbeat: start,
         };
         for addr in peers {
             actor.add_explicit(addr)?;
@@ -327,7 +312,7 @@ impl Actor {
         }
         if now >= self.next_group_push {
             self.next_group_push = now + grouping::GROUP_PUSH;
-            self.announce_groups(now, None);
+            self.groups_changed(now);
             self.queries.expire(now);
         }
         self.fetch_due(now);
@@ -364,10 +349,7 @@ impl Actor {
                 }
                 PeerAction::Membership(change) => self.membership(change),
                 PeerAction::Announce(presence) => self.announce(&presence),
-                PeerAction::Reached(peer) => {
-                    self.ask(peer, Asked::Marks);
-                    self.announce_groups(now(), Some(peer));
-                }
+                PeerAction::Reached(peer) => self.ask(peer, Asked::Marks),
             }
         }
     }
@@ -408,15 +390,15 @@ impl Actor {
         self.local(change.topic(), change.data());
     }
 
-    /// Publishes this peer's presence on the roster topic. With nobody subscribed yet it
-    /// goes out again when someone is ([`Peers::roster_subscribed`]).
+    /// Publishes this peer's presence, with its handler groups and their done-marks. With
+    /// nobody subscribed yet it goes out again when someone is ([`Peers::mesh_subscribed`]).
     fn announce(&mut self, presence: &proto::roster::Presence) {
-        let payload = crate::wire::encode_presence(presence);
+        let payload = crate::wire::encode_presence(presence, self.group_announcements());
         match self
             .swarm
             .behaviour_mut()
             .gossipsub
-            .publish(self.roster_topic.clone(), payload)
+            .publish(self.topic.clone(), payload)
         {
             Ok(_) => self.peers.announce_sent(),
             Err(PublishError::NoPeersSubscribedToTopic | PublishError::AllQueuesFull(_)) => {
@@ -675,8 +657,6 @@ impl Actor {
     /// Sends a repair request.
     fn ask(&mut self, peer: PeerId, what: Asked) {
         let request = match &what {
-            // An announcement carries its groups: `announce_groups` sends it with `ask_with`.
-            Asked::Groups => return,
             Asked::Marks => Request {
                 kind: repair::MARKS,
                 own: Some(self.inbox.high(&self.own))
@@ -809,16 +789,9 @@ impl Actor {
                 propagation_source,
                 message_id,
                 message,
-            } if message.topic == self.topic_hash => {
-                self.on_message(propagation_source, message_id, message)
-            }
-            gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            } => self.on_presence(propagation_source, message_id, message),
-            gossipsub::Event::Subscribed { topic, .. } if topic == self.roster_topic.hash() => {
-                self.peers.roster_subscribed(now());
+            } => self.on_message(propagation_source, message_id, message),
+            gossipsub::Event::Subscribed { topic, .. } if topic == self.topic_hash => {
+                self.peers.mesh_subscribed(now());
             }
             gossipsub::Event::GossipsubNotSupported { peer_id } => {
                 debug!(peer = %peer_id, "peer does not speak gossipsub");

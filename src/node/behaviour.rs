@@ -116,11 +116,10 @@ fn peer_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds
         slow_peer_weight: 0.0,
         ..Default::default()
     };
-    for name in [crate::proto::MESH_TOPIC, crate::proto::ROSTER_TOPIC] {
-        params
-            .topics
-            .insert(gossipsub::IdentTopic::new(name).hash(), topic.clone());
-    }
+    params.topics.insert(
+        gossipsub::IdentTopic::new(crate::proto::MESH_TOPIC).hash(),
+        topic,
+    );
     let thresholds = gossipsub::PeerScoreThresholds {
         gossip_threshold: -10.0,
         publish_threshold: -30.0,

@@ -40,12 +40,6 @@ pub struct Request {
     /// Fetch: the last seq wanted.
     #[prost(uint64, tag = "5")]
     pub to: u64,
-    /// Groups: the announcement's number; a peer's later announcements have larger ones.
-    #[prost(uint64, tag = "6")]
-    pub round: u64,
-    /// Groups: every handler group the sender has a row in.
-    #[prost(message, repeated, tag = "7")]
-    pub groups: Vec<GroupAnnounce>,
     /// Marks: how far the asker has published (its own stream), so the asked peer learns of
     /// events it missed from a publisher that asks. A mark naming any other publisher is
     /// ignored.
@@ -77,8 +71,6 @@ pub const MARKS: u32 = 1;
 pub const FETCH: u32 = 2;
 /// Request kinds.
 pub const GOODBYE: u32 = 3;
-/// Request kinds: the sender's handler groups (the answer is empty).
-pub const GROUPS: u32 = 4;
 
 /// One stream a peer holds up to `high` (`meshbus.repair.v1.Mark`).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -188,38 +180,5 @@ impl libp2p::request_response::Codec for Codec {
         T: AsyncWrite + Unpin + Send,
     {
         write_message(io, &res).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::groups::{MAX_GROUPS, MAX_MARKS, MAX_NAME};
-
-    /// What one side may send, the other accepts: the largest group announcement a peer
-    /// makes fits in a request.
-    #[test]
-    fn the_largest_group_announcement_fits_a_request() {
-        let mark = Mark {
-            source: libp2p::PeerId::random().to_bytes(),
-            epoch: u64::MAX,
-            high: u64::MAX,
-        };
-        let request = Request {
-            kind: GROUPS,
-            round: u64::MAX,
-            groups: (0..MAX_GROUPS)
-                .map(|_| GroupAnnounce {
-                    name: "g".repeat(MAX_NAME),
-                    since: u64::MAX,
-                    marks: vec![mark.clone(); MAX_MARKS],
-                    shape: u64::MAX,
-                })
-                .collect(),
-            ..Request::default()
-        };
-        use prost::Message as _;
-        let len = request.encoded_len();
-        assert!(len <= MAX_REQUEST, "{len} bytes");
     }
 }

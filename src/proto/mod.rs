@@ -38,7 +38,3 @@ pub use receive::{receive, MessageError};
 /// a handler for `orders.*` sees `orders.shipped` even if nobody had used that topic when its
 /// peer started, and a peer needs no subscription change to match new topics.
 pub const MESH_TOPIC: &str = "meshbus/events/1";
-
-/// The gossipsub topic every peer announces its presence on ([`roster`]): membership that
-/// travels beyond direct connections.
-pub const ROSTER_TOPIC: &str = "meshbus/roster/1";

@@ -82,7 +82,7 @@ pub enum PeerAction {
     Disconnect(PeerId),
     /// Tell the local handler table.
     Membership(Membership),
-    /// Announce this peer's presence on the mesh ([`super::ROSTER_TOPIC`]).
+    /// Announce this peer's presence on the mesh (with its handler groups).
     Announce(Presence),
     /// A member is connected and identified now (it may have been heard over the mesh
     /// before): ask what it holds and tell it our groups, over that connection.
@@ -251,6 +251,9 @@ pub struct Peers {
     announced_at: Option<Instant>,
     /// Whether an announcement reached anyone yet.
     heard_once: bool,
+    /// This peer has a row in a handler group: its announcements carry the group's
+    /// done-marks, so it announces every [`roster::EVERY`] at least.
+    in_groups: bool,
     actions: VecDeque<PeerAction>,
 }
 
@@ -276,6 +279,7 @@ impl Peers {
             next_announce: now,
             announced_at: None,
             heard_once: false,
+            in_groups: false,
             actions: VecDeque::new(),
         }
     }
@@ -292,20 +296,25 @@ impl Peers {
         });
     }
 
-    /// Announces this peer soon: at once, but not closer than [`roster::MIN_GAP_SENT`] to
-    /// the last announcement.
-    fn announce_soon(&mut self, now: Instant) {
+    /// Announces this peer soon (its groups changed, say): at once, but not closer than
+    /// [`roster::MIN_GAP_SENT`] to the last announcement.
+    pub fn announce_soon(&mut self, now: Instant) {
         let earliest = self
             .announced_at
             .map_or(now, |at| (at + roster::MIN_GAP_SENT).max(now));
         self.next_announce = self.next_announce.min(earliest);
     }
 
-    /// A peer subscribed to the roster topic. Until an announcement of ours reached someone,
+    /// Whether this peer has a row in a handler group (see [`Peers::announce_soon`]).
+    pub fn set_in_groups(&mut self, in_groups: bool) {
+        self.in_groups = in_groups;
+    }
+
+    /// A peer subscribed to the mesh topic. Until an announcement of ours reached someone,
     /// this is when the next one can: a starting peer says it is here as soon as anyone
-    /// listens.
-    pub fn roster_subscribed(&mut self, now: Instant) {
-        if !self.heard_once {
+    /// listens. A peer in a handler group tells a newcomer its groups at once too.
+    pub fn mesh_subscribed(&mut self, now: Instant) {
+        if !self.heard_once || self.in_groups {
             self.announce_soon(now);
         }
     }
@@ -330,7 +339,7 @@ impl Peers {
     }
 
     fn announce(&mut self, now: Instant) {
-        let every = if self.connected_to_all() {
+        let every = if self.connected_to_all() && !self.in_groups {
             roster::QUIET_EVERY
         } else {
             roster::EVERY

@@ -674,13 +674,13 @@ fn a_peer_announces_rarely_while_connected_to_every_member_it_knows() {
     assert_eq!(first[0].seq, 101);
     assert_eq!(first[0].every, roster::QUIET_EVERY);
     let soon = now + Duration::from_millis(10);
-    peers.roster_subscribed(soon);
+    peers.mesh_subscribed(soon);
     assert_eq!(peers.poll_timeout(), now + roster::MIN_GAP_SENT);
     peers.handle_timeout(now + roster::MIN_GAP_SENT);
     assert_eq!(announcements(&mut peers).len(), 1);
     peers.announce_sent();
     let later = now + roster::MIN_GAP_SENT * 2;
-    peers.roster_subscribed(later);
+    peers.mesh_subscribed(later);
     assert_eq!(
         peers.poll_timeout(),
         now + PING_INTERVAL,

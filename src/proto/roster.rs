@@ -1,6 +1,6 @@
 //! Members heard over the mesh: peers this one is not (or not only) connected to, known from
-//! the presence each peer announces on gossipsub ([`crate::proto::ROSTER_TOPIC`]), which
-//! every peer relays. A peer connected to all the members it knows announces rarely
+//! the presence each peer announces on gossipsub (a message without events on
+//! [`crate::proto::MESH_TOPIC`], see [`crate::wire::WirePresence`]), which every peer relays. A peer connected to all the members it knows announces rarely
 //! ([`QUIET_EVERY`]); one that knows a member it is not connected to announces every
 //! [`EVERY`], and so does everyone who hears it, since they then know a member they are not
 //! connected to either. An announcement says how often its peer announces, so the others
@@ -26,13 +26,14 @@ pub const MISSED: u32 = 3;
 /// Slack on top of the missed announcements: relays and a busy machine delay them.
 pub const GRACE: Duration = Duration::from_secs(1);
 
-/// Announcements of one peer closer together than this are ignored (and not relayed): its
-/// own schedule never sends them that close ([`MIN_GAP_SENT`]).
-pub const MIN_GAP: Duration = Duration::from_millis(50);
+/// The closest together a peer sends its own announcements (a handler group's done-marks
+/// go out with them, at most this often).
+pub const MIN_GAP_SENT: Duration = Duration::from_millis(100);
 
-/// The closest together a peer sends its own announcements: twice [`MIN_GAP`], so a relay's
-/// jitter does not make an honest pair look too close.
-pub const MIN_GAP_SENT: Duration = Duration::from_millis(200);
+/// Announcements taken from one peer in a burst; past it, one more per [`MIN_GAP_SENT`]. An
+/// honest peer never sends faster, and a burst this long absorbs what relays bunch up; the
+/// rest of a flood is ignored and not relayed.
+pub const BURST: u32 = 20;
 
 /// Most members heard only over the mesh.
 pub const MAX_HEARD: usize = 256;
@@ -95,8 +96,8 @@ pub enum Heard {
     Again,
     /// It said it is leaving: it is out of the roster.
     Leaving,
-    /// Not taken, and not to be relayed: older than one taken, too soon after it, or of a
-    /// member in [`QUARANTINE`].
+    /// Not taken, and not to be relayed: older than one taken, or of a member in
+    /// [`QUARANTINE`].
     Stale,
 }
 
@@ -109,13 +110,34 @@ pub enum Refused {
     /// [`MAX_HEARD`] members are heard already.
     #[error("{MAX_HEARD} members are heard over the mesh already")]
     Full,
+    /// Its peer sent more than [`BURST`] announcements faster than one per
+    /// [`MIN_GAP_SENT`]: not taken, and not relayed.
+    #[error("announcing faster than once per {} ms", MIN_GAP_SENT.as_millis())]
+    TooFast,
 }
 
 #[derive(Debug)]
 struct Member {
     presence: Presence,
-    heard: Instant,
     expires: Instant,
+    /// Announcements it may still send at once, and when that was counted.
+    tokens: f64,
+    counted: Instant,
+}
+
+impl Member {
+    /// Takes one announcement's token at `now`, if there is one.
+    fn take_token(&mut self, now: Instant) -> bool {
+        let refill =
+            now.saturating_duration_since(self.counted).as_secs_f64() / MIN_GAP_SENT.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(f64::from(BURST));
+        self.counted = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// The members heard over the mesh, and those in quarantine.
@@ -140,11 +162,12 @@ impl Roster {
             }
             self.quarantine.remove(&peer);
         }
-        if let Some(m) = self.members.get(&peer) {
-            if presence.seq <= m.presence.seq
-                || (now.saturating_duration_since(m.heard) < MIN_GAP && !presence.leaving)
-            {
+        if let Some(m) = self.members.get_mut(&peer) {
+            if presence.seq <= m.presence.seq {
                 return Ok(Heard::Stale);
+            }
+            if !m.take_token(now) {
+                return Err(Refused::TooFast);
             }
         } else if presence.leaving {
             return Ok(Heard::Stale);
@@ -156,18 +179,23 @@ impl Roster {
             return Ok(Heard::Leaving);
         }
         let expires = presence.expires(now);
-        let new = self
-            .members
-            .insert(
-                peer,
-                Member {
+        match self.members.get_mut(&peer) {
+            Some(m) => {
+                m.presence = presence;
+                m.expires = expires;
+                Ok(Heard::Again)
+            }
+            None => {
+                let member = Member {
                     presence,
-                    heard: now,
                     expires,
-                },
-            )
-            .is_none();
-        Ok(if new { Heard::New } else { Heard::Again })
+                    tokens: f64::from(BURST - 1),
+                    counted: now,
+                };
+                self.members.insert(peer, member);
+                Ok(Heard::New)
+            }
+        }
     }
 
     /// Whether `peer` was heard and is not gone.
@@ -262,19 +290,44 @@ mod tests {
     }
 
     #[test]
-    fn older_and_too_close_announcements_are_stale() {
+    fn older_announcements_are_stale() {
         let mut r = Roster::default();
         let t = Instant::now();
         let b = PeerId::random();
         r.heard(b, presence(5, EVERY), t).unwrap();
         assert_eq!(r.heard(b, presence(5, EVERY), t + EVERY), Ok(Heard::Stale));
         assert_eq!(r.heard(b, presence(4, EVERY), t + EVERY), Ok(Heard::Stale));
-        let soon = t + MIN_GAP - Duration::from_millis(1);
-        assert_eq!(r.heard(b, presence(6, EVERY), soon), Ok(Heard::Stale));
+        assert_eq!(r.heard(b, presence(6, EVERY), t + EVERY), Ok(Heard::Again));
+    }
+
+    #[test]
+    fn a_flood_is_cut_to_one_announcement_per_gap_after_a_burst() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        // A burst, all at once (relays bunch an honest peer's announcements up)...
+        for seq in 1..=u64::from(BURST) {
+            let heard = r
+                .heard(b, presence(seq, EVERY), t)
+                .expect("within the burst");
+            assert_ne!(heard, Heard::Stale, "{seq}");
+        }
+        // ...then no more until a token comes back.
+        let next = u64::from(BURST) + 1;
+        assert_eq!(r.heard(b, presence(next, EVERY), t), Err(Refused::TooFast));
+        let half = t + MIN_GAP_SENT / 2;
         assert_eq!(
-            r.heard(b, presence(6, EVERY), t + MIN_GAP),
-            Ok(Heard::Again)
+            r.heard(b, presence(next, EVERY), half),
+            Err(Refused::TooFast)
         );
+        let gap = t + MIN_GAP_SENT;
+        assert_eq!(r.heard(b, presence(next, EVERY), gap), Ok(Heard::Again));
+        // An honest peer's pace never runs out.
+        let mut at = gap;
+        for seq in next + 1..next + 100 {
+            at += MIN_GAP_SENT;
+            assert_eq!(r.heard(b, presence(seq, EVERY), at), Ok(Heard::Again));
+        }
     }
 
     #[test]

@@ -98,7 +98,12 @@ fn wire_event(topic: &str, data: &[u8]) -> WireEvent {
 
 fn payload(events: Vec<WireEvent>) -> Vec<u8> {
     let mut out = vec![VERSION];
-    WireBatch { events }.encode(&mut out).unwrap();
+    WireBatch {
+        events,
+        presence: None,
+    }
+    .encode(&mut out)
+    .unwrap();
     out
 }
 

@@ -171,6 +171,75 @@ async fn a_library_group_runs_each_event_once_and_survives_a_member_leaving() {
     }
 }
 
+/// A group whose members are not connected to each other: they hear each other's groups
+/// and marks over the mesh, through a peer in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_spans_members_that_reach_each_other_only_through_the_mesh() {
+    let key = Keyring::new(MeshKey::generate());
+    let middle = Node::start(config(&key, vec![])).await.unwrap();
+    let addr: meshbus::Multiaddr = middle.status().await.unwrap().listen_addrs[0]
+        .parse()
+        .unwrap();
+    let left = Node::start(config(&key, vec![addr.clone()])).await.unwrap();
+    let right = Node::start(config(&key, vec![addr])).await.unwrap();
+    let handled: Handled = Default::default();
+    group_row(&left, 0, "workers", &handled);
+    group_row(&right, 1, "workers", &handled);
+    let mut members = vec![left, right];
+    wait_active(&members, "workers", 2).await;
+    for node in &members {
+        let connected: Vec<_> = node
+            .peers()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| !p.connected_addrs.is_empty())
+            .collect();
+        assert_eq!(connected.len(), 1, "only the middle peer is connected");
+    }
+    let batch = |n: usize| {
+        (0..n)
+            .map(|i| {
+                let payload = meshbus::Payload::json(&i).unwrap();
+                ("jobs.run".to_owned(), None, payload)
+            })
+            .collect::<Vec<_>>()
+    };
+    middle.publish_many(batch(200)).await.unwrap();
+    wait(|| async { handled.lock().unwrap().len() == 200 }).await;
+    // Settled: each read all 200 and holds nothing for the other.
+    wait(|| async {
+        for node in &members {
+            let row = &node.handlers()[0];
+            if row.owned + row.not_owned < 200 || node.groups().await.unwrap()[0].held > 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let ran_by_left = |h: &Handled| h.lock().unwrap().values().filter(|by| by[0] == 0).count();
+    let left_share = ran_by_left(&handled);
+    assert!(
+        handled.lock().unwrap().values().all(|by| by.len() == 1),
+        "run once each"
+    );
+    assert!((40..=160).contains(&left_share), "{left_share} of 200");
+    // The right member leaves (its goodbye travels over the mesh): the left one runs the rest.
+    members.pop().unwrap().shutdown().await;
+    wait_active(&members, "workers", 1).await;
+    middle.publish_many(batch(50)).await.unwrap();
+    wait(|| async { handled.lock().unwrap().len() == 250 }).await;
+    assert!(handled.lock().unwrap().values().all(|by| by.len() == 1));
+    assert_eq!(
+        ran_by_left(&handled),
+        left_share + 50,
+        "the member left runs every new event"
+    );
+    members.pop().unwrap().shutdown().await;
+    middle.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_get_one_answer_per_peer_from_the_library_and_the_api() {
     let nodes = mesh(3).await;

@@ -1,6 +1,7 @@
-//! The swarm task's side of handler groups: announcing this peer's groups (with their
-//! done-marks) to every member, and passing what the others announce to the group rows
-//! ([`crate::proto::groups`] decides; this only carries).
+//! The swarm task's side of handler groups: this peer's groups (with their done-marks) go out
+//! with its presence, which every member hears ([`crate::proto::roster`]), and what the
+//! others announce is passed to the group rows ([`crate::proto::groups`] decides; this only
+//! carries).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -8,18 +9,16 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use tracing::warn;
 
-use super::{Actor, Asked};
+use super::Actor;
 use crate::handlers::Announcement;
-use crate::node::repair::{self, GroupAnnounce, Mark, Request};
+use crate::node::repair::{GroupAnnounce, Mark};
 use crate::proto::groups::{self, GroupView, MemberView};
 use crate::proto::StreamId;
 use crate::stats;
 
-/// How often a peer in a group announces its marks when they changed.
+/// How often a peer in a group looks whether its marks changed, and announces them if they
+/// did (a peer in a group announces itself every second anyway).
 pub const GROUP_PUSH: Duration = Duration::from_millis(100);
-
-/// How often it announces them anyway.
-pub const GROUP_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// What the other peers announced: their groups, with when each owns from.
 #[derive(Debug, Default)]
@@ -37,79 +36,72 @@ impl Directory {
 }
 
 impl Actor {
-    /// Announces this peer's groups to every member if they changed (or a heartbeat is
-    /// due); to one peer only, when it just joined.
-    pub(super) fn announce_groups(&mut self, now: Instant, to: Option<PeerId>) {
+    /// This peer's groups as its presence carries them; remembered as the last announced.
+    pub(super) fn group_announcements(&mut self) -> Vec<GroupAnnounce> {
         let groups = self.shared.handlers.announcements();
-        if groups.is_empty() && self.last_announced.is_empty() {
-            return;
-        }
-        let due = now >= self.next_heartbeat;
-        if to.is_none() && !due && groups == self.last_announced {
-            return;
-        }
-        if to.is_none() {
-            if due {
-                self.next_heartbeat = now + GROUP_HEARTBEAT;
-            }
-            self.last_announced = groups.clone();
-        }
-        self.group_round += 1;
-        let request = Request {
-            kind: repair::GROUPS,
-            round: self.group_round,
-            groups: groups
-                .into_iter()
-                .take(groups::MAX_GROUPS)
-                .map(|a| GroupAnnounce {
-                    name: a.name,
-                    since: a.since,
-                    shape: a.shape,
-                    marks: a
-                        .marks
-                        .into_iter()
-                        .take(groups::MAX_MARKS)
-                        .map(|(stream, high)| Mark {
-                            source: stream.source.to_bytes(),
-                            epoch: stream.epoch,
-                            high,
-                        })
-                        .collect(),
-                })
-                .collect(),
-            ..Request::default()
-        };
-        let peers = match to {
-            Some(peer) => vec![peer],
-            None => self.peers.direct_member_ids(),
-        };
-        for peer in peers {
-            self.ask_with(peer, Asked::Groups, request.clone());
+        self.peers.set_in_groups(!groups.is_empty());
+        self.last_announced = groups.clone();
+        groups
+            .into_iter()
+            .take(groups::MAX_GROUPS)
+            .map(|a| GroupAnnounce {
+                name: a.name,
+                since: a.since,
+                shape: a.shape,
+                marks: a
+                    .marks
+                    .into_iter()
+                    .take(groups::MAX_MARKS)
+                    .map(|(stream, high)| Mark {
+                        source: stream.source.to_bytes(),
+                        epoch: stream.epoch,
+                        high,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Announces this peer soon if its groups or their marks changed since it last did.
+    pub(super) fn groups_changed(&mut self, now: Instant) {
+        let groups = self.shared.handlers.announcements();
+        if groups != self.last_announced {
+            self.peers.set_in_groups(!groups.is_empty());
+            self.peers.announce_soon(now);
         }
     }
 
-    /// A peer's announcement: checked, then handed to the group rows. An older one than
-    /// the last taken (requests may overtake each other) is ignored.
-    pub(super) fn on_groups(&mut self, peer: PeerId, request: Request) -> Result<(), String> {
+    /// A member's groups, from its presence numbered `round`: checked, then handed to the
+    /// group rows. An older one than the last taken is ignored.
+    pub(super) fn on_groups(
+        &mut self,
+        peer: PeerId,
+        round: u64,
+        announced: Vec<GroupAnnounce>,
+    ) -> Result<(), String> {
         if !self.peers.is_member(&peer) {
             // Only identified members leave the mesh with a `left` or `failed` that takes
             // them out of the groups again.
             return Err("announcements are taken from identified mesh members only".into());
+        }
+        if announced.is_empty() && !self.groups.peers.contains_key(&peer) {
+            // Most members are in no group: nothing to tell the rows.
+            return Ok(());
         }
         // A member owns events from at most its row's start plus JOIN_DELAY: a `since` past
         // that (and the clock skew allowed) is refused.
         let latest = crate::clock::unix_micros(
             std::time::SystemTime::now() + crate::proto::receive::MAX_CLOCK_SKEW,
         ) + groups::JOIN_DELAY.as_micros() as u64;
-        if request.groups.len() > groups::MAX_GROUPS {
+        if announced.len() > groups::MAX_GROUPS {
             return Err(format!(
                 "{} groups announced; at most {} are taken",
-                request.groups.len(),
+                announced.len(),
                 groups::MAX_GROUPS
             ));
         }
-        let mut announced = Vec::with_capacity(request.groups.len());
-        for g in request.groups {
+        let mut taken = Vec::with_capacity(announced.len());
+        for g in announced {
             groups::check_name(&g.name)?;
             if g.marks.len() > groups::MAX_MARKS {
                 return Err(format!(
@@ -138,7 +130,7 @@ impl Actor {
                     g.name, g.since
                 ));
             }
-            announced.push(Announcement {
+            taken.push(Announcement {
                 name: g.name,
                 since: g.since,
                 marks,
@@ -146,20 +138,17 @@ impl Actor {
             });
         }
         let known = self.groups.peers.get(&peer).map_or(0, |(round, _)| *round);
-        if request.round <= known {
+        if round <= known {
             return Ok(());
         }
         self.groups.peers.insert(
             peer,
             (
-                request.round,
-                announced
-                    .iter()
-                    .map(|a| (a.name.clone(), a.since))
-                    .collect(),
+                round,
+                taken.iter().map(|a| (a.name.clone(), a.since)).collect(),
             ),
         );
-        self.shared.handlers.announced(peer, &announced);
+        self.shared.handlers.announced(peer, &taken);
         Ok(())
     }
 

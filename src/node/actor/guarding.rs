@@ -66,55 +66,42 @@ impl Actor {
             .report_message_validation_result(&id, &from, verdict);
     }
 
-    /// A message on any other topic than the events': a peer's presence on the roster
-    /// topic, relayed unless it is stale. What does not decode, or breaks a bound, is
-    /// rejected (it counts against the sender's score) and counted; presence on a topic
-    /// meshbus does not use is rejected the same way.
-    pub(super) fn on_presence(
+    /// A peer's presence (a message without events): taken into the roster and its groups
+    /// handed to the group rows; relayed unless it is stale. What breaks a bound is rejected
+    /// (it counts against the sender's score) and counted.
+    fn take_presence(
         &mut self,
+        author: PeerId,
         from: PeerId,
-        id: gossipsub::MessageId,
-        message: gossipsub::Message,
-    ) {
+        presence: crate::wire::Presence,
+    ) -> MessageAcceptance {
         let stats = self.shared.stats.clone();
-        let author = message.source.unwrap_or(from);
-        let verdict = if self.banned.contains_key(&author) {
-            MessageAcceptance::Ignore
-        } else {
-            // A refusal is the sender's fault (rejected) unless this peer is merely full.
-            let heard = if message.topic != self.roster_topic.hash() {
-                let reason = format!("a message on topic `{}`, unused by meshbus", message.topic);
-                Err((reason, MessageAcceptance::Reject))
-            } else {
-                match crate::wire::decode_presence(&message.data) {
-                    Err(e) => Err((e.to_string(), MessageAcceptance::Reject)),
-                    Ok(presence) => match self.peers.heard(author, presence, now()) {
-                        Ok(relay) => Ok(relay),
-                        Err(e @ Refused::Full) => Err((e.to_string(), MessageAcceptance::Ignore)),
-                        Err(e @ Refused::Bad(_)) => Err((e.to_string(), MessageAcceptance::Reject)),
-                    },
+        let round = presence.presence.seq;
+        let (verdict, refused) = match self.peers.heard(author, presence.presence, now()) {
+            Ok(false) => (MessageAcceptance::Ignore, None),
+            Ok(true) => match self.on_groups(author, round, presence.groups) {
+                Ok(()) => (MessageAcceptance::Accept, None),
+                Err(reason) => {
+                    self.refuse_groups(author, &reason);
+                    (MessageAcceptance::Reject, None)
                 }
-            };
-            match heard {
-                Ok(true) => MessageAcceptance::Accept,
-                Ok(false) => MessageAcceptance::Ignore,
-                Err((reason, verdict)) => {
-                    if let Some(n) = stats::bump_throttled(&stats.presence_refused) {
-                        warn!(peer = %author, via = %from, %reason, refused_so_far = n,
-                            "refused a peer's presence");
-                    }
-                    verdict
-                }
-            }
+            },
+            // This peer is merely full, or the sender too fast (which gossipsub's score does
+            // not weigh): ignored, not relayed.
+            Err(e @ (Refused::Full | Refused::TooFast)) => (MessageAcceptance::Ignore, Some(e)),
+            Err(e @ Refused::Bad(_)) => (MessageAcceptance::Reject, Some(e)),
         };
-        self.swarm
-            .behaviour_mut()
-            .gossipsub
-            .report_message_validation_result(&id, &from, verdict);
+        if let Some(reason) = refused {
+            if let Some(n) = stats::bump_throttled(&stats.presence_refused) {
+                warn!(peer = %author, via = %from, %reason, refused_so_far = n,
+                    "refused a peer's presence");
+            }
+        }
+        verdict
     }
 
-    /// Takes a message's events in; rejects it if it does not decode or carries a
-    /// forbidden event.
+    /// Takes a message's events (or its author's presence) in; rejects it if it does not
+    /// decode or carries a forbidden event.
     fn judge(
         &mut self,
         from: PeerId,
@@ -133,6 +120,9 @@ impl Actor {
                 return MessageAcceptance::Reject;
             }
         };
+        if let (Some(presence), Some(author)) = (decoded.presence, source) {
+            return self.take_presence(author, from, presence);
+        }
         for error in decoded.rejected {
             if let Some(n) = stats::bump_throttled(&stats.events_rejected) {
                 warn!(peer = ?source, %error, rejected_so_far = n, "dropped an event");

@@ -104,7 +104,7 @@ impl Actor {
                 } => match self.asked.remove(&request_id) {
                     Some(Asked::Marks) => self.on_marks(peer, response),
                     Some(Asked::Fetch(fetch)) => self.on_fetched(peer, fetch, response),
-                    Some(Asked::Goodbye | Asked::Groups) | None => {}
+                    Some(Asked::Goodbye) | None => {}
                 },
             },
             request_response::Event::OutboundFailure {
@@ -193,13 +193,6 @@ impl Actor {
                 self.peers.goodbye(peer);
                 Response::default()
             }
-            repair::GROUPS => match self.on_groups(peer, request) {
-                Ok(()) => Response::default(),
-                Err(reason) => {
-                    self.refuse_groups(peer, &reason);
-                    refuse(reason)
-                }
-            },
             other => refuse(format!("unknown request kind {other}")),
         }
     }
