@@ -250,6 +250,62 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
     assert_eq!(topics, ["orders.ok", "orders.after"]);
 }
 
+fn presence(seq: u64, every_ms: u32) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    WireBatch {
+        events: Vec::new(),
+        presence: Some(meshbus::wire::WirePresence {
+            seq,
+            agent: "meshbus/0.0.0 (rogue)".into(),
+            every_ms,
+            leaving: false,
+            groups: Vec::new(),
+        }),
+    }
+    .encode(&mut out)
+    .unwrap();
+    out
+}
+
+/// A member that floods the mesh with its presence, or says what no peer says, is counted
+/// and not believed; it cannot make the target relay the flood or take a bound it breaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_presence_and_presence_out_of_bounds_are_refused_and_counted() {
+    let target = Peer::local(&["--open"]);
+    let addr: Multiaddr = target.tcp_addr().parse().unwrap();
+    // One good presence, then 99 more at once (over the burst of 20), then one that
+    // announces every 5 ms.
+    let mut payloads: Vec<Vec<u8>> = (1..=100).map(|seq| presence(seq, 1000)).collect();
+    payloads.push(presence(101, 5));
+    rogue_publish(addr, payloads).await;
+    tokio::task::spawn_blocking(move || {
+        let counters = wait_for(T, "the target to take all 101 messages", || {
+            let c = target.status()["counters"].clone();
+            (c["messages_received"] == 101).then_some(c)
+        });
+        // The first and the burst after it are taken; the rest of the flood and the
+        // out-of-bounds one are refused (the flood merely ignored: the sender is not banned
+        // for being fast).
+        let refused = counters["presence_refused"].as_u64().unwrap();
+        assert!((70..=81).contains(&refused), "{counters:#}");
+        assert_eq!(counters["peers_banned"], 0, "{counters:#}");
+        // It is a member, known by the name in its presence.
+        let peers: Vec<serde_json::Value> =
+            serde_json::from_str(&target.cli_ok(&["peers", "--json"])).unwrap();
+        assert!(peers.iter().any(|p| p["name"] == "rogue"), "{peers:#?}");
+        // Logged a few times, not once per message.
+        let warnings = target
+            .stderr
+            .all()
+            .iter()
+            .filter(|l| l.contains("refused a peer's presence"))
+            .count();
+        assert!((1..=10).contains(&warnings), "{warnings}");
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unsigned_messages_gets_its_sender_banned_with_a_few_log_lines() {
     let target = Peer::local(&["--open"]);
