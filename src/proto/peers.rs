@@ -356,22 +356,23 @@ impl Peers {
         self.actions.push_back(PeerAction::Announce(presence));
     }
 
-    /// A peer's announcement came over the mesh at `now`. Returns whether it is to be
-    /// relayed: not when it was stale (see [`roster::Heard::Stale`]).
+    /// A peer's announcement came over the mesh at `now`. What the roster made of it says
+    /// whether it is passed on (all but [`Heard::Stale`]) and whether the groups it carries
+    /// are taken ([`Heard::New`] and [`Heard::Again`]).
     pub fn heard(
         &mut self,
         peer: PeerId,
         presence: Presence,
         now: Instant,
-    ) -> Result<bool, Refused> {
+    ) -> Result<Heard, Refused> {
         if peer == self.me {
-            return Ok(false);
+            return Ok(Heard::Stale);
         }
         let direct = self.is_direct_member(&peer);
         let name = name_from_agent(&presence.agent);
-        match self.roster.heard(peer, presence, now)? {
-            Heard::Stale => return Ok(false),
-            Heard::Again => {}
+        let heard = self.roster.heard(peer, presence, now)?;
+        match heard {
+            Heard::Stale | Heard::Held | Heard::Again => {}
             Heard::New => {
                 if !direct {
                     info!(%peer, ?name, "peer joined (heard over the mesh)");
@@ -395,7 +396,7 @@ impl Peers {
                 }
             },
         }
-        Ok(true)
+        Ok(heard)
     }
 
     /// The next thing for the swarm task to do, oldest first.
@@ -647,6 +648,11 @@ impl Peers {
         if let Some(p) = self.peers.remove(&peer) {
             if p.identity.is_some() {
                 self.roster.forget(&peer, !p.leaving, now);
+                if !p.leaving {
+                    // Alive and reachable through others, it hears us after its quarantine
+                    // of us ends, and we of it: say so then, not only at the next round.
+                    self.next_announce = self.next_announce.min(now + roster::QUARANTINE);
+                }
                 let change = if p.leaving {
                     info!(%peer, "peer left");
                     Membership::Left { peer }

@@ -543,7 +543,10 @@ fn a_member_heard_over_the_mesh_joins_and_fails_when_it_falls_silent() {
         !peers.forwards(&near, &near),
         "one mDNS LAN, all connected: what comes from its publisher stays"
     );
-    assert_eq!(peers.heard(far, presence(1, roster::EVERY), now), Ok(true));
+    assert_eq!(
+        peers.heard(far, presence(1, roster::EVERY), now),
+        Ok(Heard::New)
+    );
     assert_eq!(
         drain(&mut peers),
         [PeerAction::Membership(Membership::Joined {
@@ -567,11 +570,11 @@ fn a_member_heard_over_the_mesh_joins_and_fails_when_it_falls_silent() {
     let again = now + roster::EVERY;
     assert_eq!(
         peers.heard(far, presence(2, roster::EVERY), again),
-        Ok(true)
+        Ok(Heard::Again)
     );
     assert_eq!(
         peers.heard(far, presence(2, roster::EVERY), again),
-        Ok(false)
+        Ok(Heard::Stale)
     );
     let expiry = again + roster::EVERY * roster::MISSED + roster::GRACE;
     peers.handle_timeout(expiry - Duration::from_millis(1));
@@ -595,7 +598,7 @@ fn a_member_heard_over_the_mesh_leaves_with_its_goodbye() {
         leaving: true,
         ..presence(2, roster::EVERY)
     };
-    assert_eq!(peers.heard(far, bye, now), Ok(true));
+    assert_eq!(peers.heard(far, bye, now), Ok(Heard::Leaving));
     assert_eq!(
         drain(&mut peers),
         [PeerAction::Membership(Membership::Left { peer: far })]
@@ -634,6 +637,9 @@ fn a_member_reached_after_it_was_heard_joins_once() {
 fn a_member_lost_without_a_goodbye_is_not_revived_by_its_last_words() {
     let now = Instant::now();
     let (mut peers, near) = with_member(now);
+    peers.announcing(agent(Some("me")), 1);
+    peers.handle_timeout(now);
+    assert_eq!(announcements(&mut peers).len(), 1);
     peers.heard(near, presence(1, roster::EVERY), now).unwrap();
     peers.closed(near, conn(1), now);
     assert_eq!(
@@ -641,18 +647,26 @@ fn a_member_lost_without_a_goodbye_is_not_revived_by_its_last_words() {
         [PeerAction::Membership(Membership::Failed { peer: near })],
         "failed at once, whatever was heard of it over the mesh"
     );
-    // An announcement still on its way is not taken...
+    // An announcement still on its way is not taken (a newer one is passed on)...
     let late = now + roster::QUARANTINE - Duration::from_millis(1);
     assert_eq!(
+        peers.heard(near, presence(1, roster::EVERY), late),
+        Ok(Heard::Stale)
+    );
+    assert_eq!(
         peers.heard(near, presence(2, roster::EVERY), late),
-        Ok(false)
+        Ok(Heard::Held)
     );
     assert!(!peers.is_member(&near));
+    // ...and this peer says it is here once the quarantine is over (not only at its next
+    // quiet round), so that a peer still reachable through others hears of it again.
+    peers.handle_timeout(now + roster::QUARANTINE);
+    assert_eq!(announcements(&mut peers).len(), 1);
     // ...but a peer still reachable through others is heard again after the quarantine.
     let after = now + roster::QUARANTINE;
     assert_eq!(
         peers.heard(near, presence(3, roster::EVERY), after),
-        Ok(true)
+        Ok(Heard::New)
     );
     assert!(
         drain(&mut peers).contains(&PeerAction::Membership(Membership::Joined {
@@ -730,6 +744,9 @@ fn own_announcements_are_not_taken() {
     let now = Instant::now();
     let me = PeerId::random();
     let mut peers = Peers::new(me, now);
-    assert_eq!(peers.heard(me, presence(1, roster::EVERY), now), Ok(false));
+    assert_eq!(
+        peers.heard(me, presence(1, roster::EVERY), now),
+        Ok(Heard::Stale)
+    );
     assert_eq!(peers.members(), 0);
 }

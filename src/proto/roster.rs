@@ -87,6 +87,14 @@ impl Presence {
     }
 }
 
+/// How long a peer that is gone (left, failed, fell silent) is remembered: its last
+/// announcement number and its rate, so late or replayed announcements do not bring it back
+/// and leaving does not reset its rate.
+pub const KEEP: Duration = Duration::from_secs(60);
+
+/// Most peers remembered as gone ([`KEEP`]); past this, the one remembered longest goes.
+pub const MAX_GONE: usize = 256;
+
 /// What [`Roster::heard`] made of an announcement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Heard {
@@ -96,8 +104,10 @@ pub enum Heard {
     Again,
     /// It said it is leaving: it is out of the roster.
     Leaving,
-    /// Not taken, and not to be relayed: older than one taken, or of a member in
-    /// [`QUARANTINE`].
+    /// Newer than anything heard of this peer, but not taken: it is in [`QUARANTINE`], or it
+    /// is a goodbye of a peer that is not a member here. Passed on: others may need it.
+    Held,
+    /// Not taken, and not to be passed on: no newer than one already heard.
     Stale,
 }
 
@@ -116,16 +126,34 @@ pub enum Refused {
     TooFast,
 }
 
+/// What this peer knows of another from its announcements.
 #[derive(Debug)]
-struct Member {
-    presence: Presence,
-    expires: Instant,
+struct Record {
+    /// The newest announcement number taken or passed on.
+    seq: u64,
     /// Announcements it may still send at once, and when that was counted.
     tokens: f64,
     counted: Instant,
+    /// Its last presence and when it is gone without a newer one, while it is a member.
+    member: Option<(Presence, Instant)>,
+    /// Gone: its announcements are not taken before this ([`QUARANTINE`]).
+    quarantined: Option<Instant>,
+    /// Gone: remembered until this ([`KEEP`]).
+    kept: Instant,
 }
 
-impl Member {
+impl Record {
+    fn new(now: Instant) -> Self {
+        Self {
+            seq: 0,
+            tokens: f64::from(BURST),
+            counted: now,
+            member: None,
+            quarantined: None,
+            kept: now + KEEP,
+        }
+    }
+
     /// Takes one announcement's token at `now`, if there is one.
     fn take_token(&mut self, now: Instant) -> bool {
         let refill =
@@ -138,13 +166,19 @@ impl Member {
         self.tokens -= 1.0;
         true
     }
+
+    /// It is gone at `now`: remembered for [`KEEP`].
+    fn gone(&mut self, now: Instant) {
+        self.member = None;
+        self.kept = now + KEEP;
+    }
 }
 
-/// The members heard over the mesh, and those in quarantine.
+/// The peers heard over the mesh: the members, and those gone but remembered.
 #[derive(Debug, Default)]
 pub struct Roster {
-    members: BTreeMap<PeerId, Member>,
-    quarantine: BTreeMap<PeerId, Instant>,
+    records: BTreeMap<PeerId, Record>,
+    members: usize,
 }
 
 impl Roster {
@@ -156,97 +190,116 @@ impl Roster {
         now: Instant,
     ) -> Result<Heard, Refused> {
         presence.check().map_err(Refused::Bad)?;
-        if let Some(until) = self.quarantine.get(&peer) {
-            if now < *until {
-                return Ok(Heard::Stale);
+        let full = self.members >= MAX_HEARD;
+        if !self.records.contains_key(&peer) {
+            if full && !presence.leaving {
+                return Err(Refused::Full);
             }
-            self.quarantine.remove(&peer);
+            self.make_room(now);
         }
-        if let Some(m) = self.members.get_mut(&peer) {
-            if presence.seq <= m.presence.seq {
-                return Ok(Heard::Stale);
-            }
-            if !m.take_token(now) {
-                return Err(Refused::TooFast);
-            }
-        } else if presence.leaving {
+        let record = self.records.entry(peer).or_insert(Record::new(now));
+        if presence.seq <= record.seq {
             return Ok(Heard::Stale);
-        } else if self.members.len() >= MAX_HEARD {
-            return Err(Refused::Full);
         }
-        if presence.leaving {
-            self.members.remove(&peer);
-            return Ok(Heard::Leaving);
+        if !record.take_token(now) {
+            return Err(Refused::TooFast);
         }
+        record.seq = presence.seq;
+        let quarantined = record.quarantined.is_some_and(|until| now < until);
         let expires = presence.expires(now);
-        match self.members.get_mut(&peer) {
-            Some(m) => {
-                m.presence = presence;
-                m.expires = expires;
-                Ok(Heard::Again)
+        Ok(match (record.member.as_mut(), presence.leaving) {
+            (Some(_), true) => {
+                record.gone(now);
+                self.members -= 1;
+                Heard::Leaving
             }
-            None => {
-                let member = Member {
-                    presence,
-                    expires,
-                    tokens: f64::from(BURST - 1),
-                    counted: now,
-                };
-                self.members.insert(peer, member);
-                Ok(Heard::New)
+            (Some(member), false) => {
+                *member = (presence, expires);
+                Heard::Again
             }
-        }
+            (None, true) => Heard::Held,
+            (None, false) if quarantined => Heard::Held,
+            (None, false) if full => return Err(Refused::Full),
+            (None, false) => {
+                record.member = Some((presence, expires));
+                record.quarantined = None;
+                self.members += 1;
+                Heard::New
+            }
+        })
     }
 
     /// Whether `peer` was heard and is not gone.
     pub fn contains(&self, peer: &PeerId) -> bool {
-        self.members.contains_key(peer)
+        self.records.get(peer).is_some_and(|r| r.member.is_some())
     }
 
-    /// What `peer` said last.
+    /// What `peer` said last, while it is a member.
     pub fn presence(&self, peer: &PeerId) -> Option<&Presence> {
-        self.members.get(peer).map(|m| &m.presence)
+        self.records.get(peer)?.member.as_ref().map(|(p, _)| p)
     }
 
     /// The members heard, sorted.
     pub fn ids(&self) -> impl Iterator<Item = &PeerId> {
-        self.members.keys()
+        self.records
+            .iter()
+            .filter(|(_, r)| r.member.is_some())
+            .map(|(p, _)| p)
     }
 
-    /// Takes out the members silent past their time at `now`, and ends quarantines that are
-    /// over.
+    /// Takes out the members silent past their time at `now` (and returns them), and forgets
+    /// the peers gone for longer than [`KEEP`].
     pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
-        self.quarantine.retain(|_, until| now < *until);
-        let gone: Vec<PeerId> = self
-            .members
-            .iter()
-            .filter(|(_, m)| now >= m.expires)
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in &gone {
-            self.members.remove(peer);
+        self.records
+            .retain(|_, r| r.member.is_some() || now < r.kept);
+        let mut gone = Vec::new();
+        for (peer, r) in &mut self.records {
+            if r.member
+                .as_ref()
+                .is_some_and(|(_, expires)| now >= *expires)
+            {
+                r.gone(now);
+                gone.push(*peer);
+            }
         }
+        self.members -= gone.len();
         gone
     }
 
-    /// Forgets `peer`: its connection dropped. Without a goodbye it is quarantined from
-    /// `now` ([`QUARANTINE`]).
+    /// `peer`'s connection dropped: it is no member by its announcements either. Without a
+    /// goodbye (`failed`) it is quarantined from `now` ([`QUARANTINE`]).
     pub fn forget(&mut self, peer: &PeerId, failed: bool, now: Instant) {
-        self.members.remove(peer);
-        if failed {
-            if self.quarantine.len() >= MAX_HEARD {
-                // Quarantines only guard against stale words; when there are too many, the
-                // oldest goes first.
-                if let Some(oldest) = self
-                    .quarantine
-                    .iter()
-                    .min_by_key(|(_, until)| **until)
-                    .map(|(p, _)| *p)
-                {
-                    self.quarantine.remove(&oldest);
-                }
+        if !self.records.contains_key(peer) {
+            if !failed {
+                return;
             }
-            self.quarantine.insert(*peer, now + QUARANTINE);
+            self.make_room(now);
+        }
+        let record = self.records.entry(*peer).or_insert(Record::new(now));
+        if record.member.is_some() {
+            self.members -= 1;
+        }
+        record.gone(now);
+        if failed {
+            record.quarantined = Some(now + QUARANTINE);
+        }
+    }
+
+    /// Room for one more record: past [`MAX_GONE`] peers remembered as gone, the one
+    /// remembered longest goes first.
+    fn make_room(&mut self, now: Instant) {
+        self.records
+            .retain(|_, r| r.member.is_some() || now < r.kept);
+        if self.records.len() - self.members >= MAX_GONE {
+            let oldest = self
+                .records
+                .iter()
+                .filter(|(_, r)| r.member.is_none())
+                .min_by_key(|(_, r)| r.kept)
+                .map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                self.records.remove(&oldest);
+            }
         }
     }
 }
@@ -343,8 +396,47 @@ mod tests {
         // Even straight after the last announcement: a goodbye is never held back.
         assert_eq!(r.heard(b, bye.clone(), t), Ok(Heard::Leaving));
         assert!(!r.contains(&b));
-        // One heard again over another path changes nothing.
+        // One heard again over another path changes nothing, nor does a late, older one.
         assert_eq!(r.heard(b, bye, t + EVERY), Ok(Heard::Stale));
+        assert_eq!(r.heard(b, presence(1, EVERY), t + EVERY), Ok(Heard::Stale));
+        // A newer one is the peer back (restarted).
+        assert_eq!(r.heard(b, presence(3, EVERY), t + EVERY), Ok(Heard::New));
+    }
+
+    #[test]
+    fn leaving_and_coming_back_does_not_reset_a_peers_rate() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        let mut refused = 0;
+        for seq in 1..=100u64 {
+            let p = Presence {
+                leaving: seq % 2 == 0,
+                ..presence(seq, EVERY)
+            };
+            if r.heard(b, p, t) == Err(Refused::TooFast) {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 100 - BURST);
+    }
+
+    #[test]
+    fn a_gone_peer_is_remembered_for_a_while() {
+        let mut r = Roster::default();
+        let t = Instant::now();
+        let b = PeerId::random();
+        r.heard(b, presence(5, EVERY), t).unwrap();
+        let silent = t + EVERY * MISSED + GRACE;
+        assert_eq!(r.expire(silent), vec![b]);
+        // A late copy of an announcement taken before does not bring it back...
+        assert_eq!(r.heard(b, presence(5, EVERY), silent), Ok(Heard::Stale));
+        // ...until it is forgotten.
+        r.expire(silent + KEEP);
+        assert_eq!(
+            r.heard(b, presence(5, EVERY), silent + KEEP),
+            Ok(Heard::New)
+        );
     }
 
     #[test]
@@ -356,7 +448,10 @@ mod tests {
         r.forget(&b, true, t);
         assert!(!r.contains(&b));
         let late = t + QUARANTINE - Duration::from_millis(1);
-        assert_eq!(r.heard(b, presence(2, EVERY), late), Ok(Heard::Stale));
+        assert_eq!(r.heard(b, presence(1, EVERY), late), Ok(Heard::Stale));
+        // Newer words are passed on (others may hear it only this way), not taken.
+        assert_eq!(r.heard(b, presence(2, EVERY), late), Ok(Heard::Held));
+        assert!(!r.contains(&b));
         assert_eq!(
             r.heard(b, presence(3, EVERY), t + QUARANTINE),
             Ok(Heard::New)
@@ -393,10 +488,11 @@ mod tests {
             r.heard(PeerId::random(), presence(1, EVERY), t),
             Err(Refused::Full)
         );
-        // Quarantines stay bounded too.
-        for _ in 0..MAX_HEARD * 2 {
+        // Peers remembered as gone stay bounded too.
+        for _ in 0..MAX_GONE * 2 {
             r.forget(&PeerId::random(), true, t);
         }
-        assert!(r.quarantine.len() <= MAX_HEARD);
+        assert!(r.records.len() - r.members <= MAX_GONE);
+        assert_eq!(r.members, MAX_HEARD);
     }
 }

@@ -251,6 +251,14 @@ async fn malformed_messages_from_the_network_are_dropped_and_counted() {
 }
 
 fn presence(seq: u64, every_ms: u32) -> Vec<u8> {
+    presence_with(seq, every_ms, Vec::new())
+}
+
+fn presence_with(
+    seq: u64,
+    every_ms: u32,
+    groups: Vec<meshbus::node::repair::GroupAnnounce>,
+) -> Vec<u8> {
     let mut out = vec![VERSION];
     WireBatch {
         events: Vec::new(),
@@ -259,12 +267,37 @@ fn presence(seq: u64, every_ms: u32) -> Vec<u8> {
             agent: "meshbus/0.0.0 (rogue)".into(),
             every_ms,
             leaving: false,
-            groups: Vec::new(),
+            groups,
         }),
     }
     .encode(&mut out)
     .unwrap();
     out
+}
+
+/// A presence whose groups break a rule is refused whole: its sender does not become a
+/// member by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_with_a_bad_group_is_refused_whole() {
+    let target = Peer::local(&["--open"]);
+    let addr: Multiaddr = target.tcp_addr().parse().unwrap();
+    let bad = meshbus::node::repair::GroupAnnounce {
+        name: "no spaces".into(),
+        since: 0,
+        marks: Vec::new(),
+        shape: 0,
+    };
+    rogue_publish(addr, vec![presence_with(1, 1000, vec![bad])]).await;
+    tokio::task::spawn_blocking(move || {
+        let counters = wait_for(T, "the target to take the message", || {
+            let c = target.status()["counters"].clone();
+            (c["messages_received"] == 1).then_some(c)
+        });
+        assert_eq!(counters["groups_refused"], 1, "{counters:#}");
+        assert!(target.peer_ids().is_empty(), "the rogue is no member");
+    })
+    .await
+    .unwrap();
 }
 
 /// A member that floods the mesh with its presence, or says what no peer says, is counted

@@ -71,23 +71,9 @@ impl Actor {
         }
     }
 
-    /// A member's groups, from its presence numbered `round`: checked, then handed to the
-    /// group rows. An older one than the last taken is ignored.
-    pub(super) fn on_groups(
-        &mut self,
-        peer: PeerId,
-        round: u64,
-        announced: Vec<GroupAnnounce>,
-    ) -> Result<(), String> {
-        if !self.peers.is_member(&peer) {
-            // Only identified members leave the mesh with a `left` or `failed` that takes
-            // them out of the groups again.
-            return Err("announcements are taken from identified mesh members only".into());
-        }
-        if announced.is_empty() && !self.groups.peers.contains_key(&peer) {
-            // Most members are in no group: nothing to tell the rows.
-            return Ok(());
-        }
+    /// A member's groups as its presence carries them, checked before anything of the
+    /// presence is taken: a presence with a group that breaks a rule is refused whole.
+    pub(super) fn check_groups(announced: Vec<GroupAnnounce>) -> Result<Vec<Announcement>, String> {
         // A member owns events from at most its row's start plus JOIN_DELAY: a `since` past
         // that (and the clock skew allowed) is refused.
         let latest = crate::clock::unix_micros(
@@ -137,9 +123,19 @@ impl Actor {
                 shape: g.shape,
             });
         }
+        Ok(taken)
+    }
+
+    /// A member's checked groups, from its presence numbered `round`, handed to the group
+    /// rows. An older one than the last taken is ignored.
+    pub(super) fn take_groups(&mut self, peer: PeerId, round: u64, taken: Vec<Announcement>) {
+        if taken.is_empty() && !self.groups.peers.contains_key(&peer) {
+            // Most members are in no group: nothing to tell the rows.
+            return;
+        }
         let known = self.groups.peers.get(&peer).map_or(0, |(round, _)| *round);
         if round <= known {
-            return Ok(());
+            return;
         }
         self.groups.peers.insert(
             peer,
@@ -149,7 +145,6 @@ impl Actor {
             ),
         );
         self.shared.handlers.announced(peer, &taken);
-        Ok(())
     }
 
     /// Counts and logs a refused announcement.

@@ -11,7 +11,7 @@ use tracing::warn;
 use super::{now, Actor};
 use crate::event::Event;
 use crate::node::behaviour::BAN_SCORE;
-use crate::proto::roster::Refused;
+use crate::proto::roster::{Heard, Refused};
 use crate::proto::{self, limits};
 use crate::stats;
 
@@ -66,38 +66,44 @@ impl Actor {
             .report_message_validation_result(&id, &from, verdict);
     }
 
-    /// A peer's presence (a message without events): taken into the roster and its groups
-    /// handed to the group rows; relayed unless it is stale. What breaks a bound is rejected
-    /// (it counts against the sender's score) and counted.
+    /// A peer's presence (a message without events): its groups checked first, then taken
+    /// into the roster and the groups handed to the group rows; passed on unless it is
+    /// stale. What breaks a bound is rejected (it counts against the score of the peer that
+    /// passed it on) and counted.
     fn take_presence(
         &mut self,
         author: PeerId,
         from: PeerId,
         presence: crate::wire::Presence,
     ) -> MessageAcceptance {
-        let stats = self.shared.stats.clone();
-        let round = presence.presence.seq;
-        let (verdict, refused) = match self.peers.heard(author, presence.presence, now()) {
-            Ok(false) => (MessageAcceptance::Ignore, None),
-            Ok(true) => match self.on_groups(author, round, presence.groups) {
-                Ok(()) => (MessageAcceptance::Accept, None),
-                Err(reason) => {
-                    self.refuse_groups(author, &reason);
-                    (MessageAcceptance::Reject, None)
-                }
-            },
-            // This peer is merely full, or the sender too fast (which gossipsub's score does
-            // not weigh): ignored, not relayed.
-            Err(e @ (Refused::Full | Refused::TooFast)) => (MessageAcceptance::Ignore, Some(e)),
-            Err(e @ Refused::Bad(_)) => (MessageAcceptance::Reject, Some(e)),
-        };
-        if let Some(reason) = refused {
-            if let Some(n) = stats::bump_throttled(&stats.presence_refused) {
-                warn!(peer = %author, via = %from, %reason, refused_so_far = n,
-                    "refused a peer's presence");
+        let groups = match Self::check_groups(presence.groups) {
+            Ok(groups) => groups,
+            Err(reason) => {
+                self.refuse_groups(author, &reason);
+                return MessageAcceptance::Reject;
             }
+        };
+        let round = presence.presence.seq;
+        let refused = match self.peers.heard(author, presence.presence, now()) {
+            Ok(Heard::Stale) => return MessageAcceptance::Ignore,
+            Ok(Heard::Held | Heard::Leaving) => return MessageAcceptance::Accept,
+            Ok(Heard::New | Heard::Again) => {
+                self.take_groups(author, round, groups);
+                return MessageAcceptance::Accept;
+            }
+            Err(refused) => refused,
+        };
+        let stats = self.shared.stats.clone();
+        if let Some(n) = stats::bump_throttled(&stats.presence_refused) {
+            warn!(peer = %author, via = %from, reason = %refused, refused_so_far = n,
+                "refused a peer's presence");
         }
-        verdict
+        match refused {
+            // This peer is merely full, or the sender too fast (which gossipsub's score does
+            // not weigh): ignored, not passed on.
+            Refused::Full | Refused::TooFast => MessageAcceptance::Ignore,
+            Refused::Bad(_) => MessageAcceptance::Reject,
+        }
     }
 
     /// Takes a message's events (or its author's presence) in; rejects it if it does not
