@@ -145,10 +145,14 @@ fn to_wire(event: &Event) -> WireEvent {
 
 /// Encodes events (all from this peer) into one payload.
 pub fn encode_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
-    let batch = WireBatch {
+    framed(&WireBatch {
         events: events.into_iter().map(to_wire).collect(),
         presence: None,
-    };
+    })
+}
+
+/// The version byte, then `batch`.
+fn framed(batch: &WireBatch) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + batch.encoded_len());
     out.push(VERSION);
     // Encoding into a Vec only fails for lack of capacity, which Vec grows.
@@ -322,7 +326,7 @@ pub fn encode_presence(
     presence: &crate::proto::roster::Presence,
     groups: Vec<GroupAnnounce>,
 ) -> Vec<u8> {
-    let batch = WireBatch {
+    framed(&WireBatch {
         events: Vec::new(),
         presence: Some(WirePresence {
             seq: presence.seq,
@@ -331,13 +335,7 @@ pub fn encode_presence(
             leaving: presence.leaving,
             groups,
         }),
-    };
-    let mut out = Vec::with_capacity(1 + batch.encoded_len());
-    out.push(VERSION);
-    batch
-        .encode(&mut out)
-        .expect("encoding into a Vec cannot run out of space");
-    out
+    })
 }
 
 fn from_wire_presence(wire: WirePresence) -> Presence {

@@ -81,6 +81,30 @@ async fn wait_active(nodes: &[Node], name: &str, n: usize) {
 
 type Handled = Arc<Mutex<BTreeMap<String, Vec<usize>>>>;
 
+/// `n` events on `jobs.run`, ready for `publish_many`.
+fn jobs(n: usize) -> Vec<(String, Option<String>, meshbus::Payload)> {
+    (0..n)
+        .map(|i| {
+            let payload = meshbus::Payload::json(&i).unwrap();
+            ("jobs.run".to_owned(), None, payload)
+        })
+        .collect()
+}
+
+/// Waits until every member's group row has read `n` events and holds none for another.
+async fn settled(members: &[Node], n: u64) {
+    wait(|| async {
+        for node in members {
+            let row = &node.handlers()[0];
+            if row.owned + row.not_owned < n || node.groups().await.unwrap()[0].held > 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
 /// A group row on `node` that records, per event id, which node ran it.
 fn group_row(node: &Node, i: usize, group: &str, handled: &Handled) {
     let handled = handled.clone();
@@ -111,27 +135,10 @@ async fn a_library_group_runs_each_event_once_and_survives_a_member_leaving() {
         group_row(node, i, "workers", &handled);
     }
     wait_active(&nodes, "workers", 3).await;
-    let batch = |n: usize| {
-        (0..n)
-            .map(|i| {
-                let payload = meshbus::Payload::json(&i).unwrap();
-                ("jobs.run".to_owned(), None, payload)
-            })
-            .collect::<Vec<_>>()
-    };
-    nodes[0].publish_many(batch(300)).await.unwrap();
+    nodes[0].publish_many(jobs(300)).await.unwrap();
     wait(|| async { handled.lock().unwrap().len() == 300 }).await;
     // Settled: every member read all 300 and holds nothing for another.
-    wait(|| async {
-        for node in &nodes {
-            let row = &node.handlers()[0];
-            if row.owned + row.not_owned < 300 || node.groups().await.unwrap()[0].held > 0 {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    settled(&nodes, 300).await;
     {
         let handled = handled.lock().unwrap();
         assert!(handled.values().all(|by| by.len() == 1), "run once each");
@@ -155,7 +162,7 @@ async fn a_library_group_runs_each_event_once_and_survives_a_member_leaving() {
     let mut nodes = nodes;
     nodes.pop().unwrap().shutdown().await;
     wait_active(&nodes, "workers", 2).await;
-    nodes[1].publish_many(batch(200)).await.unwrap();
+    nodes[1].publish_many(jobs(200)).await.unwrap();
     wait(|| async { handled.lock().unwrap().len() == 500 }).await;
     {
         let handled = handled.lock().unwrap();
@@ -197,27 +204,10 @@ async fn a_group_spans_members_that_reach_each_other_only_through_the_mesh() {
             .collect();
         assert_eq!(connected.len(), 1, "only the middle peer is connected");
     }
-    let batch = |n: usize| {
-        (0..n)
-            .map(|i| {
-                let payload = meshbus::Payload::json(&i).unwrap();
-                ("jobs.run".to_owned(), None, payload)
-            })
-            .collect::<Vec<_>>()
-    };
-    middle.publish_many(batch(200)).await.unwrap();
+    middle.publish_many(jobs(200)).await.unwrap();
     wait(|| async { handled.lock().unwrap().len() == 200 }).await;
     // Settled: each read all 200 and holds nothing for the other.
-    wait(|| async {
-        for node in &members {
-            let row = &node.handlers()[0];
-            if row.owned + row.not_owned < 200 || node.groups().await.unwrap()[0].held > 0 {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    settled(&members, 200).await;
     let ran_by_left = |h: &Handled| h.lock().unwrap().values().filter(|by| by[0] == 0).count();
     let left_share = ran_by_left(&handled);
     assert!(
@@ -228,7 +218,7 @@ async fn a_group_spans_members_that_reach_each_other_only_through_the_mesh() {
     // The right member leaves (its goodbye travels over the mesh): the left one runs the rest.
     members.pop().unwrap().shutdown().await;
     wait_active(&members, "workers", 1).await;
-    middle.publish_many(batch(50)).await.unwrap();
+    middle.publish_many(jobs(50)).await.unwrap();
     wait(|| async { handled.lock().unwrap().len() == 250 }).await;
     assert!(handled.lock().unwrap().values().all(|by| by.len() == 1));
     assert_eq!(
