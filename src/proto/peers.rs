@@ -21,9 +21,11 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-/// Identify protocol version: peers that announce anything else are not meshbus peers and
-/// are disconnected.
-pub const PROTOCOL_VERSION: &str = "/meshbus/1";
+/// Identify protocol version: peers that announce anything else are not meshbus peers (or
+/// peers of a build this one cannot mix with) and are disconnected. 2 since presence (a
+/// batch without events, which a version-1 peer rejects as malformed) replaced the groups
+/// request.
+pub const PROTOCOL_VERSION: &str = "/meshbus/2";
 
 /// How often a connection is pinged, and how often silent connections are looked for.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
