@@ -39,7 +39,8 @@ pub struct Stats {
     /// Marks ignored: an unreadable publisher, or a request's own mark from a non-member or
     /// naming another publisher than the asker.
     pub marks_refused: AtomicU64,
-    /// Own messages gossip did not take (stored, so peers fetch them).
+    /// Own messages gossip did not take: events (stored, so peers fetch them) and presence
+    /// (the next announcement goes at its time).
     pub gossip_failed: AtomicU64,
     /// Incoming connections closed because they held no key of this mesh.
     pub connections_refused: AtomicU64,
@@ -51,8 +52,9 @@ pub struct Stats {
     pub peers_banned: AtomicU64,
     /// Group announcements refused (malformed, too many groups or marks).
     pub groups_refused: AtomicU64,
-    /// Presence announcements refused: undecodable, out of bounds, on a topic meshbus does
-    /// not use, or past the most members heard over the mesh.
+    /// Presence announcements refused: out of bounds, faster than their peer's burst allows,
+    /// or past the most members heard over the mesh (an undecodable one is a malformed
+    /// message).
     pub presence_refused: AtomicU64,
     /// Group members found whose row takes other events than this peer's row in the group.
     pub groups_conflicting: AtomicU64,

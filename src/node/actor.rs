@@ -401,10 +401,15 @@ impl Actor {
             .publish(self.topic.clone(), payload)
         {
             Ok(_) => self.peers.announce_sent(),
-            Err(PublishError::NoPeersSubscribedToTopic | PublishError::AllQueuesFull(_)) => {
+            Err(PublishError::NoPeersSubscribedToTopic) => {
                 debug!("presence not announced: no peer to send it to yet");
             }
-            Err(error) => warn!(%error, "cannot announce this peer's presence"),
+            Err(error) => {
+                if let Some(n) = stats::bump_throttled(&self.shared.stats.gossip_failed) {
+                    warn!(%error, failed_so_far = n,
+                        "gossip did not take this peer's presence; the next goes at its time");
+                }
+            }
         }
     }
 

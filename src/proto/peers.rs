@@ -87,7 +87,8 @@ pub enum PeerAction {
     /// Announce this peer's presence on the mesh (with its handler groups).
     Announce(Presence),
     /// A member is connected and identified now (it may have been heard over the mesh
-    /// before): ask what it holds and tell it our groups, over that connection.
+    /// before): ask it what it holds, over that connection. (It hears our groups with our
+    /// presence: see [`Peers::mesh_subscribed`].)
     Reached(PeerId),
 }
 
@@ -347,7 +348,6 @@ impl Peers {
             roster::EVERY
         };
         let Some(presence) = self.presence.as_mut() else {
-            self.next_announce = now + roster::QUIET_EVERY;
             return;
         };
         presence.seq += 1;
@@ -486,8 +486,9 @@ impl Peers {
     /// discovers, so each heard the publisher as directly, and a forwarded copy would only be
     /// checked in full (signature first) before gossipsub finds it a duplicate. What came
     /// over a hop or from a publisher met by `--peer` goes on, and so does everything at a
-    /// peer with a member it is not connected to, or with a member beyond that subnet: a bridge, or a host with containers on a
-    /// second network (mDNS finds peers on every interface).
+    /// peer with a member it is not connected to, or with a member beyond that subnet: a
+    /// bridge, or a host with containers on a second network (mDNS finds peers on every
+    /// interface).
     pub fn forwards(&self, publisher: &PeerId, via: &PeerId) -> bool {
         if publisher != via || !self.known.contains(publisher) || !self.connected_to_all() {
             return true;
@@ -510,7 +511,13 @@ impl Peers {
 
     /// The members: connected and identified, or heard over the mesh.
     pub fn members(&self) -> usize {
-        self.member_ids().len()
+        let direct = self.peers.values().filter(|p| p.identity.is_some()).count();
+        direct
+            + self
+                .roster
+                .ids()
+                .filter(|p| !self.is_direct_member(p))
+                .count()
     }
 
     /// The members' ids, sorted.
@@ -600,8 +607,8 @@ impl Peers {
                 })
             })
             .collect();
-        for id in self.roster.ids().filter(|p| !self.is_direct_member(p)) {
-            if let Some(presence) = self.roster.presence(id) {
+        for (id, presence) in self.roster.members() {
+            if !self.is_direct_member(id) {
                 list.push(PeerInfo {
                     peer_id: id.to_string(),
                     name: name_from_agent(&presence.agent),

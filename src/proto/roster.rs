@@ -1,7 +1,7 @@
 //! Members heard over the mesh: peers this one is not (or not only) connected to, known from
 //! the presence each peer announces on gossipsub (a message without events on
-//! [`crate::proto::MESH_TOPIC`], see [`crate::wire::WirePresence`]), which every peer relays. A peer connected to all the members it knows announces rarely
-//! ([`QUIET_EVERY`]); one that knows a member it is not connected to announces every
+//! [`crate::proto::MESH_TOPIC`], see [`crate::wire::WirePresence`]), which every peer
+//! relays. A peer connected to all the members it knows announces rarely ([`QUIET_EVERY`]); one that knows a member it is not connected to announces every
 //! [`EVERY`], and so does everyone who hears it, since they then know a member they are not
 //! connected to either. An announcement says how often its peer announces, so the others
 //! know when its silence means it is gone: after [`MISSED`] announcements plus [`GRACE`].
@@ -42,7 +42,8 @@ pub const MAX_HEARD: usize = 256;
 pub const MAX_AGENT: usize = 128;
 
 /// A member whose connection dropped without a goodbye is failed at once; announcements of it
-/// that were still on their way (relayed a hop behind) are not taken for this long, so a
+/// that were still on their way (relayed a hop behind) are passed on but not taken for this
+/// long, so a
 /// killed peer is not brought back to life by its own last words. A member that is alive
 /// and still reachable through others is heard again after it.
 pub const QUARANTINE: Duration = Duration::from_secs(5);
@@ -239,12 +240,16 @@ impl Roster {
         self.records.get(peer)?.member.as_ref().map(|(p, _)| p)
     }
 
-    /// The members heard, sorted.
-    pub fn ids(&self) -> impl Iterator<Item = &PeerId> {
+    /// The members heard, sorted, with what each said last.
+    pub fn members(&self) -> impl Iterator<Item = (&PeerId, &Presence)> {
         self.records
             .iter()
-            .filter(|(_, r)| r.member.is_some())
-            .map(|(p, _)| p)
+            .filter_map(|(p, r)| Some((p, &r.member.as_ref()?.0)))
+    }
+
+    /// The members heard, sorted.
+    pub fn ids(&self) -> impl Iterator<Item = &PeerId> {
+        self.members().map(|(p, _)| p)
     }
 
     /// Takes out the members silent past their time at `now` (and returns them), and forgets
